@@ -1,0 +1,410 @@
+"""The SDSeg network: frozen mask autoencoder, trainable vision encoder, concat-fusion denoising UNet.
+
+Training predicts the noise (or z0) of a noisy mask latent given the image latent; inference is ONE
+UNet call at t = T - 1 on seeded noise, then z0_hat is decoded into a probability map per organ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from sdseg_monai import _offline  # noqa: F401  (before diffusers)
+from sdseg_monai import diffusion
+from sdseg_monai.config import SDSegConfig
+from sdseg_monai.errors import SDSegInputError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class VisionEncoder(nn.Module):
+    """tau_theta: the autoencoder's encoder architecture, then a new 1x1 conv from 2z to z channels."""
+
+    def __init__(self, autoencoder_config: dict, dropout: float = 0.0):
+        super().__init__()
+        from diffusers.models.autoencoders.vae import Encoder
+
+        cfg = autoencoder_config
+        latent = int(cfg.get("latent_channels", 4))
+        self.encoder = Encoder(
+            in_channels=int(cfg.get("in_channels", 3)),
+            out_channels=latent,
+            down_block_types=tuple(cfg["down_block_types"]),
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=int(cfg.get("layers_per_block", 1)),
+            norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+            act_fn=cfg.get("act_fn", "silu"),
+            double_z=True,
+            mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+        )
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
+        self.proj = nn.Conv2d(2 * latent, latent, kernel_size=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder(images))
+
+
+def build_unet(config: SDSegConfig) -> nn.Module:
+    """The denoiser of ``config``, with a class embedding when there are several organs."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    unet_config = dict(config.unet)
+    if config.num_classes > 1:
+        unet_config["num_class_embeds"] = config.num_classes
+        unet_config["class_embed_type"] = None
+    else:
+        unet_config.pop("num_class_embeds", None)
+    cls = UNet2DConditionModel if config.backbone == "unet2d_condition" else UNet2DModel
+    unet = cls.from_config(unet_config)
+    if config.attention_heads:
+        set_attention_heads(unet, config.attention_heads)
+    return unet
+
+
+def set_attention_heads(module: nn.Module, heads: int) -> None:
+    """Give every attention layer ``heads`` heads, whatever its width (the LDM UNet's convention)."""
+    from diffusers.models.attention_processor import Attention
+
+    for attn in module.modules():
+        if isinstance(attn, Attention):
+            inner = attn.to_q.out_features
+            if inner % heads:
+                raise SDSegInputError(f"attention width {inner} is not divisible by {heads} heads")
+            attn.heads = heads
+            attn.sliceable_head_dim = heads
+            attn.scale = (inner // heads) ** -0.5
+
+
+class SDSeg(nn.Module):
+    """SDSeg for one or several organs (one binary mask latent per organ).
+
+    Args:
+        config: the network, diffusion and preprocessing settings.
+
+    Example:
+        >>> model = SDSeg.from_pretrained("my_model")           # doctest: +SKIP
+        >>> probs = model.predict(slices, seed=0)                # (S, K, H, W) in [0, 1]
+    """
+
+    def __init__(self, config: SDSegConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.config = config
+        self.autoencoder = AutoencoderKL.from_config(config.autoencoder)
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+        self.vision_encoder = VisionEncoder(config.autoencoder, dropout=config.vision_encoder_dropout)
+        self.unet = build_unet(config)
+        if config.backbone == "unet2d_condition":
+            dim = int(config.unet.get("cross_attention_dim", 768))
+            # Fusion is by concatenation; cross-attention only ever sees this learned constant.
+            self.null_context = nn.Parameter(torch.randn(1, config.null_context_tokens, dim) * 0.02)
+        else:
+            self.null_context = None
+        self.register_buffer(
+            "alphas_cumprod", diffusion.alphas_cumprod(config.schedule, config.num_train_timesteps), persistent=False
+        )
+
+    # -- basics -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.vision_encoder.parameters()).device
+
+    def train(self, mode: bool = True) -> SDSeg:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: never in train mode
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that training updates: vision encoder, UNet and the null context."""
+        yield from self.vision_encoder.parameters()
+        yield from self.unet.parameters()
+        if self.null_context is not None:
+            yield self.null_context
+
+    def class_indices(self, organs: Sequence[str | int] | None = None) -> list[int]:
+        """Class indices (0..K-1) of the organs named (or given as indices); all organs if None."""
+        if organs is None:
+            return list(range(self.config.num_classes))
+        out = []
+        for organ in organs:
+            if isinstance(organ, str):
+                out.append(self.config.organ_index(organ))
+            elif 0 <= int(organ) < self.config.num_classes:
+                out.append(int(organ))
+            else:
+                raise SDSegInputError(f"organ index {organ} out of range 0..{self.config.num_classes - 1}")
+        return out
+
+    # -- latents ------------------------------------------------------------------------------------
+    @property
+    def latent_scale(self) -> float:
+        if self.config.latent_scale is None:
+            raise SDSegInputError("latent scale not set: call fit_latent_scale() on training masks first")
+        return float(self.config.latent_scale)
+
+    @staticmethod
+    def masks_to_autoencoder_input(masks: torch.Tensor) -> torch.Tensor:
+        """Binary masks (B, H, W) -> X in {-1, 1}^(B, 3, H, W), the mask repeated on 3 channels."""
+        if masks.ndim == 4:
+            masks = masks[:, 0]
+        x = masks.to(torch.float32) * 2 - 1
+        return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+    @torch.no_grad()
+    def encode_masks(self, masks: torch.Tensor, generator: torch.Generator | None = None, scaled: bool = True):
+        """z0 = scale * E(X) for binary masks (B, H, W).
+
+        The official code takes a posterior *sample* (``mask_latent="sample"``): the SD autoencoder's
+        posterior variance is tiny, so this is near the mean but regularises like mild augmentation,
+        and it is what the decoder saw in its own training. ``"mean"`` gives deterministic targets.
+        """
+        x = self.masks_to_autoencoder_input(masks.to(self.device))
+        posterior = self.autoencoder.encode(x).latent_dist
+        z = posterior.sample(generator=generator) if self.config.mask_latent == "sample" else posterior.mean
+        return z * self.latent_scale if scaled else z
+
+    @torch.no_grad()
+    def fit_latent_scale(self, masks: torch.Tensor, generator: torch.Generator | None = None) -> float:
+        """Set the latent scale: 1/std of the latents of ``masks`` (official ``scale_by_std``) or the
+        autoencoder's ``scaling_factor``, by ``config.latent_scale_source``. Returns it."""
+        if self.config.latent_scale_source == "autoencoder":
+            scale = float(self.config.autoencoder.get("scaling_factor", 0.18215))
+        else:
+            z = self.encode_masks(masks, generator=generator, scaled=False)
+            scale = float(1.0 / z.flatten().std())
+        if not math.isfinite(scale) or scale <= 0:
+            raise SDSegInputError(f"cannot derive a latent scale from these masks (got {scale})")
+        self.config.latent_scale = scale
+        return scale
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image slices (B, 3, H, W) in [-1, 1] -> image latents c (B, z, H/f, W/f)."""
+        return self.vision_encoder(images)
+
+    def decode_probabilities(self, z0: torch.Tensor) -> torch.Tensor:
+        """z0_hat -> decoder -> clamp to [-1, 1] -> [0, 1] -> channel mean: (B, H, W) probabilities."""
+        decoded = self.autoencoder.decode(z0 / self.latent_scale).sample
+        return ((decoded.float().clamp(-1, 1) + 1) / 2).mean(dim=1)
+
+    # -- denoiser -----------------------------------------------------------------------------------
+    def denoise(self, z_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor | None):
+        """The UNet on [z_t || c] at timesteps t (and organ class ids when there are several)."""
+        x = torch.cat([z_t, cond.to(z_t.dtype)], dim=1)
+        kwargs = {}
+        if self.config.num_classes > 1:
+            if class_ids is None:
+                raise SDSegInputError("this model segments several organs: class ids are required")
+            kwargs["class_labels"] = class_ids
+        if self.null_context is not None:
+            kwargs["encoder_hidden_states"] = self.null_context.expand(x.shape[0], -1, -1).to(x.dtype)
+        return self.unet(x, t, **kwargs).sample
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The SDSeg objective on a batch.
+
+        Args:
+            images: (B, 3, H, W) image slices in [-1, 1].
+            masks: (B, H, W) binary masks of the organ in ``class_ids``.
+            class_ids: (B,) organ class indices (needed with several organs).
+            generator: CPU generator for timesteps, noise and posterior samples (reproducible runs).
+        """
+        device = self.device
+        z0 = self.encode_masks(masks, generator=generator)
+        cond = self.encode_images(images.to(device))
+        t = diffusion.sample_timesteps(
+            z0.shape[0], self.config.num_train_timesteps, self.config.final_timestep_fraction, generator, device
+        )
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        z_t = diffusion.add_noise(z0, noise, t, self.alphas_cumprod)
+        out = self.denoise(z_t, cond, t, None if class_ids is None else class_ids.to(device))
+        noise_hat, z0_hat = diffusion.split_prediction(out, z_t, t, self.alphas_cumprod, self.config.prediction_type)
+        return diffusion.sdseg_loss(noise_hat, noise, z0_hat, z0, self.config.z0_loss_weight)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def initial_noise(self, seed: int) -> torch.Tensor:
+        """x_T for one pass: one seeded noise latent shared by every slice and organ (official code),
+        drawn on the CPU so that results do not depend on the device or the batch size."""
+        size = self.config.latent_size
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        return torch.randn((1, self.config.latent_channels, size, size), generator=generator)
+
+    def reverse(self, cond: torch.Tensor, class_ids: torch.Tensor | None, noise: torch.Tensor, num_steps: int = 1):
+        """z0_hat from x_T = noise: one UNet call at t = T - 1, or a ``num_steps`` DDIM chain."""
+        batch = cond.shape[0]
+        x = noise.to(cond.device, cond.dtype).expand(batch, -1, -1, -1)
+        if num_steps == 1:
+            t = torch.full((batch,), self.config.num_train_timesteps - 1, device=cond.device, dtype=torch.long)
+            out = self.denoise(x, cond, t, class_ids)
+            return diffusion.split_prediction(out, x, t, self.alphas_cumprod, self.config.prediction_type)[1]
+        scheduler = diffusion.ddim_scheduler(
+            self.config.schedule, self.config.num_train_timesteps, self.config.prediction_type, num_steps
+        )
+        for step in scheduler.timesteps:
+            t = torch.full((batch,), int(step), device=cond.device, dtype=torch.long)
+            out = self.denoise(x, cond, t, class_ids)
+            x = scheduler.step(out.float(), int(step), x.float()).prev_sample.to(cond.dtype)
+        return x
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: torch.Tensor,
+        organs: Sequence[str | int] | None = None,
+        *,
+        seed: int = 0,
+        batch_size: int | None = None,
+        num_steps: int = 1,
+        num_samples: int = 1,
+        precision: str = "auto",
+    ) -> torch.Tensor:
+        """Probability maps for image slices, slices x organs batched together.
+
+        The vision encoder runs once per slice; each (slice, organ) pair costs one UNet call (or
+        ``num_steps`` with DDIM) and one decode.
+
+        Args:
+            images: (S, 3, H, W) slices in [-1, 1] at the model's slice size.
+            organs: organ names or class indices (default: every organ of the model).
+            seed: seed of the shared initial noise; sample n uses ``seed + n``.
+            batch_size: (slice, organ) pairs per forward pass (default: automatic).
+            num_steps: 1 is SDSeg's one-step reverse process; more runs a DDIM chain.
+            num_samples: averages the probability maps of this many noise draws.
+            precision: ``"auto"`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+
+        Returns:
+            (S, K, H, W) float32 probabilities on the images' device.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise SDSegInputError(f"expected image slices of shape (S, 3, H, W), got {tuple(images.shape)}")
+        if num_steps < 1 or num_samples < 1:
+            raise SDSegInputError("num_steps and num_samples must be >= 1")
+        classes = self.class_indices(organs)
+        n_slices, n_organs = images.shape[0], len(classes)
+        batch = batch_size or default_batch_size(self.device)
+        device = self.device
+        out = torch.empty((n_slices, n_organs, *images.shape[-2:]), dtype=torch.float32, device=images.device)
+        noises = [self.initial_noise(seed + n) for n in range(num_samples)]
+        class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
+        with autocast(device, precision):
+            cond = torch.cat([self.encode_images(images[i : i + batch].to(device)) for i in range(0, n_slices, batch)])
+            for start in range(0, n_slices * n_organs, batch):
+                pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
+                slice_idx, organ_idx = pairs // n_organs, pairs % n_organs
+                c, cls = cond[slice_idx], class_tensor[organ_idx]
+                prob = sum(self.decode_probabilities(self.reverse(c, cls, noise, num_steps)) for noise in noises)
+                prob = (prob / num_samples).float().to(out.device)
+                out[slice_idx.cpu(), organ_idx.cpu()] = prob
+        return out
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to folder ``path``, atomically."""
+        from safetensors.torch import save_file
+
+        if self.config.latent_scale is None:
+            raise SDSegInputError("cannot save a model whose latent scale is not set (call fit_latent_scale)")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            (tmp / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "sdseg_class": "SDSeg"})
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SDSeg:
+        """Load a model folder written by :meth:`save_pretrained`."""
+        from sdseg_monai.weights import load_state_into, read_state_dict
+
+        path = Path(path)
+        if not path.exists():
+            raise SDSegInputError("no such model folder", path)
+        if not path.is_dir() or not (path / CONFIG_NAME).is_file():
+            raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME})", path)
+        config = SDSegConfig.from_json_file(path / CONFIG_NAME)
+        if config.latent_scale is None:
+            raise SDSegInputError("model config has no latent_scale", path / CONFIG_NAME)
+        model = cls(config)
+        load_state_into(model, read_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME, what="SDSeg model")
+        return model.to(device).eval()
+
+    def describe(self) -> dict:
+        """Parameter counts per part, for logs and model cards."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "autoencoder": count(self.autoencoder),
+            "vision_encoder": count(self.vision_encoder),
+            "unet": count(self.unet),
+            "organs": self.config.organ_names,
+        }
+
+    def __repr__(self) -> str:
+        return f"SDSeg({json.dumps(self.describe())})"
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move folder ``new`` to ``target``; an existing ``target`` is swapped out, never half-overwritten."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``: the first CUDA GPU when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SDSegInputError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def default_batch_size(device: torch.device) -> int:
+    """(slice, organ) pairs per forward when the caller gives none."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(4, min(64, free // (1 << 30))))
+    return 8
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Mixed precision for inference: bf16 (else fp16) on CUDA under ``"auto"``, none on CPU."""
+    import contextlib
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise SDSegInputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
