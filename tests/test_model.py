@@ -1,0 +1,185 @@
+"""The SDSeg network: batched one-step inference, determinism, training loss, persistence."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import blob_masks, micro_config
+from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.model import SDSeg
+
+
+def test_three_organ_model_returns_one_map_per_organ_from_one_batched_call(micro_model, slices):
+    probs = micro_model.predict(slices, seed=0)
+    assert probs.shape == (4, 3, 32, 32)
+    assert probs.dtype == torch.float32
+    assert probs.min() >= 0 and probs.max() <= 1
+    # Slices x organs batching gives what one organ at a time gives.
+    for k, organ in enumerate(["liver", "spleen", "left_kidney"]):
+        alone = micro_model.predict(slices, organs=[organ], seed=0)
+        assert torch.allclose(alone[:, 0], probs[:, k], atol=1e-5)
+    assert not torch.allclose(probs[:, 0], probs[:, 1])  # the class embedding matters
+
+
+def test_vision_encoder_runs_once_per_slice_not_per_organ(micro_model, slices):
+    calls = []
+    hook = micro_model.vision_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    micro_model.predict(slices, seed=0, batch_size=64)
+    hook.remove()
+    assert sum(calls) == slices.shape[0]
+
+
+def test_same_input_same_seed_is_bit_identical(micro_model, slices):
+    first = micro_model.predict(slices, seed=7, batch_size=5)
+    again = micro_model.predict(slices, seed=7, batch_size=5)
+    assert torch.equal(first, again)
+    other = micro_model.predict(slices, seed=8, batch_size=5)
+    assert not torch.equal(first, other)
+
+
+def test_one_step_is_a_single_unet_call_at_the_last_timestep(micro_model, slices):
+    seen = []
+    hook = micro_model.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    micro_model.predict(slices[:1], organs=["liver"], seed=0)
+    hook.remove()
+    assert len(seen) == 1 and seen[0].tolist() == [999]
+
+
+def test_one_ddim_step_equals_the_one_step_reverse(micro_model, slices):
+    one_step = micro_model.predict(slices, seed=3)
+    ddim_one = micro_model.reverse  # same code path name, checked through predict below
+    assert ddim_one is not None
+    cond = micro_model.encode_images(slices)
+    noise = micro_model.initial_noise(3)
+    classes = torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        direct = micro_model.reverse(cond, classes, noise, num_steps=1)
+        from sdseg_monai import diffusion
+
+        scheduler = diffusion.ddim_scheduler("ldm", 1000, "epsilon", 1)
+        x = noise.expand(4, -1, -1, -1)
+        out = micro_model.denoise(x, cond, torch.full((4,), 999), classes)
+        via_ddim = scheduler.step(out, 999, x).prev_sample
+    assert torch.allclose(direct, via_ddim, atol=1e-4)
+    multi = micro_model.predict(slices, seed=3, num_steps=4)
+    assert multi.shape == one_step.shape and not torch.equal(multi, one_step)
+
+
+def test_multi_sample_averaging_is_the_mean_over_seeds(micro_model, slices):
+    averaged = micro_model.predict(slices, seed=10, num_samples=3)
+    manual = sum(micro_model.predict(slices, seed=s) for s in (10, 11, 12)) / 3
+    assert torch.allclose(averaged, manual, atol=1e-6)
+
+
+def test_predict_rejects_bad_shapes_and_unknown_organs(micro_model):
+    with pytest.raises(SDSegInputError, match="shape"):
+        micro_model.predict(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(SDSegInputError, match="unknown organ 'brain'"):
+        micro_model.predict(torch.zeros(1, 3, 32, 32), organs=["brain"])
+
+
+@pytest.mark.parametrize("prediction_type, ratio", [("epsilon", 0.6), ("sample", 0.97)])
+def test_loss_falls_over_a_few_dozen_steps(prediction_type, ratio):
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(prediction_type=prediction_type, final_timestep_fraction=0.5, latent_scale=None)).train()
+    masks = blob_masks(8)
+    images = masks[:, None].expand(-1, 3, -1, -1) * 1.5 - 0.75
+    classes = torch.arange(8) % 3
+    model.fit_latent_scale(masks, torch.Generator().manual_seed(0))
+    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+
+    def held_loss():  # the same timesteps and noise every time, so only the weights change it
+        with torch.no_grad():
+            return model.training_loss(images, masks, classes, generator=torch.Generator().manual_seed(99))["loss"].item()
+
+    before = held_loss()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        loss = model.training_loss(images, masks, classes, generator=generator)["loss"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = held_loss()
+    assert after < ratio * before, (before, after)
+
+
+def test_autoencoder_stays_frozen_and_in_eval_mode(micro_model):
+    micro_model.train()
+    assert not micro_model.autoencoder.training
+    assert micro_model.vision_encoder.training
+    assert all(not p.requires_grad for p in micro_model.autoencoder.parameters())
+    trainable = {id(p) for p in micro_model.trainable_parameters()}
+    assert not trainable & {id(p) for p in micro_model.autoencoder.parameters()}
+
+
+def test_lambda_zero_is_the_noise_only_ablation():
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(z0_loss_weight=0.0))
+    out = model.training_loss(torch.zeros(2, 3, 32, 32), blob_masks(2), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx(out["loss_noise"].item())
+    assert out["loss_z0"].item() > 0
+
+
+def test_latent_scale_is_one_over_std_of_mask_latents():
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(latent_scale=None, mask_latent="mean"))
+    masks = blob_masks(6)
+    scale = model.fit_latent_scale(masks)
+    z = model.encode_masks(masks)
+    assert model.config.latent_scale == scale
+    assert z.std().item() == pytest.approx(1.0, rel=1e-4)
+    from_autoencoder = SDSeg(micro_config(latent_scale=None, latent_scale_source="autoencoder"))
+    assert from_autoencoder.fit_latent_scale(masks) == pytest.approx(0.18215)
+
+
+def test_condition_unet_backbone_uses_a_learned_null_context(slices):
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(backbone="unet2d_condition", null_context_tokens=2)).eval()
+    assert model.null_context.shape == (1, 2, 16)
+    assert model.predict(slices, seed=0).shape == (4, 3, 32, 32)
+    assert any(p is model.null_context for p in model.trainable_parameters())
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(micro_model, slices, tmp_path):
+    target = tmp_path / "model"
+    micro_model.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    saved = json.loads((target / "config.json").read_text())
+    assert [o["name"] for o in saved["organs"]] == ["liver", "spleen", "left_kidney"]
+    assert saved["preprocessing"] == {"hu_window": [-175.0, 250.0], "slice_size": 32, "channels": "replicate", "orientation": "RAS"}
+    loaded = SDSeg.from_pretrained(target)
+    assert loaded.config.to_dict() == micro_model.config.to_dict()
+    assert torch.equal(loaded.predict(slices, seed=0), micro_model.predict(slices, seed=0))
+
+
+def test_saving_over_an_existing_model_replaces_it_whole(micro_model, tmp_path):
+    target = tmp_path / "model"
+    micro_model.save_pretrained(target)
+    torch.manual_seed(5)
+    other = SDSeg(micro_config(organs=("aorta",)))
+    other.save_pretrained(target)
+    assert SDSeg.from_pretrained(target).config.organ_names == ["aorta"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
+
+
+def test_loading_a_model_with_another_layout_names_the_file(micro_model, tmp_path):
+    target = tmp_path / "model"
+    micro_model.save_pretrained(target)
+    config = json.loads((target / "config.json").read_text())
+    config["unet"]["block_out_channels"] = [16, 16]
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SDSegInputError) as error:
+        SDSeg.from_pretrained(target)
+    message = str(error.value)
+    assert "model.safetensors" in message and "shape" in message and "\n" not in message
+
+
+def test_loading_a_folder_that_is_no_model_says_so(tmp_path):
+    with pytest.raises(SDSegInputError, match="no such model folder"):
+        SDSeg.from_pretrained(tmp_path / "missing")
+    with pytest.raises(SDSegInputError, match="not an SDSeg model folder"):
+        SDSeg.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SDSegInputError, match="config.json: not a readable JSON config"):
+        SDSeg.from_pretrained(tmp_path)
