@@ -1,0 +1,76 @@
+"""The command line: version, listings that need no weights, errors as one line with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sdseg_monai import __version__
+from sdseg_monai.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "sdseg_monai.cli", *args], capture_output=True, text=True)
+
+
+def test_version_short_and_long_flags(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sdseg3d {__version__}"
+    assert main(["-V"]) == 0
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("organs", "presets", "demo"):
+        assert command in out
+
+
+def test_organs_prints_the_btcv_table_without_loading_torch():
+    result = run("organs")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "   13  left_adrenal_gland" in lines and "    1  spleen" in lines
+    # Listing labels must stay instant: no torch, no diffusers.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from sdseg_monai.cli import main; main(['organs']); "
+         "print('torch' in sys.modules, 'diffusers' in sys.modules)"],
+        capture_output=True, text=True,
+    )
+    assert probe.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_organs_json_subset_and_sts(capsys):
+    assert main(["organs", "--subset", "transunet8", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert set(table.values()) == {"aorta", "gallbladder", "left_kidney", "right_kidney", "liver", "pancreas", "spleen", "stomach"}
+    assert table["6"] == "liver"
+    assert main(["organs", "-d", "sts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"1": "teeth"}
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["organs", "-d", "nope"], "unknown dataset preset 'nope'"), (["organs", "-s", "nope"], "unknown subset 'nope'")],
+)
+def test_bad_choices_exit_2_with_one_line(args, fragment):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_option_is_a_usage_error():
+    assert run("organs", "--bogus").returncode == 2
+
+
+def test_demo_runs_offline_and_saves_a_loadable_model(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "m"), "--slices", "2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 slices x 3 organs at 128x128" in out and "untrained" in out
+    from sdseg_monai.model import SDSeg
+
+    model = SDSeg.from_pretrained(tmp_path / "m")
+    assert model.config.organ_names == ["liver", "spleen", "left_kidney"]
+    assert model.config.preprocessing.slice_size == 128
