@@ -1,0 +1,224 @@
+"""Volume segmentation with SDSeg's one-step reverse process.
+
+:class:`OneStepInferer` is a MONAI ``Inferer`` (so a bundle config can call it) that turns model slices
+into per-organ probability maps. :class:`VolumeSegmenter` loads a model once and segments many
+volumes: canonical reorientation and HU window (MONAI), streaming over axial slices in chunks,
+per-organ maps back to native in-plane resolution, fusion into one label map, and MONAI's ``Invertd``
+back onto the input's exact grid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sdseg_monai import _quiet  # noqa: F401
+from sdseg_monai.data import Volume, check_writable, read_volume, write_label_volume
+from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.model import SDSeg, default_batch_size, resolve_device
+from sdseg_monai.transforms import (
+    IMAGE_KEY,
+    SliceGeometry,
+    axial_slices,
+    canonical_transforms,
+    fuse_probabilities,
+    invert_to_input,
+)
+
+try:
+    from monai.inferers import Inferer
+except ImportError:  # pragma: no cover - monai is a dependency
+    Inferer = object
+
+
+class OneStepInferer(Inferer):
+    """MONAI inferer: model slices (S, 3, H, W) in [-1, 1] -> probabilities (S, K, H, W).
+
+    Args:
+        organs: organ names (default: all the model's organs).
+        seed: seed of the shared initial noise.
+        batch_size: (slice, organ) pairs per forward pass; None picks one for the device.
+        num_steps: 1 is SDSeg's single-step reverse process; more runs DDIM.
+        num_samples: noise draws averaged.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    """
+
+    def __init__(
+        self,
+        organs: Sequence[str] | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        num_steps: int = 1,
+        num_samples: int = 1,
+        precision: str = "auto",
+    ):
+        self.organs = list(organs) if organs is not None else None
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.num_steps = int(num_steps)
+        self.num_samples = int(num_samples)
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: SDSeg, *args, **kwargs) -> torch.Tensor:
+        return network.predict(
+            inputs,
+            organs=self.organs,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            num_steps=self.num_steps,
+            num_samples=self.num_samples,
+            precision=self.precision,
+        )
+
+
+@dataclass
+class Segmentation:
+    """A label map on the input's grid, with the names of its labels."""
+
+    labels: np.ndarray  # uint8, the input's array order and shape (without a singleton 4th axis)
+    volume: Volume
+    organs: dict[int, str]  # label value -> organ name, for the organs segmented
+    seed: int
+    model: str = ""
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def sidecar(self) -> dict:
+        return {
+            "labels": {str(k): v for k, v in self.organs.items()},
+            "model": self.model,
+            "input": self.volume.source,
+            "seed": self.seed,
+        }
+
+    def save(self, output: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``output`` (uint8 NIfTI on the input grid) and its ``.json`` sidecar, atomically."""
+        return write_label_volume(self.labels, self.volume, output, self.sidecar())
+
+
+class VolumeSegmenter:
+    """Initialise once, segment many volumes.
+
+    Args:
+        model: an :class:`SDSeg` or a saved model folder.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        organs: organ names to segment (default: all the model's organs).
+        batch_size: (slice, organ) pairs per forward pass (default: automatic).
+        seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
+        precision: inference precision (``"auto"``: bf16/fp16 autocast on CUDA, fp32 on CPU).
+        num_steps, num_samples: see :class:`OneStepInferer`.
+        threshold: an organ claims a voxel when its probability is at least this (and the highest).
+    """
+
+    def __init__(
+        self,
+        model: SDSeg | str | os.PathLike,
+        device: str | torch.device = "auto",
+        organs: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        precision: str = "auto",
+        num_steps: int = 1,
+        num_samples: int = 1,
+        threshold: float = 0.5,
+    ):
+        self.device = resolve_device(device)
+        self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
+        if not isinstance(model, SDSeg):
+            model = SDSeg.from_pretrained(model)
+        self.model = model.to(self.device).eval()
+        self.config = self.model.config
+        self.classes = self.model.class_indices(organs)
+        self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
+        self.batch_size = batch_size or default_batch_size(self.device)
+        self.seed = int(seed)
+        self.threshold = float(threshold)
+        self.inferer = OneStepInferer(
+            organs=[self.config.organ_names[k] for k in self.classes],
+            seed=seed,
+            batch_size=self.batch_size,
+            num_steps=num_steps,
+            num_samples=num_samples,
+            precision=precision,
+        )
+        self.transforms = canonical_transforms(self.config.preprocessing)
+
+    @property
+    def chunk_slices(self) -> int:
+        """Axial slices per chunk: enough to fill a batch of (slice, organ) pairs, at least 4.
+        Memory holds K native-resolution maps for one chunk only, never for the volume."""
+        return max(4, -(-self.batch_size // len(self.classes)))
+
+    def segment(
+        self,
+        source: str | os.PathLike | Volume,
+        progress: Callable[[int], None] | None = None,
+    ) -> Segmentation:
+        """Segment a NIfTI file, a DICOM series folder, or a loaded :class:`Volume`.
+
+        Args:
+            source: the input.
+            progress: called with the number of slices done after each chunk.
+        """
+        import time
+
+        volume = source if isinstance(source, Volume) else read_volume(source)
+        start = time.perf_counter()
+        canonical = self.transforms({IMAGE_KEY: volume.image})[IMAGE_KEY]
+        labels = self.segment_canonical(canonical, progress)
+        native = invert_to_input(labels[None], canonical, self.transforms)[0]
+        return Segmentation(
+            labels=native.numpy().astype(np.uint8),
+            volume=volume,
+            organs=dict(self.organs),
+            seed=self.seed,
+            model=self.model_name,
+            seconds=time.perf_counter() - start,
+        )
+
+    def segment_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Segmentation:
+        """Segment a 3D HU array (X, Y, Z) with a voxel-to-RAS ``affine`` (identity if None)."""
+        from monai.data import MetaTensor
+
+        array = np.asarray(array)
+        if array.ndim != 3:
+            raise SDSegInputError(f"expected a 3D array, got shape {array.shape}")
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        image = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=affine, meta={"space": "RAS"})
+        return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape))
+
+    @torch.inference_mode()
+    def segment_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk."""
+        _, size_x, size_y, depth = image.shape
+        geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
+        labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8)
+        label_values = [self.config.organ_labels[k] for k in self.classes]
+        for start in range(0, depth, self.chunk_slices):
+            indices = range(start, min(start + self.chunk_slices, depth))
+            slices = geometry.to_model(axial_slices(image, indices, self.config.preprocessing.channels))
+            probabilities = self.inferer(slices, self.model)
+            native = geometry.from_model(probabilities.cpu())
+            labels[..., start : start + len(indices)] = fuse_probabilities(native, label_values, self.threshold).permute(1, 2, 0)
+            if progress is not None:
+                progress(len(indices))
+        return labels
+
+
+def segment_file(
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    model: SDSeg | str | os.PathLike,
+    **options,
+) -> tuple[Segmentation, Path, Path]:
+    """One-shot convenience: segment ``input_path`` and write ``output`` and its sidecar."""
+    check_writable(output)
+    segmenter = VolumeSegmenter(model, **options)
+    result = segmenter.segment(input_path)
+    image_path, sidecar_path = result.save(output)
+    return result, image_path, sidecar_path

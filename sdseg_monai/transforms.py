@@ -1,0 +1,154 @@
+"""MONAI transforms from a CT volume to the model's slices, and back.
+
+Geometry is handled in two invertible steps:
+
+1. Whole volume, MONAI dictionary transforms: load (NIfTI or a DICOM series) with the affine on a
+   ``MetaTensor``, reorient to the canonical orientation (RAS: axial slices along the last axis), and
+   window HU to [-1, 1]. ``Invertd`` undoes the reorientation on the output label map.
+2. Per slice, :class:`SliceGeometry`: pad the axial slice to a square (keeping the aspect ratio), resize
+   to the model's slice size; and exactly the reverse for the model's per-organ maps. Streaming works
+   slice by slice, so this step is its own small invertible transform.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdseg_monai import _quiet  # noqa: F401
+from sdseg_monai.config import Preprocessing
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+# Windowed intensities live in [-1, 1]; air (below any CT window) maps to -1.
+PAD_VALUE = -1.0
+
+
+# Axis codes name RAS+ world directions, whatever "space" a MetaTensor's meta declares.
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def canonical_transforms(preprocessing: Preprocessing, keys: Sequence[str] = (IMAGE_KEY,), label_keys: Sequence[str] = ()):
+    """MONAI dictionary transforms on loaded (1, X, Y, Z) ``MetaTensor``s: reorient to the canonical
+    orientation (axial slices along the last axis) and window the image keys' HU to [-1, 1].
+
+    Invert the reorientation of an output with ``Invertd`` (see :func:`invert_to_input`).
+    """
+    from monai.transforms import Compose, Orientationd, ScaleIntensityRanged
+
+    low, high = preprocessing.hu_window
+    return Compose(
+        [
+            Orientationd(list(keys) + list(label_keys), axcodes=preprocessing.orientation, labels=AXIS_LABELS),
+            ScaleIntensityRanged(list(keys), a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True),
+        ]
+    )
+
+
+def volume_transforms(
+    preprocessing: Preprocessing,
+    keys: Sequence[str] = (IMAGE_KEY,),
+    label_keys: Sequence[str] = (),
+    reader: str | object | None = None,
+):
+    """Load from file paths (MONAI ``LoadImaged``), then :func:`canonical_transforms`. For datasets.
+
+    Args:
+        preprocessing: the model's preprocessing (HU window, orientation).
+        keys: image keys (windowed, float32).
+        label_keys: label-map keys (loaded as integers, never windowed or interpolated).
+        reader: a MONAI image reader (name or instance); None lets MONAI choose by file type.
+    """
+    from monai.transforms import Compose, LoadImaged
+
+    steps = [LoadImaged(list(keys), reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)]
+    if label_keys:
+        steps.append(LoadImaged(list(label_keys), reader=reader, image_only=True, ensure_channel_first=True, dtype=np.int16))
+    return Compose(steps + list(canonical_transforms(preprocessing, keys, label_keys).transforms))
+
+
+def axial_slices(volume: torch.Tensor, indices: Sequence[int] | range, channels: str = "replicate") -> torch.Tensor:
+    """Model input channels for axial slices ``indices`` of a canonical volume (1, X, Y, Z).
+
+    ``"replicate"`` repeats the grey slice 3 times (the paper); ``"2.5d"`` stacks slices z-1, z, z+1,
+    repeating the edge slice at the volume's ends.
+
+    Returns:
+        (n, 3, X, Y) float32.
+    """
+    data = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+    data = data[0]
+    depth = data.shape[-1]
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    if channels == "replicate":
+        grey = data[..., idx].permute(2, 0, 1)
+        return grey[:, None].expand(-1, 3, -1, -1).float()
+    if channels == "2.5d":
+        stack = [data[..., (idx + offset).clamp(0, depth - 1)].permute(2, 0, 1) for offset in (-1, 0, 1)]
+        return torch.stack(stack, dim=1).float()
+    raise ValueError(f"unknown channel mode {channels!r}")
+
+
+class SliceGeometry:
+    """Exact in-plane mapping between native axial slices (X, Y) and the model's square slices.
+
+    The slice is padded symmetrically to a square of side max(X, Y) (so organs keep their shape),
+    then resized to ``slice_size``; :meth:`from_model` resizes back and crops the padding away.
+
+    Args:
+        in_plane_shape: (X, Y) of the canonical volume.
+        slice_size: the model's slice size.
+    """
+
+    def __init__(self, in_plane_shape: tuple[int, int], slice_size: int):
+        self.shape = (int(in_plane_shape[0]), int(in_plane_shape[1]))
+        self.slice_size = int(slice_size)
+        self.square = max(self.shape)
+        pad_x, pad_y = self.square - self.shape[0], self.square - self.shape[1]
+        # F.pad order: last dim first -> (y_before, y_after, x_before, x_after).
+        self.padding = (pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2)
+
+    def to_model(self, slices: torch.Tensor, pad_value: float = PAD_VALUE, antialias: bool = True) -> torch.Tensor:
+        """(n, C, X, Y) native slices -> (n, C, S, S); bilinear, anti-aliased when shrinking."""
+        square = F.pad(slices.float(), self.padding, value=pad_value) if any(self.padding) else slices.float()
+        if self.square == self.slice_size:
+            return square
+        size = (self.slice_size, self.slice_size)
+        return F.interpolate(square, size=size, mode="bilinear", align_corners=False, antialias=antialias and self.square > self.slice_size)
+
+    def masks_to_model(self, masks: torch.Tensor) -> torch.Tensor:
+        """(n, X, Y) binary masks -> (n, S, S) binary masks (area-weighted, then thresholded at 0.5)."""
+        return (self.to_model(masks[:, None].float(), pad_value=0.0)[:, 0] >= 0.5).float()
+
+    def from_model(self, maps: torch.Tensor) -> torch.Tensor:
+        """(n, K, S, S) model-space maps -> (n, K, X, Y) native maps (bilinear, padding cropped)."""
+        if self.square != self.slice_size:
+            maps = F.interpolate(maps.float(), size=(self.square, self.square), mode="bilinear", align_corners=False)
+        y0, _, x0, _ = self.padding
+        return maps[..., x0 : x0 + self.shape[0], y0 : y0 + self.shape[1]]
+
+
+def fuse_probabilities(probabilities: torch.Tensor, label_values: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+    """Per-organ probabilities (n, K, X, Y) -> label map (n, X, Y) uint8: the most probable organ
+    where its probability is >= ``threshold``, background (0) elsewhere."""
+    best, index = probabilities.max(dim=1)
+    lut = torch.as_tensor([int(v) for v in label_values], dtype=torch.uint8, device=probabilities.device)
+    labels = lut[index]
+    labels[best < threshold] = 0
+    return labels
+
+
+def invert_to_input(label_canonical: torch.Tensor, image, transforms) -> torch.Tensor:
+    """Undo ``transforms`` (the :func:`volume_transforms` that made ``image``) on a canonical label map
+    (1, X, Y, Z), with MONAI's ``Invertd``: the result lies on the input's voxel grid, in the file's
+    array order, nearest-neighbour so labels stay labels."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    label = MetaTensor(label_canonical, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    inverter = Invertd(keys=LABEL_KEY, transform=transforms, orig_keys=IMAGE_KEY, nearest_interp=True)
+    out = inverter({LABEL_KEY: label, IMAGE_KEY: image})[LABEL_KEY]
+    return out.as_tensor() if hasattr(out, "as_tensor") else out
