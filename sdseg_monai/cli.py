@@ -117,6 +117,92 @@ def demo(
         typer.echo(f"model folder written: {result.model_dir}")
 
 
+def _split_names(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise SDSegInputError("--organs needs at least one organ name")
+    return names
+
+
+def _resolve_model(model: Optional[Path]) -> Path:
+    from sdseg_monai.model import CONFIG_NAME
+
+    if model is None:
+        raise SDSegInputError(
+            "no packaged default model in this version yet; pass --model PATH (a saved SDSeg model folder)"
+        )
+    if not model.exists():
+        raise SDSegInputError("no such model folder", model)
+    if not (model / CONFIG_NAME).is_file():
+        raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME})", model)
+    return model
+
+
+class _SliceBar:
+    """A progress bar over slices on stderr (tqdm when installed), or nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from monai.utils import optional_import
+
+            tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+            if has_tqdm:
+                self.bar = tqdm(total=total, unit="slice", desc="segmenting", file=sys.stderr, leave=False)
+
+    def __call__(self, done: int):
+        if self.bar is not None:
+            self.bar.update(done)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@app.command()
+def segment(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="NIfTI file (.nii/.nii.gz) or a DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output label map (.nii.gz); names go to OUTPUT.json."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
+    label: Optional[Path] = typer.Option(None, "--label", "-l", help="Reference label map: print per-organ Dice."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+):
+    """Segment a CT volume into a label map on the input's exact grid."""
+    from sdseg_monai.data import check_writable, read_volume
+    from sdseg_monai.inference import VolumeSegmenter
+
+    check_writable(output)
+    model_dir = _resolve_model(model)
+    volume = read_volume(input_path)
+    reference = read_volume(label, what="label map") if label is not None else None
+    if reference is not None and reference.shape[:3] != volume.shape[:3]:
+        raise SDSegInputError(
+            f"reference shape {'x'.join(map(str, reference.shape))} differs from the input's "
+            f"{'x'.join(map(str, volume.shape))}",
+            label,
+        )
+    segmenter = VolumeSegmenter(model_dir, device=device, organs=_split_names(organs_), batch_size=batch_size, seed=seed)
+    bar = _SliceBar(volume.shape[2], enabled=not quiet)
+    try:
+        result = segmenter.segment(volume, progress=bar)
+    finally:
+        bar.close()
+    image_path, sidecar = result.save(output)
+    if not quiet:
+        typer.echo(f"wrote {image_path} and {sidecar} ({len(result.organs)} organs, {result.seconds:.1f} s)")
+    if reference is not None:
+        from sdseg_monai.metrics import format_scores, organ_scores
+
+        scores = organ_scores(result.labels, reference.image[0].numpy(), result.organs)
+        typer.echo(format_scores(scores))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
     try:

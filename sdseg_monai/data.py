@@ -145,7 +145,10 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
         temps.append(Path(tmp))
     try:
         yield temps
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, target in zip(temps, targets):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
             os.replace(tmp, target)
     finally:
         for tmp in temps:

@@ -90,7 +90,7 @@ class Segmentation:
 
     def sidecar(self) -> dict:
         return {
-            "labels": {str(k): v for k, v in self.organs.items()},
+            "labels": {str(k): v for k, v in sorted(self.organs.items())},
             "model": self.model,
             "input": self.volume.source,
             "seed": self.seed,
