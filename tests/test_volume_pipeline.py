@@ -1,0 +1,235 @@
+"""Volume in, label volume out: geometry round trips with an oracle, real CT and DICOM, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, micro_config
+from sdseg_monai.data import Volume, read_volume
+from sdseg_monai.inference import VolumeSegmenter
+from sdseg_monai.metrics import organ_scores
+from sdseg_monai.model import SDSeg
+from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
+
+ORGANS = ("spleen", "right_kidney", "left_kidney", "liver")  # BTCV labels 1, 2, 3, 6
+
+
+def micro_model(slice_size=64, organs=ORGANS, **overrides):
+    torch.manual_seed(0)
+    return SDSeg(micro_config(organs=organs, preprocessing={"hu_window": (-175, 250), "slice_size": slice_size}, **overrides)).eval()
+
+
+class OracleInferer:
+    """Returns the reference masks of the slices it is asked about, in model space: whatever the
+    segmenter loses between the input grid and the model's slices shows up as lost Dice."""
+
+    def __init__(self, reference: Volume, segmenter: VolumeSegmenter):
+        transforms = canonical_transforms(segmenter.config.preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
+        canonical = transforms({IMAGE_KEY: reference.image.float(), LABEL_KEY: reference.image})[LABEL_KEY][0]
+        size_x, size_y, _ = canonical.shape
+        geometry = SliceGeometry((size_x, size_y), segmenter.config.preprocessing.slice_size)
+        labels = [segmenter.config.organ_labels[k] for k in segmenter.classes]
+        per_slice = canonical.permute(2, 0, 1)  # (Z, X, Y)
+        self.maps = torch.stack([geometry.masks_to_model(per_slice == v) for v in labels], dim=1)
+        self.next = 0
+
+    def __call__(self, inputs, network):
+        out = self.maps[self.next : self.next + inputs.shape[0]]
+        self.next += inputs.shape[0]
+        return out
+
+
+def ellipsoid_labels(shape, spacing):
+    """Label map with four ellipsoid organs sized in mm, so anisotropic grids hold the same anatomy."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"), -1)
+    extent = np.array(shape) * np.array(spacing)
+    labels = np.zeros(shape, dtype=np.uint8)
+    for value, centre, radii in [
+        (6, (0.35, 0.4, 0.5), (0.22, 0.2, 0.45)),  # liver
+        (1, (0.72, 0.35, 0.5), (0.12, 0.12, 0.4)),  # spleen
+        (2, (0.35, 0.75, 0.5), (0.07, 0.1, 0.35)),  # right kidney
+        (3, (0.7, 0.75, 0.5), (0.07, 0.1, 0.35)),  # left kidney
+    ]:
+        d = ((grid - np.array(centre) * extent) / (np.array(radii) * extent)) ** 2
+        labels[d.sum(-1) <= 1] = value
+    return labels
+
+
+def image_from_labels(labels):
+    hu = {0: -80.0, 6: 60.0, 1: 45.0, 2: 150.0, 3: 150.0}
+    image = np.full(labels.shape, -80.0, dtype=np.float32)
+    for value, level in hu.items():
+        image[labels == value] = level
+    return image
+
+
+def rotation_z(degrees):
+    a = np.deg2rad(degrees)
+    r = np.eye(4)
+    r[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    return r
+
+
+def affine_for(spacing, kind):
+    base = np.diag([*spacing, 1.0])
+    base[:3, 3] = [-120.0, 35.5, 410.25]
+    if kind == "ras":
+        return base
+    if kind == "lps":
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ base
+    if kind == "oblique":
+        return rotation_z(17) @ np.diag([-1.0, 1.0, -1.0, 1.0]) @ base
+    if kind == "permuted":  # voxel axes stored as (S, R, A): axial slices are not the file's last axis
+        return base[:, [2, 0, 1, 3]][[0, 1, 2, 3]]
+    raise ValueError(kind)
+
+
+def write_case(tmp_path, labels, affine, name="case"):
+    image_path, label_path = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_labels.nii.gz"
+    nib.save(nib.Nifti1Image(image_from_labels(labels), affine), str(image_path))
+    nib.save(nib.Nifti1Image(labels, affine), str(label_path))
+    return image_path, label_path
+
+
+def oracle_dice(image_path, label_path, slice_size=64):
+    segmenter = VolumeSegmenter(micro_model(slice_size), device="cpu", batch_size=8)
+    volume, reference = read_volume(image_path), read_volume(label_path, what="label map")
+    segmenter.inferer = OracleInferer(reference, segmenter)
+    result = segmenter.segment(volume)
+    assert result.labels.shape == volume.shape[:3]
+    scores = organ_scores(result.labels, reference.image[0].numpy(), result.organs)
+    return {s.name: s.dice for s in scores}, result
+
+
+@pytest.mark.parametrize(
+    "shape, spacing, kind",
+    [
+        ((97, 131, 7), (1.0, 0.75, 5.0), "lps"),
+        ((80, 64, 9), (0.9, 0.9, 2.5), "oblique"),
+        ((70, 70, 5), (1.0, 1.0, 3.0), "ras"),
+        ((6, 90, 72), (4.0, 1.0, 1.2), "permuted"),
+    ],
+)
+def test_oracle_survives_the_round_trip_on_any_grid(tmp_path, shape, spacing, kind):
+    affine = affine_for(spacing, kind)
+    if kind == "permuted":
+        spacing = (spacing[1], spacing[2], spacing[0])
+        labels = np.transpose(ellipsoid_labels((shape[1], shape[2], shape[0]), spacing), (2, 0, 1)).copy()
+    else:
+        labels = ellipsoid_labels(shape, spacing)
+    image_path, label_path = write_case(tmp_path, labels, affine)
+    dice, _ = oracle_dice(image_path, label_path, slice_size=128)
+    assert dice["liver"] >= 0.98 and dice["spleen"] >= 0.98, dice
+    assert min(dice.values()) >= 0.9, dice
+
+
+def test_single_slice_volume(tmp_path):
+    labels = ellipsoid_labels((90, 77, 3), (1.0, 1.0, 1.0))[:, :, 1:2].copy()
+    image_path, label_path = write_case(tmp_path, labels, affine_for((1.0, 1.0, 1.0), "lps"))
+    dice, result = oracle_dice(image_path, label_path)
+    assert result.labels.shape == (90, 77, 1)
+    assert dice["liver"] >= 0.98
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ct").is_dir(), reason="../shared/data/ct not present")
+def test_oracle_on_the_real_abdominal_ct():
+    dice, result = oracle_dice(
+        SHARED_DATA / "ct" / "abdomen_ct_3mm.nii.gz", SHARED_DATA / "ct" / "abdomen_ct_3mm_labels_btcv.nii.gz", slice_size=128
+    )
+    assert result.labels.shape == (122, 101, 112)
+    for organ in ("liver", "spleen", "left_kidney", "right_kidney"):
+        assert dice[organ] >= 0.98, dice
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dicom_ct_3slice").is_dir(), reason="../shared/data/dicom_ct_3slice not present")
+def test_dicom_series_matches_its_nrrd_liver_mask_through_the_pipeline(tmp_path):
+    import SimpleITK as sitk
+    from monai.data import MetaTensor
+
+    folder = SHARED_DATA / "dicom_ct_3slice"
+    volume = read_volume(folder)
+    assert volume.shape == (512, 512, 3)
+    mask_image = sitk.ReadImage(str(folder / "liver_seg.nrrd"))
+    mask = sitk.GetArrayFromImage(mask_image).transpose(2, 1, 0).astype(np.uint8)
+    assert mask.shape == (512, 512, 3) and mask.max() == 1
+    # The mask's own geometry agrees with the series' RAS affine (ITK is LPS).
+    assert np.allclose(np.diag([-1, -1, 1]) @ np.array(mask_image.GetOrigin()), volume.affine[:3, 3], atol=1e-3)
+    reference = Volume(image=MetaTensor(torch.from_numpy(mask * 6)[None], affine=volume.image.affine), source="nrrd", shape=mask.shape)
+    segmenter = VolumeSegmenter(micro_model(256, organs=("liver",)), device="cpu")
+    segmenter.inferer = OracleInferer(reference, segmenter)
+    result = segmenter.segment(volume)
+    (score,) = organ_scores(result.labels, mask * 6, result.organs)
+    assert score.dice >= 0.98
+    out, sidecar = result.save(tmp_path / "liver.nii.gz")
+    written = nib.load(str(out))
+    assert written.shape == (512, 512, 3)
+    assert np.allclose(written.affine, volume.affine, atol=1e-4)
+
+
+def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
+    labels = ellipsoid_labels((40, 36, 6), (1.2, 1.2, 4.0))
+    affine = affine_for((1.2, 1.2, 4.0), "oblique")
+    image = nib.Nifti1Image(image_from_labels(labels)[..., None], affine)  # 4D, singleton 4th axis
+    image.set_qform(affine, 1)
+    image.set_sform(affine @ np.diag([1, 1, 1, 1.0]), 4)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(image, str(path))
+    before = path.read_bytes()
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu")
+    result = segmenter.segment(path)
+    out, sidecar = result.save(tmp_path / "mask.nii.gz")
+    assert path.read_bytes() == before  # input untouched
+    written = nib.load(str(out))
+    assert written.shape == (40, 36, 6, 1)
+    assert written.get_data_dtype() == np.uint8
+    source = nib.load(str(path))
+    for coded in ("get_qform", "get_sform"):
+        matrix, code = getattr(written.header, coded)(coded=True)
+        expected, expected_code = getattr(source.header, coded)(coded=True)
+        assert int(code) == int(expected_code) and np.allclose(matrix, expected, atol=1e-5)
+    # Voxel-to-world mapping: a voxel index maps to the same world point in input and output.
+    index = np.array([5, 30, 4, 1.0])
+    assert np.allclose(written.affine @ index, source.affine @ index, atol=1e-4)
+    meta = json.loads(sidecar.read_text())
+    assert meta == {
+        "labels": {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "6": "liver"},
+        "model": "",
+        "input": str(path),
+        "seed": 0,
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
+
+
+def test_same_input_same_seed_gives_bit_identical_labels(tmp_path):
+    labels = ellipsoid_labels((30, 28, 5), (1.5, 1.5, 3.0))
+    image_path, _ = write_case(tmp_path, labels, affine_for((1.5, 1.5, 3.0), "lps"))
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", seed=3)
+    first = segmenter.segment(image_path).labels
+    again = VolumeSegmenter(micro_model(32), device="cpu", seed=3).segment(image_path).labels
+    assert np.array_equal(first, again)
+    assert first.any()  # random weights still claim voxels: the comparison is not of two empty maps
+
+
+def test_only_one_chunk_of_native_maps_is_held(tmp_path):
+    """Streaming: the inferer sees chunks of slices, never the whole volume."""
+    labels = ellipsoid_labels((24, 24, 23), (1.0, 1.0, 1.0))
+    image_path, _ = write_case(tmp_path, labels, affine_for((1.0, 1.0, 1.0), "ras"))
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", batch_size=8)
+    seen = []
+    inner = segmenter.inferer
+    segmenter.inferer = lambda x, net: seen.append(x.shape[0]) or inner(x, net)
+    segmenter.segment(image_path)
+    assert sum(seen) == 23 and max(seen) == segmenter.chunk_slices < 23
+
+
+def test_segment_array_and_organ_subset():
+    labels = ellipsoid_labels((32, 32, 4), (1.0, 1.0, 2.0))
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", organs=["liver"])
+    result = segmenter.segment_array(image_from_labels(labels), np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert result.organs == {6: "liver"}
+    assert set(np.unique(result.labels)) <= {0, 6}
