@@ -1,0 +1,131 @@
+"""`sdseg3d segment`: outputs, Dice table, and bad inputs (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import micro_config
+from sdseg_monai.cli import main
+from sdseg_monai.model import SDSeg
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    organs = ("spleen", "liver")
+    model = SDSeg(micro_config(organs=organs, preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
+
+
+@pytest.fixture
+def scan(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((24, 20, 4), dtype=np.uint8)
+    labels[4:14, 3:12] = 6
+    labels[15:21, 12:18] = 1
+    image = np.where(labels > 0, 60.0, -100.0) + rng.normal(0, 5, labels.shape)
+    affine = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "ref.nii.gz"))
+    return tmp_path / "scan.nii.gz"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sdseg_monai.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_segment_writes_labels_sidecar_and_dice_table(model_dir, scan, tmp_path, capsys):
+    out = tmp_path / "mask.nii.gz"
+    code = main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "-l", str(tmp_path / "ref.nii.gz"), "-q", "-s", "5"])
+    assert code == 0
+    written = nib.load(str(out))
+    assert written.shape == (24, 20, 4) and np.allclose(written.affine, nib.load(str(scan)).affine)
+    assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 6}
+    assert json.loads((tmp_path / "mask.json").read_text())["labels"] == {"1": "spleen", "6": "liver"}
+    assert json.loads((tmp_path / "mask.json").read_text())["seed"] == 5
+    table = capsys.readouterr().out
+    assert "spleen" in table and "liver" in table and "mean (present organs)" in table
+
+
+def test_organ_subset_and_unknown_organ(model_dir, scan, tmp_path):
+    out = tmp_path / "liver.nii.gz"
+    assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "--organs", "liver", "-q"]) == 0
+    assert json.loads((tmp_path / "liver.json").read_text())["labels"] == {"6": "liver"}
+    result = cli("segment", scan, "-o", tmp_path / "x.nii.gz", "-m", model_dir, "--organs", "brain", "-q")
+    assert result.returncode == 2 and "unknown organ 'brain'" in result.stderr
+
+
+def _assert_refused(result, *fragments, leftover_dir=None):
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    if leftover_dir is not None:
+        assert not [p for p in leftover_dir.iterdir() if p.name.startswith(("out", ".out"))]
+
+
+def test_missing_input(model_dir, tmp_path):
+    _assert_refused(cli("segment", tmp_path / "nope.nii.gz", "-o", tmp_path / "out.nii.gz", "-m", model_dir),
+                    "nope.nii.gz", "no such file", leftover_dir=tmp_path)
+
+
+def test_corrupt_gzip(model_dir, tmp_path, scan):
+    broken = tmp_path / "broken.nii.gz"
+    data = scan.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # truncated gzip stream
+    _assert_refused(cli("segment", broken, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "broken.nii.gz", leftover_dir=tmp_path)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    _assert_refused(cli("segment", garbage, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "garbage.nii.gz", leftover_dir=tmp_path)
+
+
+@pytest.mark.parametrize("shape, fragment", [((20, 20), "2D image"), ((8, 8, 4, 1, 2), "5D image"), ((8, 8, 4, 3), "4D image with 3 volumes")])
+def test_wrong_dimensionality(model_dir, tmp_path, shape, fragment):
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, dtype=np.int16), np.eye(4)), str(path))
+    _assert_refused(cli("segment", path, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "bad.nii.gz", fragment, leftover_dir=tmp_path)
+
+
+def test_unwritable_output(model_dir, scan, tmp_path):
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "missing_dir" / "out.nii.gz", "-m", model_dir), "folder does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as root: permission bits are not enforced")
+        _assert_refused(cli("segment", scan, "-o", locked / "out.nii.gz", "-m", model_dir), "permission denied")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_existing_output_is_replaced_whole_or_left_alone(model_dir, scan, tmp_path):
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"previous result")
+    # A failure (unknown organ) leaves the old file exactly as it was.
+    assert cli("segment", scan, "-o", out, "-m", model_dir, "--organs", "brain", "-q").returncode == 2
+    assert out.read_bytes() == b"previous result"
+    assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q"]) == 0
+    assert nib.load(str(out)).shape == (24, 20, 4)
+
+
+def test_missing_or_bad_model(scan, tmp_path):
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz"), "no packaged default model", "--model")
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", tmp_path / "none"), "no such model folder")
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", tmp_path), "not an SDSeg model folder")
+
+
+def test_reference_on_another_grid_is_refused(model_dir, scan, tmp_path):
+    ref = tmp_path / "small_ref.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), dtype=np.uint8), np.eye(4)), str(ref))
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", model_dir, "-l", ref), "small_ref.nii.gz", "differs")
