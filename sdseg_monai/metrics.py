@@ -7,6 +7,7 @@ Conventions: an organ absent from both prediction and reference is *absent* (``N
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
@@ -77,7 +78,9 @@ def binary_hd95(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence
     # One voxel of margin so that borders of the crop are real background.
     padded = [np.pad(m[box], 1) for m in (prediction, reference)]
     p, r = (torch.from_numpy(m)[None, None].float() for m in padded)
-    value = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=[float(s) for s in spacing])
+    with warnings.catch_warnings():  # MONAI's own internal deprecation notice, not ours to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=[float(s) for s in spacing])
     return float(value[0, 0])
 
 
