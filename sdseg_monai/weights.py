@@ -54,9 +54,10 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read weights: {reason}", path) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
         raise WeightsError("holds no state dict of tensors", path)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors
 
 
 def read_config(path: PathLike) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], source: P
     """Strictly load ``state`` into ``module``; any missing, unexpected or misshapen tensor is an error."""
     own = module.state_dict()
     state = {k: v for k, v in state.items() if v is not None}
-    for key in own.keys() & state.keys():
+    for key in sorted(own.keys() & state.keys()):
         if own[key].shape != state[key].shape:
             raise WeightsError(
                 f"weights do not fit the {what}: {key} has shape {tuple(state[key].shape)} in the file, "
@@ -127,12 +128,12 @@ def _config_arg(config: dict | PathLike | None, default: dict[str, Any]) -> dict
     return read_config(config)
 
 
-def _autoencoder_state(raw: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _autoencoder_state(raw: dict[str, torch.Tensor], config: dict[str, Any], source: PathLike | None = None) -> dict[str, torch.Tensor]:
     """diffusers keys for an autoencoder state in LDM keys (bare kl-f8, or inside a full SD file)."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     if any(k.startswith(p) for k in raw for p in LDM_VAE_PREFIXES) or "encoder.down.0.block.0.conv1.weight" in raw:
-        return convert_ldm_vae_checkpoint(raw, config)
+        return _convert(convert_ldm_vae_checkpoint, raw, config, source)
     return raw  # already diffusers keys
 
 
@@ -146,8 +147,17 @@ def _unet_state(raw: dict[str, torch.Tensor], config: dict[str, Any], source: Pa
                 "give a diffusers UNet2DModel folder (config.json + safetensors) instead",
                 source,
             )
-        return convert_ldm_unet_checkpoint(raw, config)
+        return _convert(convert_ldm_unet_checkpoint, raw, config, source)
     return raw
+
+
+def _convert(converter, raw: dict, config: dict, source: PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Run a diffusers key converter; its failures (a layout it does not expect) become WeightsError."""
+    try:
+        return converter(raw, config)
+    except Exception as e:  # noqa: BLE001
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise WeightsError(f"cannot map this checkpoint's keys to the model ({type(e).__name__}: {reason})", source) from None
 
 
 def load_autoencoder(source: PathLike, config: dict | PathLike | None = None, state: dict | None = None):
@@ -170,11 +180,13 @@ def load_autoencoder(source: PathLike, config: dict | PathLike | None = None, st
     else:
         cfg = _config_arg(config, SD_V1_AUTOENCODER)
         origin = Path(source)
-        tensors = _autoencoder_state(state if state is not None else read_state_dict(origin), cfg)
+        tensors = None
     try:
         model = AutoencoderKL.from_config(cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"config does not describe an AutoencoderKL ({e})", folder or origin) from None
+    if tensors is None:  # the converter reads keys a partial config may leave to diffusers' defaults
+        tensors = _autoencoder_state(state if state is not None else read_state_dict(origin), {**model.config, **cfg}, origin)
     load_state_into(model, tensors, origin, what="autoencoder")
     return model.eval()
 
@@ -198,12 +210,14 @@ def load_unet(source: PathLike, config: dict | PathLike | None = None, state: di
     else:
         cfg = _config_arg(config, {"_class_name": "UNet2DConditionModel", **SD_V1_UNET})
         origin = Path(source)
-        tensors = _unet_state(state if state is not None else read_state_dict(origin), cfg, origin)
+        tensors = None
     cls = UNet2DModel if cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
     try:
         model = cls.from_config(cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"config does not describe a {cls.__name__} ({e})", folder or origin) from None
+    if tensors is None:  # the converter reads keys a partial config may leave to diffusers' defaults
+        tensors = _unet_state(state if state is not None else read_state_dict(origin), {**model.config, **cfg}, origin)
     load_state_into(model, tensors, origin, what="UNet")
     return model.eval()
 
@@ -268,8 +282,9 @@ def sdseg_from_pretrained_parts(
         unet=pretrained_unet.config if pretrained_unet is not None else None,
         **overrides,
     )
-    if config.backbone == "unet2d_condition" and pretrained_unet is not None and pretrained_unet.__class__.__name__ != "UNet2DConditionModel":
-        raise WeightsError("the sd-v1 preset needs a UNet2DConditionModel", unet)
+    expected = "UNet2DConditionModel" if config.backbone == "unet2d_condition" else "UNet2DModel"
+    if pretrained_unet is not None and type(pretrained_unet).__name__ != expected:
+        raise WeightsError(f"the {preset} preset needs a {expected}, not a {type(pretrained_unet).__name__}", unet)
     model = SDSeg(config)
     model.autoencoder.load_state_dict(vae.state_dict())
     model.vision_encoder.encoder.load_state_dict(vae.encoder.state_dict())
