@@ -203,6 +203,46 @@ def segment(
         typer.echo(format_scores(scores))
 
 
+@app.command()
+def evaluate(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder."),
+    manifest: Path = typer.Option(..., "--manifest", help="Dataset manifest, e.g. data_manifests/btcv.json."),
+    data_root: Path = typer.Option(..., "--data-root", help="Folder the manifest's relative paths start from."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate: train, validation or test."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder: per_case.csv and report.json go there."),
+    hd95: bool = typer.Option(False, "--hd95", help="Also compute HD95 (mm)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
+):
+    """Score a model on a manifest split: per-organ Dice (and HD95), per-case CSV and JSON report."""
+    from sdseg_monai.data import check_data_root, load_manifest
+    from sdseg_monai.evaluation import evaluate as run_evaluation
+    from sdseg_monai.evaluation import prepare_output_dir
+
+    model_dir = _resolve_model(model)
+    # Every input is checked before the model is loaded, so mistakes fail in a second.
+    dataset = load_manifest(manifest)
+    check_data_root(dataset, data_root, split)
+    prepare_output_dir(output)
+    from sdseg_monai.inference import VolumeSegmenter
+
+    segmenter = VolumeSegmenter(model_dir, device=device, batch_size=batch_size, seed=seed)
+
+    def progress(done: int, total: int, case) -> None:
+        dice = [s.dice for s in case.scores if s.dice is not None]
+        mean = f"{sum(dice) / len(dice):.4f}" if dice else "-"
+        typer.echo(f"[{done}/{total}] {case.case_id}: mean Dice {mean} ({case.seconds:.1f} s)", err=True)
+
+    report = run_evaluation(
+        segmenter, dataset, data_root, split=split, output_dir=output, hd95=hd95, progress=None if quiet else progress
+    )
+    typer.echo(report.format_table())
+    if not quiet:
+        typer.echo(f"wrote {report.csv_path} and {report.json_path} ({report.seconds:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
     try:

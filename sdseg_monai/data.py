@@ -194,3 +194,272 @@ def write_label_volume(labels: np.ndarray, volume: Volume, output: str | os.Path
         nib.save(image, str(tmp_image))
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return output, side
+
+
+# -- dataset manifests --------------------------------------------------------------------------------
+# A manifest (``data_manifests/*.json``) says which cases a dataset has, where each case's image and
+# label map lie relative to a data root, the label table, and the train / validation / test splits.
+# Datasets themselves are never shipped; ``check_data_root`` says at once which files a root lacks.
+
+from dataclasses import field  # noqa: E402
+from pathlib import PurePosixPath  # noqa: E402
+
+MANIFEST_SCHEMA_VERSION = 1
+_MANIFEST_KEYS = {
+    "schema_version", "name", "description", "source", "layout", "hu_window", "labels", "subsets", "splits", "cases",
+}
+_MANIFEST_REQUIRED = ("name", "labels", "splits", "cases")
+_CASE_KEYS = ("image", "label")
+
+
+@dataclass(frozen=True)
+class ManifestCase:
+    """One case of a manifest: its id and its files, relative to the data root (POSIX separators)."""
+
+    case_id: str
+    image: str
+    label: str
+
+
+@dataclass
+class Manifest:
+    """A validated dataset manifest (see :func:`load_manifest`).
+
+    Attributes:
+        path: the manifest file, for messages.
+        name: short dataset name, e.g. ``"btcv"``.
+        labels: ``{label value: organ name}`` of the reference label maps.
+        subsets: named organ subsets, e.g. ``{"transunet8": (...)}``.
+        splits: ``{split name: case ids}`` in manifest order.
+        cases: ``{case id: ManifestCase}`` in manifest order.
+        hu_window: the dataset's (low, high) intensity window, or None.
+    """
+
+    path: Path
+    name: str
+    labels: dict[int, str]
+    splits: dict[str, tuple[str, ...]]
+    cases: dict[str, ManifestCase]
+    subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    hu_window: tuple[float, float] | None = None
+    description: str = ""
+    source: Any = None
+    layout: str = ""
+
+    def cases_for(self, split: str | None = None) -> list[str]:
+        """Case ids of ``split`` in manifest order; every case when ``split`` is None.
+
+        Raises:
+            SDSegInputError: the manifest has no such split.
+        """
+        if split is None:
+            return list(self.cases)
+        if split not in self.splits:
+            raise SDSegInputError(f"no split {split!r} in manifest; known: {', '.join(self.splits) or 'none'}", self.path)
+        return list(self.splits[split])
+
+    def label_of(self, organ: str) -> int | None:
+        """The label value of organ ``organ``, or None when the dataset does not label it."""
+        for value, name in self.labels.items():
+            if name == organ:
+                return value
+        return None
+
+
+def _manifest_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``json`` object hook that refuses duplicate keys (a case listed twice would otherwise vanish)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _relative_file(value: Any, where: str, bad) -> str:
+    """A manifest file entry: a non-empty relative POSIX path that stays inside the data root."""
+    if not isinstance(value, str) or not value.strip():
+        bad(f"{where} must be a non-empty relative path")
+    posix = PurePosixPath(value.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts or ":" in posix.parts[0]:
+        bad(f"{where} {value!r} must be relative to the data root, without '..'")
+    return posix.as_posix()
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate a dataset manifest.
+
+    Schema (JSON object)::
+
+        {"schema_version": 1, "name": "btcv", "description": "...", "source": {...}, "layout": "...",
+         "hu_window": [-175, 250],
+         "labels": {"1": "spleen", ...},                      # label value -> organ name
+         "subsets": {"transunet8": ["aorta", ...]},            # optional named organ subsets
+         "splits": {"train": [...], "validation": [...], "test": [...]},
+         "cases": {"0001": {"image": "img/img0001.nii.gz", "label": "label/label0001.nii.gz"}, ...}}
+
+    Rules: split entries name known cases, at most once per split; ``test`` shares no case with any
+    other split, and ``train`` none with ``validation`` (no leakage); subsets name known organs.
+
+    Raises:
+        SDSegInputError: one line naming the file, for a missing, unreadable or invalid manifest.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SDSegInputError("no such manifest file", path)
+    if path.is_dir():
+        raise SDSegInputError("manifest is a folder; give a .json manifest file", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SDSegInputError(f"cannot read manifest ({_reason(e)})", path) from None
+    try:
+        data = json.loads(text, object_pairs_hook=_manifest_pairs)
+    except json.JSONDecodeError as e:
+        raise SDSegInputError(f"manifest is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from None
+    except ValueError as e:  # duplicate keys
+        raise SDSegInputError(f"invalid manifest: {e}", path) from None
+
+    def bad(message: str):
+        raise SDSegInputError(f"invalid manifest: {message}", path)
+
+    if not isinstance(data, dict):
+        bad("the top level must be a JSON object")
+    unknown = sorted(set(data) - _MANIFEST_KEYS)
+    if unknown:
+        bad(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(_MANIFEST_KEYS))}")
+    missing = [k for k in _MANIFEST_REQUIRED if k not in data]
+    if missing:
+        bad(f"missing key(s) {', '.join(map(repr, missing))}")
+    version = data.get("schema_version", MANIFEST_SCHEMA_VERSION)
+    if version != MANIFEST_SCHEMA_VERSION:
+        bad(f"schema_version {version!r} is not supported (this version reads {MANIFEST_SCHEMA_VERSION})")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip():
+        bad("'name' must be a non-empty string")
+    for key in ("description", "layout"):
+        if not isinstance(data.get(key, ""), str):
+            bad(f"{key!r} must be a string")
+
+    hu_window = data.get("hu_window")
+    if hu_window is not None:
+        numbers = isinstance(hu_window, list) and len(hu_window) == 2
+        numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in hu_window)
+        if not numbers or not hu_window[0] < hu_window[1]:
+            bad(f"'hu_window' must be [low, high] with low < high, got {hu_window!r}")
+        hu_window = (float(hu_window[0]), float(hu_window[1]))
+
+    raw_labels = data["labels"]
+    if not isinstance(raw_labels, dict) or not raw_labels:
+        bad("'labels' must be a non-empty object {\"value\": \"organ name\"}")
+    labels: dict[int, str] = {}
+    for key, organ in raw_labels.items():
+        # Label maps are written as uint8 and 0 is background.
+        if not key.isdigit() or not 1 <= int(key) <= 255:
+            bad(f"label value {key!r} must be an integer 1..255")
+        if int(key) in labels:
+            bad(f"label value {int(key)} is given twice")
+        if not isinstance(organ, str) or not organ.strip():
+            bad(f"label {key} must name an organ")
+        if organ in labels.values():
+            bad(f"organ {organ!r} has more than one label value")
+        labels[int(key)] = organ
+
+    raw_subsets = data.get("subsets", {})
+    if not isinstance(raw_subsets, dict):
+        bad("'subsets' must be an object {\"name\": [organ, ...]}")
+    subsets: dict[str, tuple[str, ...]] = {}
+    for subset, members in raw_subsets.items():
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            bad(f"subset {subset!r} must be a non-empty list of organ names")
+        unknown = [m for m in members if m not in labels.values()]
+        if unknown:
+            bad(f"subset {subset!r} names unknown organ(s) {', '.join(unknown)}")
+        if len(set(members)) != len(members):
+            bad(f"subset {subset!r} names an organ twice")
+        subsets[subset] = tuple(members)
+
+    raw_cases = data["cases"]
+    if not isinstance(raw_cases, dict) or not raw_cases:
+        bad("'cases' must be a non-empty object {\"case id\": {\"image\": ..., \"label\": ...}}")
+    cases: dict[str, ManifestCase] = {}
+    for case_id, files in raw_cases.items():
+        if not case_id.strip():
+            bad("a case id is empty")
+        if not isinstance(files, dict) or set(files) != set(_CASE_KEYS):
+            bad(f"case {case_id!r} must be an object with exactly the keys 'image' and 'label'")
+        image = _relative_file(files["image"], f"case {case_id!r} image", bad)
+        label = _relative_file(files["label"], f"case {case_id!r} label", bad)
+        cases[case_id] = ManifestCase(case_id, image, label)
+
+    raw_splits = data["splits"]
+    if not isinstance(raw_splits, dict) or not raw_splits:
+        bad("'splits' must be a non-empty object {\"split\": [case id, ...]}")
+    splits: dict[str, tuple[str, ...]] = {}
+    for split, members in raw_splits.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            bad(f"split {split!r} must be a list of case ids")
+        unknown = [m for m in members if m not in cases]
+        if unknown:
+            bad(f"split {split!r} names unknown case(s) {', '.join(unknown)}")
+        twice = sorted({m for m in members if members.count(m) > 1})
+        if twice:
+            bad(f"split {split!r} lists case(s) {', '.join(twice)} more than once")
+        splits[split] = tuple(members)
+    # Leakage checks: a test case must never be trained or tuned on.
+    pairs = [("test", other) for other in splits if other != "test"] + [("train", "validation")]
+    for first, second in pairs:
+        shared = [c for c in splits.get(first, ()) if c in splits.get(second, ())]
+        if shared:
+            bad(f"case(s) {', '.join(shared)} are in both split {first!r} and split {second!r}")
+
+    return Manifest(
+        path=path,
+        name=name,
+        labels=labels,
+        splits=splits,
+        cases=cases,
+        subsets=subsets,
+        hu_window=hu_window,
+        description=data.get("description", ""),
+        source=data.get("source"),
+        layout=data.get("layout", ""),
+    )
+
+
+def check_data_root(
+    manifest: Manifest, data_root: str | os.PathLike, split: str | None = None
+) -> list[tuple[str, Path, Path]]:
+    """Check that every file of ``split`` (every case when None) exists under ``data_root``.
+
+    Returns:
+        ``(case id, image path, label path)`` per case, in manifest order.
+
+    Raises:
+        SDSegInputError: one line naming the data root, for a missing root, or listing every missing
+            file (their count, then each path relative to the root), so that one run shows them all.
+    """
+    root = Path(data_root)
+    ids = manifest.cases_for(split)  # an unknown split fails here, before looking at the disk
+    if not root.exists():
+        raise SDSegInputError("no such data folder", root)
+    if not root.is_dir():
+        raise SDSegInputError("the data root must be a folder", root)
+    found, missing = [], []
+    for case_id in ids:
+        case = manifest.cases[case_id]
+        image, label = root / case.image, root / case.label
+        # An image may also be a DICOM series folder; a label map is always a file.
+        if not image.exists():
+            missing.append(case.image)
+        if not label.is_file():
+            missing.append(case.label)
+        found.append((case_id, image, label))
+    if missing:
+        what = f"split {split!r}" if split is not None else "all cases"
+        raise SDSegInputError(
+            f"{len(missing)} of {2 * len(ids)} files of {what} of manifest {manifest.path.name} are missing: "
+            + ", ".join(missing),
+            root,
+        )
+    return found
