@@ -463,3 +463,147 @@ def check_data_root(
             root,
         )
     return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training slices
+# ---------------------------------------------------------------------------------------------------
+
+AUGMENTATIONS = ("none", "paper", "strong")
+
+
+def slice_augmentation(kind: str = "strong", flips: bool = False):
+    """MONAI dictionary transforms for one training sample ``{"image": (3, S, S), "label": (1, S, S)}``.
+
+    Args:
+        kind: ``"none"``; ``"paper"`` (random flips only, as the official code); ``"strong"`` (flips if
+            asked, plus random affine, elastic deformation, intensity scale/shift and noise, for small
+            data sets such as phantoms and a single real CT).
+        flips: random horizontal/vertical flips. They swap left and right anatomy, so they only suit
+            models without lateral organ pairs (the paper's BTCV model is binary).
+    """
+    from monai.transforms import (
+        Compose,
+        Rand2DElasticd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    if kind not in AUGMENTATIONS:
+        raise SDSegInputError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
+    keys = ["image", "label"]
+    steps = []
+    if flips or kind == "paper":
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
+    if kind == "strong":
+        steps += [
+            RandAffined(
+                keys,
+                prob=0.5,
+                rotate_range=0.2,
+                scale_range=0.15,
+                translate_range=0.06,
+                mode=("bilinear", "nearest"),
+                padding_mode=("border", "zeros"),
+            ),
+            Rand2DElasticd(
+                keys, spacing=(24, 24), magnitude_range=(0.5, 2.0), prob=0.2, mode=("bilinear", "nearest"), padding_mode=("border", "zeros")
+            ),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            RandGaussianNoised("image", std=0.03, prob=0.3),
+        ]
+    return Compose(steps) if steps else None
+
+
+class SliceDataset:
+    """Axial training slices of labelled volumes, prepared once in the model's slice space.
+
+    Each volume goes through the model's own preprocessing (canonical orientation, HU window,
+    aspect-preserving resize), and its slices and model-space label maps are cached in memory. A sample
+    draws a slice and an organ: mostly an organ present in the slice, a share ``absent_fraction`` an
+    absent one (its mask is empty, so that absent organs learn to decode to nothing).
+
+    All randomness of item ``i`` in epoch ``e`` comes from ``seed``, ``e`` and ``i``: the data stream is
+    the same in every run, and a resumed run sees exactly what an uninterrupted one would.
+
+    Args:
+        cases: ``(image, label)`` pairs of paths or :class:`Volume`.
+        preprocessing: the model's :class:`~sdseg_monai.config.Preprocessing`.
+        organ_labels: label values of the model's organs; class index k is ``organ_labels[k]``.
+        absent_fraction: share of samples that draw an organ absent from the slice.
+        augment: a transform from :func:`slice_augmentation`, or None.
+        seed: base seed of the data stream.
+    """
+
+    def __init__(self, cases, preprocessing, organ_labels, absent_fraction: float = 0.1, augment=None, seed: int = 0):
+        import torch
+
+        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
+
+        self.preprocessing = preprocessing
+        self.organ_labels = [int(v) for v in organ_labels]
+        self.absent_fraction = float(absent_fraction)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        transforms = canonical_transforms(preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
+        size = preprocessing.slice_size
+        self.images, self.labels, self.index = [], [], []
+        for number, (image, label) in enumerate(cases):
+            image = image if isinstance(image, Volume) else read_volume(image)
+            label = label if isinstance(label, Volume) else read_volume(label, what="label map")
+            if image.shape[:3] != label.shape[:3]:
+                raise SDSegInputError(f"label map shape {label.shape} differs from its image's {image.shape}", label.source)
+            canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: label.image})
+            grey = canonical[IMAGE_KEY][0].permute(2, 0, 1)  # (Z, X, Y)
+            lab = canonical[LABEL_KEY][0].permute(2, 0, 1)
+            geometry = SliceGeometry(tuple(grey.shape[1:]), size)
+            model_grey = geometry.to_model(grey[:, None])[:, 0].to(torch.float16)
+            model_labels = torch.zeros((grey.shape[0], size, size), dtype=torch.uint8)
+            for value in self.organ_labels:
+                model_labels[geometry.masks_to_model(lab == value) > 0] = value
+            self.images.append(model_grey)
+            self.labels.append(model_labels)
+            self.index += [(number, z) for z in range(grey.shape[0])]
+        if not self.index:
+            raise SDSegInputError("no training slices: the case list is empty")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def channels(self, volume: int, z: int):
+        """The 3 input channels of slice ``z`` (grey replicated, or z-1, z, z+1 for 2.5D)."""
+        import torch
+
+        grey = self.images[volume]
+        if self.preprocessing.channels == "2.5d":
+            depth = grey.shape[0]
+            return torch.stack([grey[min(max(z + o, 0), depth - 1)] for o in (-1, 0, 1)]).float()
+        return grey[z].float()[None].expand(3, -1, -1).clone()
+
+    def __getitem__(self, item: int) -> dict:
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.epoch, int(item)])
+        volume, z = self.index[item]
+        label_slice = self.labels[volume][z]
+        present = [k for k, v in enumerate(self.organ_labels) if bool((label_slice == v).any())]
+        absent = [k for k in range(len(self.organ_labels)) if k not in present]
+        if present and (not absent or rng.random() >= self.absent_fraction):
+            organ = int(rng.choice(present))
+        else:
+            organ = int(rng.choice(absent))
+        sample = {"image": self.channels(volume, z), "label": (label_slice == self.organ_labels[organ]).float()[None]}
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            sample = self.augment(sample)
+        image = torch.as_tensor(sample["image"]).float().clamp(-1, 1)
+        mask = (torch.as_tensor(sample["label"])[0] >= 0.5).float()
+        return {"image": image, "mask": mask, "class_id": torch.tensor(organ, dtype=torch.long)}

@@ -250,10 +250,11 @@ class SDSeg(nn.Module):
     def reverse(self, cond: torch.Tensor, class_ids: torch.Tensor | None, noise: torch.Tensor, num_steps: int = 1):
         """z0_hat from x_T = noise: one UNet call at t = T - 1, or a ``num_steps`` DDIM chain."""
         batch = cond.shape[0]
-        x = noise.to(cond.device, cond.dtype).expand(batch, -1, -1, -1)
+        x = noise.to(cond.device, torch.float32).expand(batch, -1, -1, -1)
         if num_steps == 1:
             t = torch.full((batch,), self.config.num_train_timesteps - 1, device=cond.device, dtype=torch.long)
-            out = self.denoise(x, cond, t, class_ids)
+            # z0_hat divides by sqrt(abar_{T-1}) ~ 0.03-0.07: keep that step in fp32 under autocast.
+            out = self.denoise(x, cond, t, class_ids).float()
             return diffusion.split_prediction(out, x, t, self.alphas_cumprod, self.config.prediction_type)[1]
         scheduler = diffusion.ddim_scheduler(
             self.config.schedule, self.config.num_train_timesteps, self.config.prediction_type, num_steps
@@ -261,7 +262,7 @@ class SDSeg(nn.Module):
         for step in scheduler.timesteps:
             t = torch.full((batch,), int(step), device=cond.device, dtype=torch.long)
             out = self.denoise(x, cond, t, class_ids)
-            x = scheduler.step(out.float(), int(step), x.float()).prev_sample.to(cond.dtype)
+            x = scheduler.step(out.float(), int(step), x).prev_sample.float()
         return x
 
     @torch.inference_mode()
