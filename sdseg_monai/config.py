@@ -67,13 +67,15 @@ PAPER_UNET: dict[str, Any] = {
     "layers_per_block": 2,
     # Self-attention at latent resolutions 32/16/8/4, none at 2.
     "down_block_types": ["AttnDownBlock2D"] * 4 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["AttnUpBlock2D"] * 4,
+    # diffusers' UpBlock2D ignores upsample_type; the LDM UNet upsamples with a ResBlock at every level.
+    "up_block_types": ["ResnetUpsampleBlock2D"] + ["AttnUpBlock2D"] * 4,
     "downsample_type": "resnet",
     "upsample_type": "resnet",
     "resnet_time_scale_shift": "scale_shift",
     "attention_head_dim": 24,  # placeholder; SDSegConfig.attention_heads fixes 8 heads everywhere
     "dropout": 0.2,
     "norm_num_groups": 32,
+    "attn_norm_num_groups": 32,  # LDM normalises before the mid-block attention too
     "flip_sin_to_cos": True,
     "freq_shift": 0,
 }
@@ -101,7 +103,7 @@ TINY_UNET: dict[str, Any] = {
     "out_channels": 4,
     "block_out_channels": [64, 128, 128],
     "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
     "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     "downsample_type": "resnet",
     "upsample_type": "resnet",
@@ -109,6 +111,7 @@ TINY_UNET: dict[str, Any] = {
     "attention_head_dim": 32,
     "dropout": 0.0,
     "norm_num_groups": 16,
+    "attn_norm_num_groups": 16,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
 }

@@ -7,6 +7,7 @@ Every loader reads local files only (``HF_HUB_OFFLINE=1``), unpickles nothing bu
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
-from sdseg_monai.config import SD_V1_AUTOENCODER, SD_V1_UNET, SDSegConfig, model_preset
+from sdseg_monai.config import PAPER_UNET, SD_V1_AUTOENCODER, SD_V1_UNET, SDSegConfig, model_preset
 from sdseg_monai.errors import WeightsError
 
 WEIGHT_FILE_NAMES = (
@@ -28,6 +29,8 @@ WEIGHT_FILE_NAMES = (
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")
+# Heads of every AttentionBlock of the LDM LSUN-churches UNet (num_heads=8), which the SDSeg paper starts from.
+LDM_ATTENTION_HEADS = 8
 
 PathLike = str | os.PathLike
 
@@ -137,18 +140,281 @@ def _autoencoder_state(raw: dict[str, torch.Tensor], config: dict[str, Any], sou
     return raw  # already diffusers keys
 
 
-def _unet_state(raw: dict[str, torch.Tensor], config: dict[str, Any], source: PathLike) -> dict[str, torch.Tensor]:
+def _unet_state(
+    raw: dict[str, torch.Tensor], config: dict[str, Any], source: PathLike, attention_heads: int = LDM_ATTENTION_HEADS
+) -> dict[str, torch.Tensor]:
+    """diffusers keys for a UNet state in LDM keys: a Stable Diffusion UNet (spatial transformers) for a
+    ``UNet2DConditionModel``, an LDM ``openaimodel.UNetModel`` with ``AttentionBlock``s (e.g. LSUN-churches)
+    for a ``UNet2DModel``. A state already in diffusers keys is returned as it is."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    if any(k.startswith(LDM_UNET_PREFIX) for k in raw):
-        if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise WeightsError(
-                "single-file LDM checkpoints are supported for Stable Diffusion UNets only; "
-                "give a diffusers UNet2DModel folder (config.json + safetensors) instead",
-                source,
+    if not any(k.startswith(LDM_UNET_PREFIX) for k in raw):
+        return raw
+    class_name = config.get("_class_name", "UNet2DConditionModel")
+    _check_ldm_unet_class(raw, class_name, source)
+    if class_name == "UNet2DModel":
+
+        def convert(state, cfg):
+            return convert_ldm_openai_unet_checkpoint(state, cfg, heads=attention_heads)
+
+        return _convert(convert, raw, config, source)
+    return _convert(convert_ldm_unet_checkpoint, raw, config, source)
+
+
+def _check_ldm_unet_class(raw: dict[str, torch.Tensor], class_name: str, source: PathLike) -> None:
+    """An LDM-key UNet must go to the diffusers class of its attention layers (checked before a
+    possibly multi-GB model is built for it)."""
+    layout = _ldm_unet_layout(raw)
+    if class_name == "UNet2DModel" and layout == "spatial-transformer":
+        raise WeightsError(
+            "this LDM checkpoint's attention layers are spatial transformers: Stable Diffusion UNets only "
+            "load as a UNet2DConditionModel, not as the UNet2DModel the config asks for",
+            source,
+        )
+    if class_name != "UNet2DModel" and layout == "attention-block":
+        raise WeightsError(
+            "this LDM checkpoint's attention layers are AttentionBlocks without cross-attention (e.g. "
+            "LSUN-churches): load it with a UNet2DModel config ('_class_name': 'UNet2DModel'), not as a "
+            "UNet2DConditionModel",
+            source,
+        )
+
+
+def _ldm_unet_layout(raw: dict[str, torch.Tensor]) -> str | None:
+    """``"spatial-transformer"`` (Stable Diffusion), ``"attention-block"`` (LDM/ADM ``AttentionBlock``,
+    ``qkv`` conv) or None (no attention found) for the UNet of an LDM-key state."""
+    unet = [k[len(LDM_UNET_PREFIX) :] for k in raw if k.startswith(LDM_UNET_PREFIX)]
+    if any(".transformer_blocks." in k or ".proj_in." in k for k in unet):
+        return "spatial-transformer"
+    if any(k.endswith(".qkv.weight") for k in unet):
+        return "attention-block"
+    return None
+
+
+# LDM openaimodel module names -> diffusers, inside one ResBlock / AttentionBlock.
+_LDM_RESNET_NAMES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_LDM_ATTENTION_NAMES = {"norm": "group_norm", "proj_out": "to_out.0"}
+# diffusers UNet2DModel blocks the LDM layout maps to: (has attention, how it samples; None: the config's
+# downsample_type / upsample_type).
+_DOWN_BLOCKS = {
+    "DownBlock2D": (False, "conv"),
+    "AttnDownBlock2D": (True, None),
+    "ResnetDownsampleBlock2D": (False, "resnet"),
+}
+_UP_BLOCKS = {
+    "UpBlock2D": (False, "conv"),
+    "AttnUpBlock2D": (True, None),
+    "ResnetUpsampleBlock2D": (False, "resnet"),
+}
+
+
+def _unet2d_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over ``UNet2DModel``'s defaults (a partial config means what diffusers makes of it)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **dict(config)}
+
+
+def ldm_openai_unet2d_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a ``UNet2DModel`` config) made to hold an LDM ``openaimodel.UNetModel`` checkpoint.
+
+    Two diffusers defaults differ from the LDM layout, whatever ``config`` says otherwise:
+
+    * ``DownBlock2D`` / ``UpBlock2D`` always sample with a conv, ignoring ``downsample_type`` /
+      ``upsample_type``. With those ``"resnet"`` (LDM ``resblock_updown=True``, as in LSUN-churches
+      and the SDSeg paper), such blocks (but the last, which does not sample) become
+      ``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, which sample with a ResBlock like the
+      attention blocks do.
+    * The mid-block attention has no GroupNorm unless ``resnet_time_scale_shift`` is ``"default"``;
+      LDM's ``AttentionBlock`` always normalises, so ``attn_norm_num_groups`` is set to
+      ``norm_num_groups`` when not given.
+    """
+    config = dict(config)
+    full = _unet2d_config(config)
+    plain_blocks = (("down", "DownBlock2D", "ResnetDownsampleBlock2D"), ("up", "UpBlock2D", "ResnetUpsampleBlock2D"))
+    for kind, plain, resnet in plain_blocks:
+        types = list(full[f"{kind}_block_types"])
+        if full[f"{kind}sample_type"] == "resnet" and plain in types[:-1]:  # the last block does not sample
+            config[f"{kind}_block_types"] = [resnet if t == plain else t for t in types[:-1]] + types[-1:]
+    if full["add_attention"] and full["attn_norm_num_groups"] is None and full["resnet_time_scale_shift"] != "default":
+        config["attn_norm_num_groups"] = full["norm_num_groups"]
+    return config
+
+
+def _split_qkv(tensor: torch.Tensor, heads: int, new_attention_order: bool) -> list[torch.Tensor]:
+    """q, k, v (each C rows) of an LDM ``AttentionBlock.qkv`` weight (3C, C, 1) or bias (3C,).
+
+    ``QKVAttentionLegacy`` (LDM's default) reads the 3C channels head by head, ``[q_h, k_h, v_h]`` for
+    each head h; ``QKVAttention`` (``use_new_attention_order``) reads ``[q, k, v]``, each head by head.
+    """
+    if tensor.ndim == 3:
+        if tensor.shape[-1] != 1:
+            raise ValueError(f"qkv weight of shape {tuple(tensor.shape)} is not a kernel-1 conv1d")
+        tensor = tensor[..., 0]
+    width = tensor.shape[0]
+    if width % (3 * heads):
+        raise ValueError(f"qkv width {width} is not 3 x a multiple of {heads} heads")
+    channels, rest = width // 3, tensor.shape[1:]
+    if new_attention_order:
+        parts = tensor.reshape(3, heads, channels // heads, *rest)
+    else:
+        parts = tensor.reshape(heads, 3, channels // heads, *rest).transpose(0, 1)
+    return [p.reshape(channels, *rest).contiguous() for p in parts]
+
+
+def convert_ldm_openai_unet_checkpoint(
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    heads: int = LDM_ATTENTION_HEADS,
+    *,
+    new_attention_order: bool = False,
+) -> dict[str, torch.Tensor]:
+    """diffusers ``UNet2DModel`` keys for the UNet of an LDM checkpoint in the ``openaimodel.UNetModel``
+    layout without spatial transformers: ``AttentionBlock``s (``norm``, ``qkv``, ``proj_out``), e.g. the
+    LDM LSUN-churches UNet the official SDSeg code starts from; a class-conditional one's ``label_emb``
+    becomes ``class_embedding``.
+
+    Args:
+        state: LDM keys, under ``model.diffusion_model.`` (a whole LDM checkpoint: other tensors are
+            ignored) or bare.
+        config: the ``UNet2DModel`` config (missing keys take diffusers' defaults). Its block types say
+            where the attention blocks are (``Attn*Block2D``) and how each level samples: conv
+            ``Downsample``/``Upsample`` (``op`` / ``conv``) or ResBlocks with ``down``/``up``
+            (``resblock_updown=True``: ``AttnDownBlock2D``/``AttnUpBlock2D`` with
+            ``downsample_type``/``upsample_type`` ``"resnet"``, ``ResnetDownsampleBlock2D``/
+            ``ResnetUpsampleBlock2D``).
+        heads: attention heads of every ``AttentionBlock`` (LDM ``num_heads``). Checkpoints made with
+            ``num_head_channels`` have as many heads as width / head channels, which differs between
+            levels of different width: not supported. The diffusers model must run with ``heads``
+            heads everywhere (:func:`sdseg_monai.model.set_attention_heads`).
+        new_attention_order: the checkpoint was trained with ``use_new_attention_order=True``
+            (``QKVAttention``) rather than LDM's default ``QKVAttentionLegacy``.
+
+    Raises:
+        ValueError: the checkpoint does not have the layout the config describes (a tensor left over,
+            a sampler of the other kind, a spatial transformer).
+    """
+    cfg = _unet2d_config(config)
+    if cfg["time_embedding_type"] != "positional":
+        raise ValueError(f"time_embedding_type {cfg['time_embedding_type']!r}: LDM UNets use 'positional'")
+    if any(k.startswith(LDM_UNET_PREFIX) for k in state):
+        state = {k[len(LDM_UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(LDM_UNET_PREFIX)}
+    if any(".transformer_blocks." in k or ".proj_in." in k for k in state):
+        raise ValueError("this UNet has spatial transformers (Stable Diffusion): use convert_ldm_unet_checkpoint")
+    layers = int(cfg["layers_per_block"])
+    down_types, up_types = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    for kind, types, known in (("down", down_types, _DOWN_BLOCKS), ("up", up_types, _UP_BLOCKS)):
+        for t in types:
+            if t not in known:
+                raise ValueError(f"{kind} block type {t!r} has no LDM counterpart here; use {', '.join(known)}")
+
+    def sampler(kind: str, ldm: str, diffusers_prefix: str, sampling: str, block: int, block_type: str) -> None:
+        """Map the LDM sampler module ``ldm`` (a ResBlock, or the module holding ``op``/``conv``)."""
+        conv_name = "op" if kind == "down" else "conv"
+        in_ckpt = None
+        if f"{ldm}.in_layers.0.weight" in state:
+            in_ckpt = "resnet"
+        elif f"{ldm}.{conv_name}.weight" in state:
+            in_ckpt = "conv"
+        if in_ckpt is not None and in_ckpt != sampling:
+            what = {"resnet": f"a ResBlock with {kind}=True (resblock_updown)", "conv": f"a conv {kind}sampler"}
+            hint = {
+                "down": "ResnetDownsampleBlock2D or downsample_type 'resnet'",
+                "up": "ResnetUpsampleBlock2D or upsample_type 'resnet'",
+            }
+            raise ValueError(
+                f"the checkpoint's {ldm} is {what[in_ckpt]}, but {kind} block {block} ({block_type}) has "
+                f"{what[sampling]}" + (f"; use {hint[kind]}" if in_ckpt == "resnet" else "")
             )
-        return _convert(convert_ldm_unet_checkpoint, raw, config, source)
-    return raw
+        if sampling == "resnet":
+            modules[ldm] = (diffusers_prefix, "resnet")
+        else:
+            modules[f"{ldm}.{conv_name}"] = (f"{diffusers_prefix}.conv", "plain")
+
+    # LDM module -> (diffusers module, kind of module)
+    modules: dict[str, tuple[str, str]] = {
+        "time_embed.0": ("time_embedding.linear_1", "plain"),
+        "time_embed.2": ("time_embedding.linear_2", "plain"),
+        "label_emb": ("class_embedding", "plain"),
+        "input_blocks.0.0": ("conv_in", "plain"),
+        "middle_block.0": ("mid_block.resnets.0", "resnet"),
+        "middle_block.1": ("mid_block.attentions.0", "attention"),
+        "middle_block.2": ("mid_block.resnets.1", "resnet"),
+        "out.0": ("conv_norm_out", "plain"),
+        "out.2": ("conv_out", "plain"),
+    }
+    n = 1
+    for b, block_type in enumerate(down_types):
+        attention, sampling = _DOWN_BLOCKS[block_type]
+        for j in range(layers):
+            modules[f"input_blocks.{n}.0"] = (f"down_blocks.{b}.resnets.{j}", "resnet")
+            if attention:
+                modules[f"input_blocks.{n}.1"] = (f"down_blocks.{b}.attentions.{j}", "attention")
+            n += 1
+        if b < len(down_types) - 1:
+            sampling = sampling or cfg["downsample_type"]
+            sampler("down", f"input_blocks.{n}.0", f"down_blocks.{b}.downsamplers.0", sampling, b, block_type)
+            n += 1
+    n = 0
+    for b, block_type in enumerate(up_types):
+        attention, sampling = _UP_BLOCKS[block_type]
+        for j in range(layers + 1):
+            modules[f"output_blocks.{n}.0"] = (f"up_blocks.{b}.resnets.{j}", "resnet")
+            if attention:
+                modules[f"output_blocks.{n}.1"] = (f"up_blocks.{b}.attentions.{j}", "attention")
+            n += 1
+        if b < len(up_types) - 1:
+            ldm = f"output_blocks.{n - 1}.{2 if attention else 1}"
+            sampler("up", ldm, f"up_blocks.{b}.upsamplers.0", sampling or cfg["upsample_type"], b, block_type)
+
+    out: dict[str, torch.Tensor] = {}
+    leftover: list[str] = []
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:cut])
+            if module in modules:
+                break
+        else:
+            leftover.append(key)
+            continue
+        target, kind = modules[module]
+        rest = ".".join(parts[cut:])
+        if kind == "plain":
+            out[f"{target}.{rest}"] = value
+            continue
+        inner, _, param = rest.rpartition(".")
+        if kind == "attention" and inner == "qkv":
+            for name, part in zip(("to_q", "to_k", "to_v"), _split_qkv(value, heads, new_attention_order)):
+                out[f"{target}.{name}.{param}"] = part
+            continue
+        names = _LDM_RESNET_NAMES if kind == "resnet" else _LDM_ATTENTION_NAMES
+        if inner not in names:
+            leftover.append(key)
+            continue
+        if kind == "attention" and inner == "proj_out" and value.ndim == 3:
+            value = value[..., 0]  # conv1d kernel 1 -> linear
+        out[f"{target}.{names[inner]}.{param}"] = value
+    if leftover:
+        raise ValueError(
+            f"{len(leftover)} tensors of the checkpoint have no place in a UNet2DModel of this config "
+            f"(e.g. {sorted(leftover)[0]}): its levels, layers per level or attention blocks differ"
+        )
+    return out
 
 
 def _convert(converter, raw: dict, config: dict, source: PathLike | None = None) -> dict[str, torch.Tensor]:
@@ -191,14 +457,24 @@ def load_autoencoder(source: PathLike, config: dict | PathLike | None = None, st
     return model.eval()
 
 
-def load_unet(source: PathLike, config: dict | PathLike | None = None, state: dict | None = None):
+def load_unet(
+    source: PathLike,
+    config: dict | PathLike | None = None,
+    state: dict | None = None,
+    attention_heads: int = LDM_ATTENTION_HEADS,
+):
     """A pretrained diffusers UNet (``UNet2DConditionModel`` or ``UNet2DModel``) from local weights.
 
     Args:
         source: a diffusers folder (pipeline root with ``unet/``, or the ``unet`` folder itself), or a
-            single Stable Diffusion ``.safetensors``/``.ckpt`` in LDM keys.
-        config: for single files: config dict, ``config.json`` or folder. Default: SD v1's UNet.
+            single file in LDM keys: a Stable Diffusion checkpoint (``UNet2DConditionModel``), or an LDM
+            ``openaimodel.UNetModel`` checkpoint such as LSUN-churches ``model.ckpt`` when ``config``
+            says ``"_class_name": "UNet2DModel"``.
+        config: for single files: config dict, ``config.json`` or folder. Default: SD v1's UNet. A
+            ``UNet2DModel`` config for an LDM file is completed with :func:`ldm_openai_unet2d_config`.
         state: an already-read state dict of ``source``.
+        attention_heads: heads of the AttentionBlocks of an LDM ``UNet2DModel`` file; the returned model
+            uses that many heads in every attention layer, as the checkpoint does.
     """
     from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -212,13 +488,25 @@ def load_unet(source: PathLike, config: dict | PathLike | None = None, state: di
         origin = Path(source)
         tensors = None
     cls = UNet2DModel if cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
+    ldm_unet2d = False
+    if tensors is None:
+        raw = state if state is not None else read_state_dict(origin)
+        if any(k.startswith(LDM_UNET_PREFIX) for k in raw):
+            _check_ldm_unet_class(raw, cls.__name__, origin)
+        ldm_unet2d = cls is UNet2DModel and any(k.startswith(LDM_UNET_PREFIX) for k in raw)
+        if ldm_unet2d:
+            cfg = ldm_openai_unet2d_config(cfg)
     try:
         model = cls.from_config(cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"config does not describe a {cls.__name__} ({e})", folder or origin) from None
     if tensors is None:  # the converter reads keys a partial config may leave to diffusers' defaults
-        tensors = _unet_state(state if state is not None else read_state_dict(origin), {**model.config, **cfg}, origin)
+        tensors = _unet_state(raw, {**model.config, **cfg}, origin, attention_heads=attention_heads)
     load_state_into(model, tensors, origin, what="UNet")
+    if ldm_unet2d:
+        from sdseg_monai.model import set_attention_heads
+
+        set_attention_heads(model, attention_heads)
     return model.eval()
 
 
@@ -231,6 +519,12 @@ def widen_conv_in(state: dict[str, torch.Tensor], in_channels: int) -> dict[str,
         extra = torch.zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:], dtype=weight.dtype)
         state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
     return state
+
+
+def paper_ldm_unet_config() -> dict[str, Any]:
+    """The ``UNet2DModel`` config of the LDM LSUN-churches UNet (``models/ldm/lsun_churches256/model.ckpt``):
+    the paper preset's UNet with 4 input channels, completed by :func:`ldm_openai_unet2d_config`."""
+    return ldm_openai_unet2d_config({"_class_name": "UNet2DModel", **copy.deepcopy(PAPER_UNET), "in_channels": 4})
 
 
 def sdseg_from_pretrained_parts(
@@ -250,8 +544,9 @@ def sdseg_from_pretrained_parts(
     * ``sd-v1``: ``stable_diffusion`` is a Stable Diffusion v1.x diffusers folder (``vae/``, ``unet/``)
       or a single SD checkpoint file. Autoencoder, vision encoder and UNet all start from it.
     * ``paper``: ``autoencoder`` (kl-f8 / SD VAE, folder or single file) gives the frozen autoencoder
-      and the vision encoder; the official-size UNet starts from ``unet`` (a diffusers UNet2DModel
-      folder) when given, else from scratch.
+      and the vision encoder; the official-size UNet starts from ``unet`` when given (a diffusers
+      UNet2DModel folder, or the LDM LSUN-churches ``model.ckpt`` as in the official code; a single
+      file's layout defaults to :func:`paper_ldm_unet_config`), else from scratch.
     * ``tiny``: ``autoencoder`` is a tiny mask autoencoder trained with
       :func:`sdseg_monai.training.train_mask_autoencoder`.
 
@@ -273,7 +568,14 @@ def sdseg_from_pretrained_parts(
     vae = load_autoencoder(autoencoder, autoencoder_config, state=raw if raw is not None and autoencoder == stable_diffusion else None)
     pretrained_unet = None
     if unet is not None:
-        pretrained_unet = load_unet(unet, unet_config, state=raw if raw is not None and unet == stable_diffusion else None)
+        if preset == "paper" and unet_config is None and Path(unet).is_file():
+            unet_config = paper_ldm_unet_config()
+        pretrained_unet = load_unet(
+            unet,
+            unet_config,
+            state=raw if raw is not None and unet == stable_diffusion else None,
+            attention_heads=overrides.get("attention_heads") or LDM_ATTENTION_HEADS,
+        )
     config: SDSegConfig = model_preset(
         preset,
         dataset=dataset,

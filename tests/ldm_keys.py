@@ -3,7 +3,9 @@
 Real single-file checkpoints (``v1-5-pruned.safetensors``, kl-f8 ``model.ckpt``) use CompVis key names.
 Tests write tiny files in that layout so that the single-file loaders run on the same key names they
 meet in the wild; ``tests/test_weights.py`` checks these functions against diffusers' own inverse
-converters (``convert_ldm_vae_checkpoint`` / ``convert_ldm_unet_checkpoint``).
+converters (``convert_ldm_vae_checkpoint`` / ``convert_ldm_unet_checkpoint``), and
+``tests/test_weights_ldm_unet.py`` checks :func:`unet2d_to_ldm_openai` against
+``sdseg_monai.weights.convert_ldm_openai_unet_checkpoint`` and a reimplementation of LDM's attention.
 """
 
 from __future__ import annotations
@@ -115,3 +117,88 @@ def unet_to_ldm(state: dict[str, torch.Tensor], prefix: str = LDM_UNET_PREFIX) -
         has_attention = any(k.startswith(f"up_blocks.{i}.attentions.") for k in state)
         maps[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{n - 1}.{2 if has_attention else 1}.conv", {})
     return {prefix + _rename(key, maps): value for key, value in state.items()}
+
+
+def unet2d_to_ldm_openai(
+    state: dict[str, torch.Tensor],
+    heads: int,
+    prefix: str = LDM_UNET_PREFIX,
+    new_attention_order: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A ``UNet2DModel`` state dict in the LDM ``openaimodel.UNetModel`` layout without spatial
+    transformers (the LSUN-churches UNet the SDSeg paper starts from).
+
+    Attention blocks become ``AttentionBlock``s: ``norm``, ``qkv`` (one kernel-1 conv1d C -> 3C, its
+    channels laid out head by head ``[q_h, k_h, v_h]`` as ``QKVAttentionLegacy`` reads them, or
+    ``[q, k, v]`` with ``new_attention_order``) and ``proj_out`` (kernel-1 conv1d). A ResNet sampler
+    (``downsample_type``/``upsample_type`` ``"resnet"``) becomes a ResBlock with down/up (``resblock_updown``)
+    numbered like any other input/output block; an up block's sampler is its last module
+    (``output_blocks.N.2`` after an attention block, ``.1`` otherwise); a conv sampler becomes
+    ``input_blocks.N.0.op`` / ``output_blocks.N.{1,2}.conv``.
+    """
+    maps: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embedding.linear_1": ("time_embed.0", {}),
+        "time_embedding.linear_2": ("time_embed.2", {}),
+        "class_embedding": ("label_emb", {}),
+        "conv_in": ("input_blocks.0.0", {}),
+        "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET),
+        "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
+        "conv_norm_out": ("out.0", {}),
+        "conv_out": ("out.2", {}),
+    }
+    attentions = {"mid_block.attentions.0": "middle_block.1"}
+
+    def sampler(diffusers_prefix: str, ldm: str, conv_name: str) -> bool:
+        if f"{diffusers_prefix}.conv1.weight" in state:  # ResnetBlock2D with down / up
+            maps[diffusers_prefix] = (ldm, _UNET_RESNET)
+        elif f"{diffusers_prefix}.conv.weight" in state:
+            maps[f"{diffusers_prefix}.conv"] = (f"{ldm}.{conv_name}", {})
+        else:
+            return False
+        return True
+
+    n = 1
+    for i in _indices(state, r"down_blocks\.(\d+)\."):
+        for j in _indices(state, rf"down_blocks\.{i}\.resnets\.(\d+)\."):
+            maps[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{n}.0", _UNET_RESNET)
+            if f"down_blocks.{i}.attentions.{j}.to_q.weight" in state:
+                attentions[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+            n += 1
+        if sampler(f"down_blocks.{i}.downsamplers.0", f"input_blocks.{n}.0", "op"):
+            n += 1
+    n = 0
+    for i in _indices(state, r"up_blocks\.(\d+)\."):
+        has_attention = False
+        for j in _indices(state, rf"up_blocks\.{i}\.resnets\.(\d+)\."):
+            maps[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{n}.0", _UNET_RESNET)
+            if f"up_blocks.{i}.attentions.{j}.to_q.weight" in state:
+                attentions[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
+                has_attention = True
+            n += 1
+        sampler(f"up_blocks.{i}.upsamplers.0", f"output_blocks.{n - 1}.{2 if has_attention else 1}", "conv")
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        attention = next((a for a in attentions if key.startswith(a + ".")), None)
+        if attention is None:
+            new = _rename(key, maps)
+            if new == key:
+                raise KeyError(f"no LDM place for {key}")
+            out[prefix + new] = value
+            continue
+        name, _, param = key[len(attention) + 1 :].rpartition(".")
+        ldm = prefix + attentions[attention]
+        if name == "group_norm":
+            out[f"{ldm}.norm.{param}"] = value
+        elif name == "to_out.0":
+            out[f"{ldm}.proj_out.{param}"] = value[..., None] if value.ndim == 2 else value
+        elif name not in ("to_q", "to_k", "to_v"):
+            raise KeyError(f"no LDM place for {key}")
+    for attention, ldm in attentions.items():
+        for param in ("weight", "bias"):
+            q, k, v = (state[f"{attention}.{name}.{param}"] for name in ("to_q", "to_k", "to_v"))
+            width = q.shape[0]
+            per_head = [t.reshape(heads, width // heads, *t.shape[1:]) for t in (q, k, v)]
+            qkv = torch.stack(per_head, dim=0 if new_attention_order else 1).reshape(3 * width, *q.shape[1:])
+            out[f"{prefix}{ldm}.qkv.{param}"] = qkv[..., None] if param == "weight" else qkv
+    return out
