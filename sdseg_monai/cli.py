@@ -243,6 +243,143 @@ def evaluate(
         typer.echo(f"wrote {report.csv_path} and {report.json_path} ({report.seconds:.1f} s)")
 
 
+def _volume_pairs(values: list[str], option: str) -> list[tuple[Path, Path]]:
+    pairs = []
+    for value in values:
+        image, sep, label = value.partition(":")
+        if not sep or not image or not label:
+            raise SDSegInputError(f"{option} takes IMAGE:LABEL, got {value!r}")
+        pairs.append((Path(image), Path(label)))
+    return pairs
+
+
+@app.command()
+def train(
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoint.pt, log.jsonl, model/ (best), last_model/."),
+    preset: str = typer.Option("tiny", "--preset", "-p", help="tiny, paper or sd-v1."),
+    dataset: str = typer.Option("btcv", "--dataset", help="Dataset preset of the organ table and HU window."),
+    organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organs (default: all of the dataset)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest: its train split trains, its validation split selects."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Root of the manifest's files."),
+    volume: list[str] = typer.Option([], "--volume", help="Extra training volume IMAGE:LABEL (repeatable)."),
+    val_volume: list[str] = typer.Option([], "--val-volume", help="Extra validation volume IMAGE:LABEL (repeatable)."),
+    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="Autoencoder (tiny: from train-autoencoder; paper: kl-f8 / SD VAE)."),
+    stable_diffusion: Optional[Path] = typer.Option(None, "--stable-diffusion", help="sd-v1: local SD v1.x folder or checkpoint."),
+    unet: Optional[Path] = typer.Option(None, "--unet", help="paper: pretrained UNet (diffusers folder or LDM checkpoint)."),
+    steps: int = typer.Option(10000, "--steps", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimiser step."),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", help="Per-sample learning rate (x batch x accum x GPUs). Default: 1e-5 (paper), 2.5e-5 for tiny."),
+    warmup: int = typer.Option(500, "--warmup", min=0),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    validate_every: int = typer.Option(1000, "--validate-every", min=0),
+    augment: str = typer.Option("strong", "--augment", help="none, paper (flips) or strong (MONAI affine/elastic/intensity)."),
+    flips: bool = typer.Option(False, "--flips", help="Random flips (only without left/right organ pairs)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
+    seed: int = typer.Option(0, "--seed", "-s"),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly where the run in OUTPUT stopped."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train SDSeg (vision encoder + UNet; the autoencoder stays frozen). Works under torchrun."""
+    import torch
+
+    from sdseg_monai.config import SDSegConfig
+    from sdseg_monai.data import check_data_root, load_manifest
+    from sdseg_monai.model import SDSeg
+    from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
+    from sdseg_monai.weights import sdseg_from_pretrained_parts
+
+    train_cases = []
+    validation_cases = []
+    if manifest is not None:
+        if data_root is None:
+            raise SDSegInputError("--manifest needs --data-root")
+        spec = load_manifest(manifest)
+        train_cases += [(i, l) for _, i, l in check_data_root(spec, data_root, "train")]
+        if spec.cases_for("validation"):
+            validation_cases += [(i, l) for _, i, l in check_data_root(spec, data_root, "validation")]
+    train_cases += _volume_pairs(volume, "--volume")
+    validation_cases += _volume_pairs(val_volume, "--val-volume")
+    for image, label in train_cases + validation_cases:
+        for path in (image, label):
+            if not Path(path).exists():
+                raise SDSegInputError("no such file or folder", path)
+    if not train_cases:
+        raise SDSegInputError("no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL")
+    checkpoint = output / CHECKPOINT_NAME
+    if resume:
+        if not checkpoint.is_file():
+            raise SDSegInputError("nothing to resume: no checkpoint.pt in this run folder", output)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model = SDSeg(SDSegConfig.from_dict(state["config"]))
+    else:
+        if checkpoint.exists():
+            raise SDSegInputError("run folder already holds a checkpoint: pass --resume, or choose another --output", output)
+        model = sdseg_from_pretrained_parts(
+            preset,
+            stable_diffusion=stable_diffusion,
+            autoencoder=autoencoder,
+            unet=unet,
+            dataset=dataset,
+            organs=_split_names(organs_),
+        )
+    settings = TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        base_lr=base_lr if base_lr is not None else (2.5e-5 if preset == "tiny" else None),
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        checkpoint_every=checkpoint_every,
+        validate_every=validate_every,
+        augmentation=augment,
+        flips=flips,
+        num_workers=workers,
+        seed=seed,
+    )
+    summary = train_sdseg(model, train_cases, output, settings, validation_cases, resume=resume, device=device, progress=not quiet)
+    if not quiet:
+        best = summary["best"]
+        dice = "-" if best.get("step") is None else f"{best['mean_dice']:.4f} at step {best['step']}"
+        typer.echo(f"{summary['steps']} steps, lr {summary['lr']:.2e}; best validation Dice {dice}; model: {summary['model']}")
+
+
+@app.command()
+def phantom(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for phantom_<seed>_image.nii.gz and _label.nii.gz (created if missing)."),
+    n: int = typer.Option(1, "--n", "-n", help="Number of phantoms: seeds SEED .. SEED+N-1."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first phantom."),
+    shape: tuple[int, int, int] = typer.Option((128, 128, 64), "--shape", help="Grid size X Y Z in voxels."),
+    spacing: tuple[float, float, float] = typer.Option((3.0, 3.0, 3.0), "--spacing", help="Voxel size SX SY SZ in mm."),
+):
+    """Write synthetic abdominal CT phantoms with BTCV 13-organ labels (NIfTI, RAS; no download)."""
+    import math
+
+    if n < 1:
+        raise SDSegInputError(f"--n must be at least 1, got {n}")
+    if seed < 0:
+        raise SDSegInputError(f"--seed must be >= 0, got {seed}")
+    if any(v < 1 for v in shape):
+        raise SDSegInputError(f"--shape needs three positive integers, got {' '.join(map(str, shape))}")
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise SDSegInputError(f"--spacing needs three positive sizes in mm, got {' '.join(f'{v:g}' for v in spacing)}")
+    if output.exists() and not output.is_dir():
+        raise SDSegInputError("output must be a folder, and this is a file", output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDSegInputError(f"cannot create the output folder: {e.strerror or e}", output) from None
+    if not os.access(output, os.W_OK):
+        raise SDSegInputError("cannot write to the output folder: permission denied", output)
+    from sdseg_monai.phantoms import write_phantoms
+
+    for image_path, label_path in write_phantoms(output, n=n, seed=seed, shape=shape, spacing=spacing):
+        typer.echo(str(image_path))
+        typer.echo(str(label_path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
     try:
