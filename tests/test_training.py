@@ -1,0 +1,142 @@
+"""SDSeg training: the loss falls, resume is exact, DDP runs on CPU, the CLI trains and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import micro_config
+from sdseg_monai.data import SliceDataset, slice_augmentation
+from sdseg_monai.model import SDSeg
+from sdseg_monai.training import TrainSettings, train_sdseg
+
+
+def write_cases(folder, n, write=True):
+    """n small labelled volumes: a liver-like and a spleen-like box on soft tissue."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(n):
+        image_path, label_path = folder / f"img{i}.nii.gz", folder / f"lab{i}.nii.gz"
+        if write:
+            labels = np.zeros((36, 32, 6), dtype=np.uint8)
+            labels[4 + i : 20 + i, 5:22, 1:6] = 6
+            labels[22:31, 18 - i : 28 - i, 0:4] = 1
+            image = np.where(labels == 6, 60.0, np.where(labels == 1, 150.0, -60.0)).astype(np.float32)
+            affine = np.diag([1.5, 1.5, 3.0, 1.0])
+            nib.save(nib.Nifti1Image(image, affine), str(image_path))
+            nib.save(nib.Nifti1Image(labels, affine), str(label_path))
+        cases.append((image_path, label_path))
+    return cases
+
+
+def micro(**overrides):
+    torch.manual_seed(0)
+    settings = dict(organs=("spleen", "liver"), latent_scale=None, prediction_type="sample", final_timestep_fraction=0.5)
+    settings.update(overrides)
+    return SDSeg(micro_config(**settings))
+
+
+def quick_settings(**overrides):
+    values = dict(steps=6, batch_size=4, checkpoint_every=3, validate_every=0, log_every=3, base_lr=2e-4, augmentation="none", warmup_steps=1)
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def test_slice_dataset_draws_present_organs_and_is_seeded(tmp_path):
+    cases = write_cases(tmp_path, 1)
+    config = micro_config(organs=("spleen", "liver"))
+    dataset = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=0.0, augment=slice_augmentation("strong"), seed=3)
+    assert len(dataset) == 6
+    sample = dataset[2]
+    assert sample["image"].shape == (3, 32, 32) and sample["mask"].shape == (32, 32)
+    assert sample["mask"].sum() > 0  # absent_fraction 0: an organ present in the slice
+    again = dataset[2]
+    assert torch.equal(sample["image"], again["image"]) and torch.equal(sample["mask"], again["mask"])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[2]["image"], sample["image"])  # a new epoch draws new augmentations
+    only_absent = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=1.0, seed=3)
+    # Slice 5 holds the liver only: the absent organ (spleen) is drawn, with an empty mask.
+    assert only_absent[5]["class_id"].item() == 0 and only_absent[5]["mask"].sum() == 0
+
+
+def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
+    cases = write_cases(tmp_path / "data", 2)
+    model = micro()
+    summary = train_sdseg(model, cases, tmp_path / "run", quick_settings(steps=40, log_every=10), validation_cases=cases[:1], device="cpu", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
+    assert summary["steps"] == 40 and summary["lr"] == pytest.approx(2e-4 * 4)
+    assert model.config.latent_scale is not None  # fitted on the first batch (scale_by_std)
+    best = SDSeg.from_pretrained(tmp_path / "run" / "model")
+    assert best.config.organ_names == ["spleen", "liver"]
+    assert (tmp_path / "run" / "last_model" / "model.safetensors").is_file()
+    assert any("validation" in r for r in records)
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path):
+    cases = write_cases(tmp_path / "data", 2)
+    straight = micro()
+    train_sdseg(straight, cases, tmp_path / "a", quick_settings(steps=6, augmentation="strong"), device="cpu", progress=False)
+    interrupted = micro()
+    train_sdseg(interrupted, cases, tmp_path / "b", quick_settings(steps=3, augmentation="strong"), device="cpu", progress=False)
+    resumed = micro()
+    train_sdseg(resumed, cases, tmp_path / "b", quick_settings(steps=6, augmentation="strong"), device="cpu", progress=False, resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
+
+
+def test_resume_refuses_another_model(tmp_path):
+    cases = write_cases(tmp_path / "data", 1)
+    train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=3), device="cpu", progress=False)
+    from sdseg_monai.errors import SDSegInputError
+
+    with pytest.raises(SDSegInputError, match="another model configuration"):
+        train_sdseg(micro(organs=("liver",)), cases, tmp_path / "run", quick_settings(steps=6), device="cpu", progress=False, resume=True)
+
+
+def test_two_process_gloo_ddp_run_completes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["steps"] == 4 and r["world"] == 2 for r in ranks)
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # replicas stay in sync
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    # Learning rate scales with the number of processes (batch x accum x world).
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["lr"] == pytest.approx(1e-4 * 2 * 2)
+
+
+def test_train_cli_trains_resumes_and_refuses_overwrite(tmp_path):
+    from sdseg_monai.cli import main
+
+    cases = write_cases(tmp_path / "data", 1)
+    autoencoder_dir = tmp_path / "ae"
+    micro().autoencoder.save_pretrained(autoencoder_dir)
+    volume = f"{cases[0][0]}:{cases[0][1]}"
+    args = ["train", "-o", str(tmp_path / "run"), "--preset", "tiny", "--autoencoder", str(autoencoder_dir), "--organs", "spleen,liver",
+            "--volume", volume, "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "0", "--augment", "none", "-q", "--device", "cpu"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "2"]) == 2  # a checkpoint is there: refuse to start over it
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert main(["train", "-o", str(tmp_path / "x"), "--volume", "no-colon-here"]) == 2
