@@ -353,8 +353,11 @@ def phantom(
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first phantom."),
     shape: tuple[int, int, int] = typer.Option((128, 128, 64), "--shape", help="Grid size X Y Z in voxels."),
     spacing: tuple[float, float, float] = typer.Option((3.0, 3.0, 3.0), "--spacing", help="Voxel size SX SY SZ in mm."),
+    split: str = typer.Option("test", "--split", help="Split of OUTPUT/manifest.json these phantoms join (train, validation, test)."),
 ):
-    """Write synthetic abdominal CT phantoms with BTCV 13-organ labels (NIfTI, RAS; no download)."""
+    """Write synthetic abdominal CT phantoms with BTCV 13-organ labels (NIfTI, RAS; no download).
+
+    OUTPUT/manifest.json lists them by split, for `sdseg3d train` and `sdseg3d evaluate`."""
     import math
 
     if n < 1:
@@ -373,11 +376,73 @@ def phantom(
         raise SDSegInputError(f"cannot create the output folder: {e.strerror or e}", output) from None
     if not os.access(output, os.W_OK):
         raise SDSegInputError("cannot write to the output folder: permission denied", output)
-    from sdseg_monai.phantoms import write_phantoms
+    from sdseg_monai.phantoms import update_phantom_manifest, write_phantoms
 
     for image_path, label_path in write_phantoms(output, n=n, seed=seed, shape=shape, spacing=spacing):
         typer.echo(str(image_path))
         typer.echo(str(label_path))
+    typer.echo(str(update_phantom_manifest(output, list(range(seed, seed + n)), split)))
+
+
+@app.command("train-autoencoder")
+def train_autoencoder(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the trained autoencoder (diffusers config.json + safetensors)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest whose train split gives real organ masks."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Root of the manifest's files."),
+    volume: list[str] = typer.Option([], "--volume", help="Labelled volume IMAGE:LABEL giving organ masks (repeatable)."),
+    phantoms: int = typer.Option(0, "--phantoms", min=0, help="In-memory phantoms adding organ masks."),
+    phantom_seed: int = typer.Option(100000, "--phantom-seed", min=0, help="Seed of the first phantom."),
+    random_masks: int = typer.Option(8000, "--random-masks", min=0, help="Random organ-shaped masks in the pool."),
+    real_fraction: float = typer.Option(0.25, "--real-fraction", min=0.0, max=1.0, help="Share of each batch from volume/phantom masks."),
+    steps: int = typer.Option(2400, "--steps", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed", "-s"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Stage 0 of the tiny preset: train its mask autoencoder from scratch (BCE + soft Dice)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sdseg_monai.config import TINY_AUTOENCODER, model_preset
+    from sdseg_monai.data import check_data_root, load_manifest
+    from sdseg_monai.model import replace_dir
+    from sdseg_monai.phantoms import phantom_volumes, random_organ_masks
+    from sdseg_monai.training import init_posterior_logvar, mask_reconstruction_dice, model_space_organ_masks, train_mask_autoencoder
+
+    cases = list(_volume_pairs(volume, "--volume"))
+    if manifest is not None:
+        if data_root is None:
+            raise SDSegInputError("--manifest needs --data-root")
+        cases += [(i, l) for _, i, l in check_data_root(load_manifest(manifest), data_root, "train")]
+    cases += [phantom_volumes(phantom_seed + k) for k in range(phantoms)]
+    if output.exists() and not output.is_dir():
+        raise SDSegInputError("output must be a folder", output)
+    config = model_preset("tiny")
+    size = config.preprocessing.slice_size
+    real = model_space_organ_masks(cases, config.preprocessing, config.organ_labels) if cases else torch.zeros((0, size, size), dtype=torch.bool)
+    pool = random_organ_masks(random_masks, size=size, seed=seed).bool()
+    masks = torch.cat([pool, real])
+    if len(masks) == 0:
+        raise SDSegInputError("no training masks: give --random-masks, --phantoms, --volume or --manifest")
+    share = real_fraction if len(real) and len(pool) else (1.0 if len(real) else 0.0)
+    weights = torch.cat([torch.full((len(pool),), (1 - share) / max(1, len(pool))), torch.full((len(real),), share / max(1, len(real)))])
+    torch.manual_seed(seed)
+    autoencoder = AutoencoderKL.from_config(TINY_AUTOENCODER)
+    init_posterior_logvar(autoencoder)
+    if not quiet:
+        typer.echo(f"{len(pool)} random + {len(real)} organ masks at {size}x{size}; {steps} steps", err=True)
+    log = (lambda record: typer.echo(f"step {record['step']}: loss {record['loss']:.4f}", err=True)) if not quiet else None
+    train_mask_autoencoder(autoencoder, masks, steps=steps, batch_size=batch_size, lr=lr, seed=seed, sample_weights=weights, callback=log)
+    held_out = random_organ_masks(512, size=size, seed=seed + 1_000_003)
+    dice = mask_reconstruction_dice(autoencoder, held_out)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    autoencoder.save_pretrained(tmp)
+    replace_dir(tmp, output)
+    typer.echo(f"held-out reconstruction Dice (512 fresh random masks): mean {torch.nanmean(dice).item():.4f}; saved {output}")
 
 
 def main(argv: list[str] | None = None) -> int:

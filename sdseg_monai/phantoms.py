@@ -1023,3 +1023,58 @@ def _build_skeleton_and_muscles(scene: _Scene) -> None:
         for i, end in enumerate(rib_ends):
             centre = rib_z12 + i * rib_step - rib_slope * phi
             ts[near & soft & (np.abs(w - centre) < 4.0 * s) & (phi > 0.35) & (phi < end)] = _T["rib"]
+
+
+PHANTOM_MANIFEST = "manifest.json"
+
+
+def update_phantom_manifest(out_dir: str | os.PathLike, seeds: list[int], split: str) -> Path:
+    """Add phantoms ``seeds`` (already written in ``out_dir``) to split ``split`` of
+    ``out_dir/manifest.json``, creating it when absent, so that ``sdseg3d train`` and
+    ``sdseg3d evaluate`` read phantom folders like any dataset. A seed moves out of any other split."""
+    import json
+
+    from sdseg_monai.data import atomic_paths
+    from sdseg_monai.labels import BTCV
+
+    out = Path(out_dir)
+    path = out / PHANTOM_MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        manifest = {
+            "schema_version": 1,
+            "name": "phantoms",
+            "description": "Synthetic abdominal CT phantoms (sdseg3d phantom), BTCV 13-organ labels",
+            "source": {"generator": "sdseg_monai.phantoms.abdominal_phantom", "license": "generated, no restrictions"},
+            "layout": "phantom_<seed>_image.nii.gz / phantom_<seed>_label.nii.gz in the data root",
+            "hu_window": list(BTCV.hu_window),
+            "labels": {str(o.label): o.name for o in BTCV.organs},
+            "subsets": {name: list(members) for name, members in BTCV.subsets.items()},
+            "splits": {},
+            "cases": {},
+        }
+    ids = [f"phantom_{int(s)}" for s in seeds]
+    for case_id in ids:
+        manifest["cases"][case_id] = {"image": f"{case_id}_image.nii.gz", "label": f"{case_id}_label.nii.gz"}
+    for name in list(manifest["splits"]):
+        manifest["splits"][name] = [c for c in manifest["splits"][name] if c not in ids]
+    manifest["splits"].setdefault(split, [])
+    manifest["splits"][split] += ids
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def phantom_volumes(seed: int, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING):
+    """An in-memory phantom as ``(image, label)`` :class:`~sdseg_monai.data.Volume` pairs (no files)."""
+    from monai.data import MetaTensor
+
+    from sdseg_monai.data import Volume
+
+    image, label, affine = abdominal_phantom(seed, shape=shape, spacing=spacing)
+    source = f"phantom:{seed}"
+    return (
+        Volume(MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine)), source, None, image.shape),
+        Volume(MetaTensor(torch.from_numpy(label.astype(np.int16))[None], affine=torch.from_numpy(affine)), source, None, label.shape),
+    )

@@ -650,6 +650,13 @@ def train_sdseg(
             epoch, position = epoch + 1, 0
 
     log_file = open(output_dir / LOG_NAME, "a", encoding="utf-8") if rank == 0 else None
+    tensorboard = None
+    if rank == 0:
+        from monai.utils import optional_import
+
+        writer_cls, has_tensorboard = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+        if has_tensorboard:
+            tensorboard = writer_cls(log_dir=str(output_dir / "tensorboard"))
     bar = _progress_bar(settings.steps, step, enabled=progress and rank == 0)
     stream = batches()
     start, window = time.perf_counter(), []
@@ -658,6 +665,11 @@ def train_sdseg(
         if log_file is not None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+        if tensorboard is not None:
+            flat = record.get("validation", record)
+            for key, value in flat.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    tensorboard.add_scalar(("validation/" if "validation" in record else "train/") + key, value, record["step"])
 
     def save_checkpoint():
         if rank != 0:
@@ -730,6 +742,8 @@ def train_sdseg(
         bar.close()
         if log_file is not None:
             log_file.close()
+        if tensorboard is not None:
+            tensorboard.close()
     return {
         "steps": step,
         "lr": lr,
@@ -738,3 +752,14 @@ def train_sdseg(
         "last_model": str(output_dir / LAST_MODEL_DIR),
         "seconds": time.perf_counter() - start,
     }
+
+
+def model_space_organ_masks(cases, preprocessing, organ_labels) -> torch.Tensor:
+    """Binary masks (N, S, S) of every organ on every axial slice where it occurs, in the model's
+    slice space (the same canonical orientation and aspect-preserving resize as inference)."""
+    from sdseg_monai.data import SliceDataset
+
+    dataset = SliceDataset(cases, preprocessing, organ_labels)
+    masks = [labels == value for labels in dataset.labels for value in dataset.organ_labels]
+    masks = [m[m.flatten(1).any(1)] for m in masks]
+    return torch.cat(masks) if masks else torch.zeros((0, preprocessing.slice_size, preprocessing.slice_size), dtype=torch.bool)

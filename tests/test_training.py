@@ -140,3 +140,29 @@ def test_train_cli_trains_resumes_and_refuses_overwrite(tmp_path):
     assert main(args + ["--steps", "4", "--resume"]) == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert main(["train", "-o", str(tmp_path / "x"), "--volume", "no-colon-here"]) == 2
+
+
+def test_train_autoencoder_cli_writes_a_loadable_autoencoder(tmp_path, capsys):
+    from sdseg_monai.cli import main
+    from sdseg_monai.weights import load_autoencoder
+
+    cases = write_cases(tmp_path / "data", 1)
+    out = tmp_path / "ae"
+    args = ["train-autoencoder", "-o", str(out), "--random-masks", "16", "--volume", f"{cases[0][0]}:{cases[0][1]}", "--steps", "2", "-b", "2", "-q"]
+    assert main(args) == 0
+    assert "held-out reconstruction Dice" in capsys.readouterr().out
+    autoencoder = load_autoencoder(out)
+    assert autoencoder.config.latent_channels == 4 and list(autoencoder.config.block_out_channels) == [16, 32, 64, 64]
+
+
+def test_phantom_folders_carry_a_manifest_with_splits(tmp_path):
+    from sdseg_monai.cli import main
+    from sdseg_monai.data import check_data_root, load_manifest
+
+    common = ["phantom", "-o", str(tmp_path), "--shape", "32", "32", "16", "--spacing", "12", "12", "12"]
+    assert main(common + ["--n", "2", "--seed", "0", "--split", "train"]) == 0
+    assert main(common + ["--n", "1", "--seed", "50", "--split", "test"]) == 0
+    manifest = load_manifest(tmp_path / "manifest.json")
+    assert manifest.splits == {"train": ("phantom_0", "phantom_1"), "test": ("phantom_50",)}
+    assert manifest.labels[6] == "liver" and "transunet8" in manifest.subsets
+    assert [c for c, _, _ in check_data_root(manifest, tmp_path, "test")] == ["phantom_50"]
