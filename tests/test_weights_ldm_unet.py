@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 
 from ldm_keys import LDM_UNET_PREFIX, unet2d_to_ldm_openai, vae_to_ldm
-from sdseg_monai.errors import WeightsError
 from sdseg_monai.model import set_attention_heads
 from sdseg_monai.weights import (
     convert_ldm_openai_unet_checkpoint,
@@ -24,6 +23,7 @@ from sdseg_monai.weights import (
     paper_ldm_unet_config,
     sdseg_from_pretrained_parts,
 )
+from test_weights import assert_same_state, raises_one_line
 
 HEADS = 8
 VAE_CONFIG = {
@@ -97,23 +97,6 @@ def seeded(cls, config: dict, seed: int, heads: int | None = None):
     if heads:
         set_attention_heads(model, heads)
     return model.eval()
-
-
-def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
-    a = a if isinstance(a, dict) else a.state_dict()
-    b = b if isinstance(b, dict) else b.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def raises_one_line(path, func, *args, **kwargs) -> str:
-    with pytest.raises(WeightsError) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: "), message
-    return message
 
 
 def save_ldm_ckpt(path, unet: UNet2DModel, **extra) -> None:
