@@ -129,3 +129,38 @@ def test_reference_on_another_grid_is_refused(model_dir, scan, tmp_path):
     ref = tmp_path / "small_ref.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), dtype=np.uint8), np.eye(4)), str(ref))
     _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", model_dir, "-l", ref), "small_ref.nii.gz", "differs")
+
+
+def _pydicom_file(*parts):
+    import pydicom
+
+    return os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", *parts)
+
+
+def test_dicom_folders_non_ct_and_several_series_are_refused(model_dir, tmp_path):
+    import shutil
+
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    shutil.copy(_pydicom_file("MR_small.dcm"), mr / "1.dcm")
+    _assert_refused(cli("segment", mr, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "modality MR, not CT")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(_pydicom_file("dicomdirtests", "98892001", "CT5N"), mixed)
+    shutil.copy(_pydicom_file("MR_small.dcm"), mixed / "mr.dcm")
+    _assert_refused(cli("segment", mixed, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "2 DICOM series", "expected one")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not dicom")
+    _assert_refused(cli("segment", empty, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "no DICOM image series")
+
+
+def test_small_real_dicom_ct_series_segments_on_its_grid(model_dir, tmp_path):
+    from sdseg_monai.data import read_volume
+
+    series = _pydicom_file("dicomdirtests", "98892001", "CT5N")
+    volume = read_volume(series)
+    assert volume.shape == (16, 16, 5)
+    out = tmp_path / "ct5n.nii.gz"
+    assert main(["segment", series, "-o", str(out), "-m", str(model_dir), "-q"]) == 0
+    written = nib.load(str(out))
+    assert written.shape == (16, 16, 5) and np.allclose(written.affine, volume.affine, atol=1e-4)
