@@ -127,12 +127,14 @@ def _split_names(value: Optional[str]) -> Optional[list[str]]:
 
 
 def _resolve_model(model: Optional[Path]) -> Path:
-    from sdseg_monai.model import CONFIG_NAME
+    from sdseg_monai.model import CONFIG_NAME, default_model_path
 
     if model is None:
-        raise SDSegInputError(
-            "no packaged default model in this version yet; pass --model PATH (a saved SDSeg model folder)"
-        )
+        model = default_model_path()
+        if model is None:
+            raise SDSegInputError(
+                "no packaged default model in this version yet; pass --model PATH (a saved SDSeg model folder)"
+            )
     if not model.exists():
         raise SDSegInputError("no such model folder", model)
     if not (model / CONFIG_NAME).is_file():

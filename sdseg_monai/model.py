@@ -317,8 +317,14 @@ class SDSeg(nn.Module):
         return out
 
     # -- persistence --------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` to folder ``path``, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to folder ``path``, atomically.
+
+        Args:
+            path: the model folder (replaced whole if it exists).
+            dtype: store floating-point weights in this dtype (e.g. ``torch.float16`` halves the
+                size of a packaged model); loading always restores the model's own dtype.
+        """
         from safetensors.torch import save_file
 
         if self.config.latent_scale is None:
@@ -329,6 +335,8 @@ class SDSeg(nn.Module):
         try:
             (tmp / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "sdseg_class": "SDSeg"})
             replace_dir(tmp, path)
         except BaseException:
@@ -365,6 +373,14 @@ class SDSeg(nn.Module):
 
     def __repr__(self) -> str:
         return f"SDSeg({json.dumps(self.describe())})"
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model_path() -> Path | None:
+    """The model folder shipped inside the package, or None when this build has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file() else None
 
 
 def replace_dir(new: Path, target: Path) -> None:

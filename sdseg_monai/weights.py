@@ -111,6 +111,9 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], source: P
                 f"{tuple(own[key].shape)} in the model",
                 source,
             )
+    for key in own.keys() & state.keys():
+        if own[key].is_floating_point() != state[key].is_floating_point():
+            raise WeightsError(f"weights do not fit the {what}: {key} has dtype {state[key].dtype} in the file", source)
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
