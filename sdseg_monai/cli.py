@@ -89,32 +89,25 @@ def presets():
 
 @app.command()
 def demo(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the demo model folder here."),
-    seed: int = typer.Option(0, "--seed", help="Seed of weights, example and noise."),
-    slices: int = typer.Option(16, "--slices", min=1, help="Number of generated slices."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    output: Path = typer.Option(Path("sdseg3d_demo"), "--output", "-o", help="Folder for the phantom, prediction and PNG overlays."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the packaged model)."),
+    seed: int = typer.Option(777001, "--seed", help="Phantom seed."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
 ):
-    """Run batched one-step SDSeg inference on a freshly generated example (no download)."""
+    """Segment a freshly generated CT phantom, print per-organ Dice, write PNG overlays (no download)."""
     from sdseg_monai.demo import run_demo
+    from sdseg_monai.metrics import format_scores
 
-    result = run_demo(output, seed=seed, n_slices=slices, device=device, batch_size=batch_size)
-    probs = result.probabilities
-    typer.echo(
-        f"SDSeg tiny preset on {result.device}: {probs.shape[0]} slices x {probs.shape[1]} organs "
-        f"at {probs.shape[-1]}x{probs.shape[-2]}, one UNet call per (slice, organ)"
-    )
-    typer.echo(f"parameters: {result.parameters['unet'] / 1e6:.2f} M UNet, "
-               f"{result.parameters['vision_encoder'] / 1e6:.2f} M vision encoder, "
-               f"{result.parameters['autoencoder'] / 1e6:.2f} M autoencoder (frozen)")
-    typer.echo(f"{'organ':<14} {'mean prob':>9} {'voxels>=0.5':>11}")
-    for k, name in enumerate(result.organs):
-        typer.echo(f"{name:<14} {probs[:, k].mean().item():>9.3f} {int((probs[:, k] >= 0.5).sum()):>11d}")
-    typer.echo(f"{result.seconds:.2f} s, {result.slices_per_second:.1f} slices/s")
-    typer.echo("note: untrained demo weights (the packaged default model comes later): the maps show "
-               "the pipeline, not segmentation quality.")
-    if result.model_dir is not None:
-        typer.echo(f"model folder written: {result.model_dir}")
+    if model is not None:
+        model = _resolve_model(model)
+    result = run_demo(output, model=model, seed=seed, device=device, batch_size=batch_size)
+    typer.echo(f"phantom {seed}: {result.slices} slices, model: {result.model}, {result.seconds:.1f} s")
+    typer.echo(format_scores(result.scores))
+    if not result.trained:
+        typer.echo("note: this build ships no trained default model yet; an untrained network stood in, "
+                   "so the Dice values above are meaningless. Pass --model to use a trained one.")
+    typer.echo(f"wrote {len(result.files)} files to {output}")
 
 
 def _split_names(value: Optional[str]) -> Optional[list[str]]:

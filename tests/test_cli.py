@@ -65,12 +65,33 @@ def test_unknown_option_is_a_usage_error():
     assert run("organs", "--bogus").returncode == 2
 
 
-def test_demo_runs_offline_and_saves_a_loadable_model(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path / "m"), "--slices", "2", "--seed", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "2 slices x 3 organs at 128x128" in out and "untrained" in out
+def test_demo_segments_a_phantom_and_draws_overlays(tmp_path):
+    import torch
+    from PIL import Image
+
+    from conftest import micro_config
+    from sdseg_monai.demo import run_demo
     from sdseg_monai.model import SDSeg
 
-    model = SDSeg.from_pretrained(tmp_path / "m")
-    assert model.config.organ_names == ["liver", "spleen", "left_kidney"]
-    assert model.config.preprocessing.slice_size == 128
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    result = run_demo(tmp_path / "demo", model=model, shape=(48, 48, 20), pictures=2)
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert "prediction.nii.gz" in names and "prediction.json" in names
+    assert len([n for n in names if n.endswith(".png")]) == 2
+    assert [s.name for s in result.scores] == ["spleen", "liver"]
+    assert all(s.reference_voxels > 0 for s in result.scores)  # the phantom holds both organs
+    picture = Image.open(next((tmp_path / "demo").glob("*.png")))
+    assert picture.size == ((48 * 2 + 4) * 3, 48 * 3)
+
+
+def test_demo_without_a_default_model_says_it_is_untrained(tmp_path, capsys, monkeypatch):
+    import sdseg_monai.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_SHAPE", (40, 40, 6))
+    monkeypatch.setattr(demo, "default_model_path", lambda: None)
+    original = demo.run_demo
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: original(*a, **{**k, "shape": (40, 40, 6)}))
+    assert main(["demo", "-o", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "untrained" in out and "meaningless" in out and "liver" in out
