@@ -76,7 +76,7 @@ def presets():
 
     notes = {
         "tiny": "a few M parameters, 128x128 slices, trains from scratch on CPU",
-        "paper": "official SDSeg UNet (LDM churches, ~290 M) on a local kl-f8 / SD autoencoder",
+        "paper": "official SDSeg UNet (LDM churches layout, 295 M) on a local kl-f8 / SD autoencoder",
         "sd-v1": "every part from a local Stable Diffusion v1.x folder or checkpoint",
     }
     typer.echo("model presets:")

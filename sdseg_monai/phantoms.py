@@ -1,12 +1,17 @@
-"""Synthetic phantoms: random organ-like binary masks for training the mask autoencoder.
+"""Synthetic phantoms, deterministic from a seed: 2D organ-like masks and 3D abdominal CT volumes.
 
-The tiny preset's mask autoencoder is trained from scratch, on CPU, with far more masks than one real
-CT provides. :func:`random_organ_masks` draws 2D masks that look like axial organ cross-sections:
-smooth blobs from a few pixels wide (adrenal glands, vessels) up to half the image (liver), lobed and
-bent, sometimes in several pieces, sometimes empty. Everything is deterministic from a seed.
+- :func:`random_organ_masks`: binary 2D masks that look like axial organ cross-sections, for training
+  the tiny preset's mask autoencoder from scratch (far more masks than one real CT provides): smooth
+  blobs from a few pixels wide (adrenal glands, vessels) up to half the image (liver), lobed and bent,
+  sometimes in several pieces, sometimes empty.
+- :func:`abdominal_phantom`, :func:`write_phantoms`, :func:`phantom_volumes`: whole CT-like volumes
+  with BTCV 13-organ label maps, calibrated on the real CT in ``shared/data/ct``.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,8 +120,6 @@ def _smooth_displacement(rng: np.random.Generator, size: int, amplitude: float) 
 
 
 # -- 3D abdominal CT phantoms ------------------------------------------------------------------------
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 # :func:`abdominal_phantom` draws a whole CT-like volume with its BTCV label map: body outline, fat,
 # muscle, spine and ribs, lung bases and heart above the diaphragm, unlabelled bowel, and the 13 BTCV
