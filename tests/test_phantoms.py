@@ -133,8 +133,9 @@ def test_cli_writes_image_and_label_files(tmp_path, capsys):
     assert main(["phantom", "-o", str(out), "--n", "2", "--seed", "3", *grid]) == 0
     printed = capsys.readouterr().out.split()
     expected = [out / f"phantom_{s}_{kind}.nii.gz" for s in (3, 4) for kind in ("image", "label")]
-    assert printed == [str(p) for p in expected]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected)  # no temp files left
+    assert printed == [str(p) for p in expected] + [str(out / "manifest.json")]
+    # No temporary files left.
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in expected] + ["manifest.json"])
     image, label, affine = abdominal_phantom(4, (32, 32, 16), (12.0, 12.0, 12.0))
     img_nii, lab_nii = nib.load(str(expected[2])), nib.load(str(expected[3]))
     assert img_nii.get_data_dtype() == np.int16 and lab_nii.get_data_dtype() == np.uint8
