@@ -26,6 +26,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, C, H, W) -> foreground probabilities (B, H, W), SDSeg's inference mapping:
+    clamp to [-1, 1], map to [0, 1], average the channels."""
+    return ((decoded.float().clamp(-1, 1) + 1) / 2).mean(dim=1)
+
+
 class VisionEncoder(nn.Module):
     """tau_theta: the autoencoder's encoder architecture, then a new 1x1 conv from 2z to z channels."""
 
@@ -196,8 +202,7 @@ class SDSeg(nn.Module):
 
     def decode_probabilities(self, z0: torch.Tensor) -> torch.Tensor:
         """z0_hat -> decoder -> clamp to [-1, 1] -> [0, 1] -> channel mean: (B, H, W) probabilities."""
-        decoded = self.autoencoder.decode(z0 / self.latent_scale).sample
-        return ((decoded.float().clamp(-1, 1) + 1) / 2).mean(dim=1)
+        return decoded_to_probabilities(self.autoencoder.decode(z0 / self.latent_scale).sample)
 
     # -- denoiser -----------------------------------------------------------------------------------
     def denoise(self, z_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor | None):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg
+from sdseg_monai.model import SDSeg, decoded_to_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ __all__ = [
     "organ_masks_from_label_volume",
     "train_mask_autoencoder",
 ]
-
-
-def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
-    """Decoder output (B, C, H, W) -> foreground probabilities (B, H, W), SDSeg's inference mapping:
-    clamp to [-1, 1], map to [0, 1], average the channels."""
-    return ((decoded.float().clamp(-1, 1) + 1) / 2).mean(dim=1)
 
 
 def init_posterior_logvar(autoencoder: torch.nn.Module, logvar: float = -10.0) -> torch.nn.Module:
