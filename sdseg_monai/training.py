@@ -750,9 +750,10 @@ def train_sdseg(
             if world > 1:
                 torch.distributed.barrier()
         if rank == 0:
-            ema_model().save_pretrained(output_dir / LAST_MODEL_DIR)
-            if not validation_cases:
-                ema_model().save_pretrained(output_dir / BEST_MODEL_DIR)
+            final = ema_model()
+            final.save_pretrained(output_dir / LAST_MODEL_DIR)
+            if best.get("step") is None:  # nothing to select on: the final weights are the model
+                final.save_pretrained(output_dir / BEST_MODEL_DIR)
     finally:
         bar.close()
         if log_file is not None:

@@ -23,7 +23,9 @@ if __name__ == "__main__":
     cases = write_cases(os.path.join(out, "data"), 2, write=False)
     torch.manual_seed(0)
     model = SDSeg(micro_config(organs=("spleen", "liver"), latent_scale=0.5))
-    settings = TrainSettings(steps=4, batch_size=2, checkpoint_every=2, validate_every=0, log_every=2, base_lr=1e-4, augmentation="none")
+    settings = TrainSettings(
+        steps=4, batch_size=2, checkpoint_every=2, validate_every=0, log_every=2, base_lr=1e-4, augmentation="none", warmup_steps=1
+    )
     summary = train_sdseg(model, cases, os.path.join(out, "run"), settings, device="cpu", progress=False)
     checksum = float(sum(p.double().sum() for p in model.unet.parameters()))
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:

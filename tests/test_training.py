@@ -71,7 +71,8 @@ def test_slice_dataset_draws_present_organs_and_is_seeded(tmp_path):
 def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
     cases = write_cases(tmp_path / "data", 2)
     model = micro()
-    summary = train_sdseg(model, cases, tmp_path / "run", quick_settings(steps=40, log_every=10), validation_cases=cases[:1], device="cpu", progress=False)
+    settings = quick_settings(steps=40, log_every=10, validate_every=20)
+    summary = train_sdseg(model, cases, tmp_path / "run", settings, validation_cases=cases[:1], device="cpu", progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
