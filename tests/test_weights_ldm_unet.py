@@ -23,18 +23,9 @@ from sdseg_monai.weights import (
     paper_ldm_unet_config,
     sdseg_from_pretrained_parts,
 )
-from test_weights import assert_same_state, raises_one_line
+from test_weights import VAE_CONFIG, assert_same_state, raises_one_line
 
 HEADS = 8
-VAE_CONFIG = {
-    "block_out_channels": [8, 16, 16, 16],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-}
 # Written the way config.PAPER_UNET is: UpBlock2D for the attention-free level, no attn_norm_num_groups.
 PAPER_LIKE_UNET = {
     "sample_size": 8,
