@@ -7,9 +7,14 @@ slices) and a fresh seed of random masks. Prints the held-out reconstruction Dic
 SDSeg's inference mapping, posterior mean; empty/empty pairs are NaN and left out of means), broken
 down by source, organ and mask size, and saves the autoencoder with ``save_pretrained``.
 
-Example (the command behind the numbers in the report; about 35 minutes on one CPU thread)::
+Loss: BCE (boundary pixels weighted 1 + 30) + per-mask soft Dice on the decoder's channel-mean logit
+(:func:`sdseg_monai.training.mask_autoencoder_loss`); posterior log-variance initialised at -10;
+AdamW, lr 1e-3 with warm-up and cosine decay, batches of 8 (a quarter real-CT masks), bf16 autocast.
 
-    python benchmarks/train_tiny_autoencoder.py --steps 2400 --out runs/tiny_autoencoder --threads 1
+Example (the defaults; about 33 minutes of one CPU thread, more wall time on shared cores)::
+
+    python benchmarks/train_tiny_autoencoder.py --steps 3000 --bf16 --boundary-weight 30 \
+        --out runs/tiny_autoencoder --threads 1
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ SIZE_BINS = ((1, 30), (30, 200), (200, 1000), (1000, 10**9))  # foreground pixel
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2400, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "tiny_autoencoder", help="save_pretrained folder")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, training masks and batches")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -45,8 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--crisp-weight", type=float, default=0.1)
     p.add_argument("--init-logvar", type=float, default=-10.0, help="initial posterior log-variance (nan: diffusers' init)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training (evaluation stays float32)")
-    p.add_argument("--boundary-weight", type=float, default=0.0, help="extra BCE weight on boundary pixels")
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=True,
+        help="bfloat16 autocast in training, about 1.5x faster on AVX512-BF16 CPUs (evaluation stays float32)",
+    )  # fmt: skip
+    p.add_argument("--boundary-weight", type=float, default=30.0, help="extra BCE weight on boundary pixels")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--n-random", type=int, default=8000, help="pool of random training masks")
     p.add_argument("--n-heldout-random", type=int, default=512, help="fresh random masks for evaluation")
@@ -151,6 +159,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             dice = mask_reconstruction_dice(autoencoder, quick)
             real = torch.nanmean(dice[: len(real_held)])
+            # A safety net on a shared machine: the latest weights survive a killed run.
+            autoencoder.save_pretrained(str(args.out.parent / (args.out.name + ".partial")))
             print(
                 f"  step {record['step']}: quick held-out Dice {float(torch.nanmean(dice)):.4f} "
                 f"(real CT {float(real):.4f}) [{time.perf_counter() - t:.0f}s]",
