@@ -741,11 +741,12 @@ def train_sdseg(
             validate = settings.validate_every and validation_cases and (step % settings.validate_every == 0 or step == settings.steps)
             if validate:
                 if rank == 0:
-                    scores = validation_dice(ema_model(), validation_cases, target, settings.validation_batch_size, settings.seed)
+                    candidate = ema_model()
+                    scores = validation_dice(candidate, validation_cases, target, settings.validation_batch_size, settings.seed)
                     write_log({"step": step, "validation": scores})
                     if scores["mean_dice"] > best["mean_dice"]:
                         best = {"mean_dice": scores["mean_dice"], "step": step, "organs": scores["organs"]}
-                        ema_model().save_pretrained(output_dir / BEST_MODEL_DIR)
+                        candidate.save_pretrained(output_dir / BEST_MODEL_DIR)
                 model.train()
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save_checkpoint()
