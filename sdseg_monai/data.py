@@ -607,3 +607,130 @@ class SliceDataset:
         image = torch.as_tensor(sample["image"]).float().clamp(-1, 1)
         mask = (torch.as_tensor(sample["label"])[0] >= 0.5).float()
         return {"image": image, "mask": mask, "class_id": torch.tensor(organ, dtype=torch.long)}
+
+
+class DeviceSliceBatches:
+    """Training batches drawn and augmented on the training device, all at once.
+
+    A GPU trains the ``tiny`` preset far faster than worker processes can feed it one sample at a
+    time, so this keeps a :class:`SliceDataset`'s model-space slices and label maps on the device and
+    builds each batch with a few batched tensor operations: the same sampling rule (an organ present
+    in the slice, a share ``absent_fraction`` an absent one) and the same ``"strong"`` recipe as
+    :func:`slice_augmentation` (random affine, coarse elastic displacement, intensity scale, shift and
+    noise; flips only if asked), resampled in one ``grid_sample`` per batch.
+
+    Batch ``n`` is a pure function of ``seed`` and ``n`` (random draws come from a CPU generator), so a
+    resumed run sees exactly the batches an uninterrupted one would.
+
+    Args:
+        dataset: the prepared slices.
+        device: where batches are built (the training device).
+        augmentation: ``"none"``, ``"paper"`` (flips) or ``"strong"``.
+        flips: random horizontal/vertical flips (only for models without left/right organ pairs).
+        seed: base seed of the batch stream.
+    """
+
+    # Ranges of the "strong" recipe (as in slice_augmentation's MONAI transforms).
+    AFFINE_PROB, ROTATE, SCALE, TRANSLATE = 0.5, 0.2, 0.15, 0.06
+    ELASTIC_PROB, ELASTIC_GRID, ELASTIC_MAGNITUDE = 0.2, 6, 0.03
+    INTENSITY_PROB, INTENSITY_SCALE, INTENSITY_SHIFT = 0.5, 0.1, 0.1
+    NOISE_PROB, NOISE_STD = 0.3, 0.03
+
+    def __init__(self, dataset: SliceDataset, device, augmentation: str = "strong", flips: bool = False, seed: int = 0):
+        import torch
+
+        if augmentation not in AUGMENTATIONS:
+            raise SDSegInputError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
+        self.device = torch.device(device)
+        self.augmentation = augmentation
+        self.flips = bool(flips) or augmentation == "paper"
+        self.seed = int(seed)
+        self.absent_fraction = dataset.absent_fraction
+        self.two_and_half_d = dataset.preprocessing.channels == "2.5d"
+        # Plain tensors: MONAI's MetaTensor bookkeeping would cost more than the batch itself.
+        self.images = torch.cat([v.as_subclass(torch.Tensor) for v in dataset.images]).to(self.device)  # (N, S, S) fp16
+        labels = torch.cat([v.as_subclass(torch.Tensor) for v in dataset.labels])
+        self.labels = labels.to(self.device)
+        values = torch.tensor(dataset.organ_labels, dtype=labels.dtype)
+        self.organ_values = values.to(self.device)
+        # Which organs each slice shows, and each slice's neighbours within its own volume (2.5D).
+        self.present = (labels[:, None] == values[None, :, None, None]).flatten(2).any(2)  # (N, K) on the CPU
+        prev, nxt, offset = [], [], 0
+        for volume in dataset.images:
+            depth = volume.shape[0]
+            z = torch.arange(depth)
+            prev.append(offset + (z - 1).clamp(min=0))
+            nxt.append(offset + (z + 1).clamp(max=depth - 1))
+            offset += depth
+        self.prev, self.next = torch.cat(prev).to(self.device), torch.cat(nxt).to(self.device)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _organs(self, slices, generator):
+        """One organ per sample: uniform among those present, or (share ``absent_fraction``, or when
+        none is present) uniform among those absent."""
+        import torch
+
+        present = self.present[slices]
+        pick_absent = (torch.rand(len(slices), generator=generator) < self.absent_fraction) | ~present.any(1)
+        pick_absent &= ~present.all(1)
+        pool = torch.where(pick_absent[:, None], ~present, present)
+        scores = torch.rand(present.shape, generator=generator).masked_fill(~pool, -1.0)
+        return scores.argmax(1)
+
+    def batch(self, number: int, batch_size: int, rank: int = 0) -> dict:
+        """Batch ``number`` of process ``rank``: ``{"image": (B, 3, S, S), "mask": (B, S, S), "class_id": (B,)}``."""
+        import torch
+
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, int(number), int(rank)]).integers(2**62)))
+        slices = torch.randint(0, len(self), (batch_size,), generator=generator)
+        organs = self._organs(slices, generator)
+        idx, cls = slices.to(self.device), organs.to(self.device)
+        if self.two_and_half_d:
+            image = torch.stack([self.images[self.prev[idx]], self.images[idx], self.images[self.next[idx]]], 1).float()
+        else:
+            image = self.images[idx].float()[:, None].expand(-1, 3, -1, -1)
+        mask = (self.labels[idx] == self.organ_values[cls][:, None, None]).float()[:, None]
+        image, mask = self._augment(image, mask, generator)
+        return {"image": image.clamp(-1, 1), "mask": (mask[:, 0] >= 0.5).float(), "class_id": cls}
+
+    def _augment(self, image, mask, generator):
+        import torch
+        import torch.nn.functional as F
+
+        b, size = image.shape[0], image.shape[-1]
+        rand = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
+        theta = torch.eye(2, 3).repeat(b, 1, 1)
+        if self.flips:
+            theta[:, 0, 0] *= torch.where(rand(b) < 0.5, -1.0, 1.0)
+            theta[:, 1, 1] *= torch.where(rand(b) < 0.5, -1.0, 1.0)
+        elastic = None
+        if self.augmentation == "strong":
+            on = rand(b) < self.AFFINE_PROB
+            angle = (rand(b) * 2 - 1) * self.ROTATE * on
+            scale = 1 + (rand(b, 2) * 2 - 1) * self.SCALE * on[:, None]
+            shift = (rand(b, 2) * 2 - 1) * self.TRANSLATE * 2 * on[:, None]  # grid units span 2
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+            affine = rotation * scale[:, None, :]
+            theta = torch.cat([affine @ theta[:, :, :2], shift[:, :, None]], 2)
+            warp = (rand(b) < self.ELASTIC_PROB).float()
+            coarse = (rand(b, 2, self.ELASTIC_GRID, self.ELASTIC_GRID) * 2 - 1) * self.ELASTIC_MAGNITUDE * 2
+            elastic = (coarse * warp[:, None, None, None]).to(self.device)
+        if self.flips or self.augmentation == "strong":
+            grid = F.affine_grid(theta.to(self.device), list(image.shape), align_corners=False)
+            if elastic is not None:
+                field = F.interpolate(elastic, size=(size, size), mode="bicubic", align_corners=True)
+                grid = grid + field.permute(0, 2, 3, 1)
+            image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            mask = F.grid_sample(mask, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        if self.augmentation == "strong":
+            gain = 1 + (rand(b) * 2 - 1) * self.INTENSITY_SCALE * (rand(b) < self.INTENSITY_PROB)
+            offset = (rand(b) * 2 - 1) * self.INTENSITY_SHIFT * (rand(b) < self.INTENSITY_PROB)
+            noisy = (rand(b) < self.NOISE_PROB).float() * self.NOISE_STD
+            # Pixel noise is drawn on the device (a CPU draw of B x 3 x S x S would dominate the step).
+            noise_generator = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            noise = torch.randn(image.shape, generator=noise_generator, device=self.device) * noisy.to(self.device)[:, None, None, None]
+            image = image * gain.to(self.device)[:, None, None, None] + offset.to(self.device)[:, None, None, None] + noise
+        return image, mask

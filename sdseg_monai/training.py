@@ -143,14 +143,20 @@ def mask_autoencoder_loss(
 
 def _dihedral(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each mask under a random one of the 8 flips / 90-degree rotations (organ shapes have no
-    preferred orientation at the autoencoder's level, and this multiplies the distinct inputs by 8)."""
-    ks = torch.randint(0, 4, (masks.shape[0],), generator=generator).tolist()
-    flips = torch.randint(0, 2, (masks.shape[0],), generator=generator).tolist()
-    out = []
-    for m, k, f in zip(masks, ks, flips):
-        m = torch.rot90(m, k, dims=(-2, -1))
-        out.append(torch.flip(m, dims=(-1,)) if f else m)
-    return torch.stack(out)
+    preferred orientation at the autoencoder's level, and this multiplies the distinct inputs by 8).
+    Applied group by group: 8 operations per batch whatever its size."""
+    ks = torch.randint(0, 4, (masks.shape[0],), generator=generator)
+    flips = torch.randint(0, 2, (masks.shape[0],), generator=generator)
+    out = torch.empty_like(masks)
+    for k in range(4):
+        for flip in (0, 1):
+            # Integer indices made on the CPU: boolean indexing on a GPU would wait for it.
+            chosen = torch.nonzero((ks == k) & (flips == flip)).flatten()
+            if len(chosen):
+                chosen = chosen.to(masks.device)
+                m = torch.rot90(masks[chosen], k, dims=(-2, -1))
+                out[chosen] = torch.flip(m, dims=(-1,)) if flip else m
+    return out
 
 
 def _lr_factor(step: int, steps: int, warmup: int, min_lr_fraction: float) -> float:
@@ -255,11 +261,12 @@ def train_mask_autoencoder(
             losses["loss"].backward()
             optimizer.step()
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                # Kept on the device: a float() here would wait for the GPU every step.
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
             count += 1
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 record = {"step": step + 1, "lr": lr * factor, "seconds": time.perf_counter() - start}
-                record.update({k: v / count for k, v in sums.items()})
+                record.update({k: float(v) / count for k, v in sums.items()})
                 history.append(record)
                 logger.info(
                     "step %d/%d loss %.4f (bce %.4f dice %.4f crisp %.4f kl %.1f) lr %.2e %.0fs",
@@ -407,6 +414,12 @@ class TrainSettings:
         num_workers: data-loader worker processes.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         validation_batch_size: (slice, organ) pairs per forward in validation.
+        batches_on_device: build and augment batches on the training device
+            (:class:`~sdseg_monai.data.DeviceSliceBatches`) instead of in data-loader workers; None:
+            on CUDA only, where per-sample loading cannot keep up with a small model.
+        max_seconds: stop after the step during which this much wall time has passed (e.g. a
+            cluster job's time limit), then validate, checkpoint and save as at the last step; the
+            run resumes with ``--resume``. None: no limit.
     """
 
     steps: int = 10000
@@ -425,6 +438,8 @@ class TrainSettings:
     num_workers: int = 0
     amp: bool = True
     validation_batch_size: int | None = None
+    batches_on_device: bool | None = None
+    max_seconds: float | None = None
 
     def learning_rate(self, world_size: int) -> float:
         base = self.base_lr if self.base_lr is not None else 1e-5
@@ -443,8 +458,11 @@ class EMA:
     def update(self, named_parameters) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in named_parameters:
-            self.shadow[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+        named_parameters = list(named_parameters)
+        shadows = [self.shadow[name] for name, _ in named_parameters]
+        # One fused kernel per list instead of two per tensor (hundreds of tensors per step).
+        torch._foreach_mul_(shadows, decay)
+        torch._foreach_add_(shadows, [p.detach().float() for _, p in named_parameters], alpha=1 - decay)
 
     @torch.no_grad()
     def copy_to(self, named_parameters) -> None:
@@ -586,7 +604,7 @@ def train_sdseg(
     import os
     from pathlib import Path
 
-    from sdseg_monai.data import SliceDataset, slice_augmentation
+    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, slice_augmentation
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
@@ -647,9 +665,19 @@ def train_sdseg(
 
         module = DistributedDataParallel(module, device_ids=[local_rank] if target.type == "cuda" else None)
 
+    on_device = settings.batches_on_device if settings.batches_on_device is not None else target.type == "cuda"
+    device_batches = (
+        DeviceSliceBatches(dataset, target, settings.augmentation, flips=settings.flips, seed=settings.seed) if on_device else None
+    )
+
     def batches():
         from torch.utils.data import DataLoader, DistributedSampler
 
+        if device_batches is not None:
+            number = step * settings.grad_accum
+            while True:
+                yield device_batches.batch(number, settings.batch_size, rank)
+                number += 1
         epoch, position = divmod(step * settings.grad_accum, per_epoch)
         while True:
             dataset.set_epoch(epoch)
@@ -727,18 +755,23 @@ def train_sdseg(
                     losses = module(batch["image"].to(target), batch["mask"], batch["class_id"].to(target), generator)
                 scaler.scale(losses["loss"] / settings.grad_accum).backward()
                 for key, value in losses.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / settings.grad_accum
+                    totals[key] = totals.get(key, 0.0) + value.detach().float() / settings.grad_accum
             scaler.step(optimizer)
             scaler.update()
             ema.update(_trained_parameters(model))
             step += 1
             window.append(totals)
-            bar(step, totals["loss"])
-            if step % settings.log_every == 0 or step == settings.steps:
-                mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            last = step == settings.steps or (settings.max_seconds is not None and time.perf_counter() - start >= settings.max_seconds)
+            if world > 1 and settings.max_seconds is not None:  # every process stops at the same step
+                flag = torch.tensor([float(last)], device=target if backend == "nccl" else "cpu")
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                last = bool(flag.item())
+            if step % settings.log_every == 0 or last:
+                mean = {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
                 write_log({"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 2), **mean})
+                bar(step, mean["loss"])
                 window = []
-            validate = settings.validate_every and validation_cases and (step % settings.validate_every == 0 or step == settings.steps)
+            validate = settings.validate_every and validation_cases and (step % settings.validate_every == 0 or last)
             if validate:
                 if rank == 0:
                     candidate = ema_model()
@@ -748,10 +781,12 @@ def train_sdseg(
                         best = {"mean_dice": scores["mean_dice"], "step": step, "organs": scores["organs"]}
                         candidate.save_pretrained(output_dir / BEST_MODEL_DIR)
                 model.train()
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
+            if step % settings.checkpoint_every == 0 or last:
                 save_checkpoint()
             if world > 1:
                 torch.distributed.barrier()
+            if last:
+                break
         if rank == 0:
             final = ema_model()
             final.save_pretrained(output_dir / LAST_MODEL_DIR)
