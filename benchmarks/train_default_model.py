@@ -49,8 +49,8 @@ RANDOM_MASK_SEED = 0
 
 # Autoencoder layouts tried in stage 0 (f=8, 4 latent channels, as Stable Diffusion's).
 AE_VARIANTS = {
-    "tiny": copy.deepcopy(TINY_AUTOENCODER),
-    "tiny-wide": {**copy.deepcopy(TINY_AUTOENCODER), "block_out_channels": [24, 48, 96, 96]},
+    "tiny": copy.deepcopy(TINY_AUTOENCODER),  # (24, 48, 96, 96)
+    "tiny-narrow": {**copy.deepcopy(TINY_AUTOENCODER), "block_out_channels": [16, 32, 64, 64]},
 }
 
 
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-validation", type=int, default=4)
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--real-ct", type=Path, default=REAL_CT, help="folder of the real CT and its BTCV labels ('' to skip)")
-    p.add_argument("--ae-variants", default="tiny,tiny-wide", help=f"comma-separated, from {', '.join(AE_VARIANTS)}")
+    p.add_argument("--ae-variants", default="tiny,tiny-narrow", help=f"comma-separated, from {', '.join(AE_VARIANTS)}")
     p.add_argument("--ae-tolerance", type=float, default=0.002, help="held-out Dice within which the smaller layout wins")
     p.add_argument("--ae-steps", type=int, default=None)
     p.add_argument("--ae-seconds", type=float, default=None, help="time budget of stage 0 (instead of --ae-steps)")
@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sdseg-seconds", type=float, default=None, help="time budget of stage 1 (instead of --steps)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of stage 1")
+    p.add_argument("--lr", type=float, default=6e-4, help="learning rate of stage 1")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of stage 1 (default: a tenth of the steps, at most 500)")
     p.add_argument("--validations", type=int, default=4, help="validation rounds in stage 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default="tiny", help=argparse.SUPPRESS)  # the autoencoder stage's layout
@@ -327,7 +328,7 @@ def sdseg_stage(args, autoencoder: Path, folder: Path, deadline: float | None = 
         steps=steps,
         batch_size=args.batch_size,
         base_lr=args.lr / args.batch_size,
-        warmup_steps=min(500, max(1, steps // 10)),
+        warmup_steps=args.warmup if args.warmup is not None else min(500, max(1, steps // 10)),
         ema_decay=0.999,
         checkpoint_every=max(1, steps // 4),
         validate_every=max(1, steps // max(1, args.validations)),
@@ -369,8 +370,13 @@ def export(args, summary: dict, model: Path | None = None) -> None:
         if (args.out / name).is_file():
             shutil.copy(args.out / name, args.export / name.replace("/", "_"))
     if model is not None:
-        with tarfile.open(args.export / "default_model.tar", "w") as tar:
+        # In parts of at most 15 MB (transfer channels may cap a file's size): `cat default_model.tar.* | tar x`.
+        tar_path = args.out / "default_model.tar"
+        with tarfile.open(tar_path, "w") as tar:
             tar.add(model, arcname="default_model")
+        data, part = tar_path.read_bytes(), 15 * 1024 * 1024
+        for k in range(0, len(data), part):
+            (args.export / f"default_model.tar.{k // part}").write_bytes(data[k : k + part])
 
 
 def main(argv=None) -> int:

@@ -274,6 +274,7 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     seed: int = typer.Option(0, "--seed", "-s"),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0, help="Stop (validate, checkpoint, save) after this much wall time; --resume continues."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly where the run in OUTPUT stopped."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -333,6 +334,7 @@ def train(
         flips=flips,
         num_workers=workers,
         seed=seed,
+        max_seconds=None if max_minutes is None else 60 * max_minutes,
     )
     summary = train_sdseg(model, train_cases, output, settings, validation_cases, resume=resume, device=device, progress=not quiet)
     if not quiet:
@@ -393,6 +395,7 @@ def train_autoencoder(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed", "-s"),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Stage 0 of the tiny preset: train its mask autoencoder from scratch (BCE + soft Dice)."""
@@ -401,7 +404,7 @@ def train_autoencoder(
 
     from sdseg_monai.config import TINY_AUTOENCODER, model_preset
     from sdseg_monai.data import check_data_root, load_manifest
-    from sdseg_monai.model import replace_dir
+    from sdseg_monai.model import replace_dir, resolve_device
     from sdseg_monai.phantoms import phantom_volumes, random_organ_masks
     from sdseg_monai.training import init_posterior_logvar, mask_reconstruction_dice, model_space_organ_masks, train_mask_autoencoder
 
@@ -422,15 +425,22 @@ def train_autoencoder(
         raise SDSegInputError("no training masks: give --random-masks, --phantoms, --volume or --manifest")
     share = real_fraction if len(real) and len(pool) else (1.0 if len(real) else 0.0)
     weights = torch.cat([torch.full((len(pool),), (1 - share) / max(1, len(pool))), torch.full((len(real),), share / max(1, len(real)))])
+    target = resolve_device(device)
     torch.manual_seed(seed)
     autoencoder = AutoencoderKL.from_config(TINY_AUTOENCODER)
     init_posterior_logvar(autoencoder)
+    autoencoder.to(target)
+    masks = masks.to(target)
     if not quiet:
         typer.echo(f"{len(pool)} random + {len(real)} organ masks at {size}x{size}; {steps} steps", err=True)
     log = (lambda record: typer.echo(f"step {record['step']}: loss {record['loss']:.4f}", err=True)) if not quiet else None
-    train_mask_autoencoder(autoencoder, masks, steps=steps, batch_size=batch_size, lr=lr, seed=seed, sample_weights=weights, callback=log)
+    bf16 = torch.bfloat16 if target.type == "cuda" else None  # on a CPU, bf16 is fast only with AVX512-BF16
+    train_mask_autoencoder(
+        autoencoder, masks, steps=steps, batch_size=batch_size, lr=lr, seed=seed, sample_weights=weights, autocast_dtype=bf16, callback=log
+    )
     held_out = random_organ_masks(512, size=size, seed=seed + 1_000_003)
     dice = mask_reconstruction_dice(autoencoder, held_out)
+    autoencoder.to("cpu")
     output.parent.mkdir(parents=True, exist_ok=True)
     import tempfile
 

@@ -83,12 +83,15 @@ PAPER_UNET: dict[str, Any] = {
 # A few million parameters: trains on 2 CPU cores in minutes. f=8 like the real autoencoder, on
 # 128^2 slices (16x16 latents): the decoder dominates CPU cost and is 4x cheaper than at 256^2.
 TINY_SLICE_SIZE = 128
+# Widths measured side by side (benchmarks/train_default_model.py, same 2 minutes of an H100):
+# held-out reconstruction Dice 0.9902 for (24, 48, 96, 96) vs 0.9880 for (16, 32, 64, 64), for
+# about 1.4x the CPU decoding time.
 TINY_AUTOENCODER: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [16, 32, 64, 64],
+    "block_out_channels": [24, 48, 96, 96],
     "layers_per_block": 1,
     "act_fn": "silu",
     "latent_channels": 4,

@@ -335,7 +335,7 @@ def mask_reconstruction_dice(autoencoder: torch.nn.Module, masks: torch.Tensor, 
         (N,) float32 Dice; NaN where mask and reconstruction are both empty, 0 where exactly one is
         empty (see :func:`binary_dice`). Average with ``torch.nanmean``.
     """
-    return binary_dice(reconstruct_masks(autoencoder, masks, batch_size), masks)
+    return binary_dice(reconstruct_masks(autoencoder, masks, batch_size), masks.cpu())
 
 
 def organ_masks_from_label_volume(
@@ -474,7 +474,8 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        # A checkpoint is read on the CPU: keep each average where its parameter lives.
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device, copy=True) for k, v in state["shadow"].items()}
 
 
 def _trained_parameters(model: SDSeg):

@@ -92,3 +92,13 @@ def blob_masks(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     radii = torch.rand(n, generator=generator) * size * 0.25 + size * 0.1
     dist = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
     return (dist < radii[:, None, None] ** 2).float()
+
+
+@pytest.fixture
+def no_default_model(monkeypatch):
+    """This build as if it shipped no packaged default model."""
+    import sdseg_monai.demo
+    import sdseg_monai.model
+
+    monkeypatch.setattr(sdseg_monai.model, "default_model_path", lambda: None)
+    monkeypatch.setattr(sdseg_monai.demo, "default_model_path", lambda: None)

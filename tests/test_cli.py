@@ -85,11 +85,10 @@ def test_demo_segments_a_phantom_and_draws_overlays(tmp_path):
     assert picture.size == ((48 * 2 + 4) * 3, 48 * 3)
 
 
-def test_demo_without_a_default_model_says_it_is_untrained(tmp_path, capsys, monkeypatch):
+def test_demo_without_a_default_model_says_it_is_untrained(tmp_path, capsys, monkeypatch, no_default_model):
     import sdseg_monai.demo as demo
 
     monkeypatch.setattr(demo, "DEMO_SHAPE", (40, 40, 6))
-    monkeypatch.setattr(demo, "default_model_path", lambda: None)
     original = demo.run_demo
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: original(*a, **{**k, "shape": (40, 40, 6)}))
     assert main(["demo", "-o", str(tmp_path / "d")]) == 0

@@ -119,8 +119,10 @@ def test_existing_output_is_replaced_whole_or_left_alone(model_dir, scan, tmp_pa
     assert nib.load(str(out)).shape == (24, 20, 4)
 
 
-def test_missing_or_bad_model(scan, tmp_path):
-    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz"), "no packaged default model", "--model")
+def test_missing_or_bad_model(scan, tmp_path, capsys, no_default_model):
+    assert main(["segment", str(scan), "-o", str(tmp_path / "out.nii.gz")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "no packaged default model" in message and "--model" in message
     _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", tmp_path / "none"), "no such model folder")
     _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", tmp_path), "not an SDSeg model folder")
 

@@ -278,7 +278,7 @@ def test_cli_evaluate_end_to_end(dataset, micro_sdseg, tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
 
 
-def test_cli_evaluate_input_errors(dataset, tmp_path, capsys):
+def test_cli_evaluate_input_errors(dataset, tmp_path, capsys, no_default_model):
     from sdseg_monai.cli import main
 
     manifest, root = dataset

@@ -101,6 +101,58 @@ def test_resume_continues_exactly_where_training_stopped(tmp_path):
         assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
 
 
+def test_device_batches_follow_the_sampling_rule_and_are_seeded(tmp_path):
+    from sdseg_monai.data import DeviceSliceBatches
+
+    cases = write_cases(tmp_path, 2)
+    config = micro_config(organs=("spleen", "liver"))
+    dataset = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=0.0)
+    plain = DeviceSliceBatches(dataset, "cpu", augmentation="none", seed=3)
+    batch = plain.batch(0, 64)
+    assert batch["image"].shape == (64, 3, 32, 32) and batch["mask"].shape == (64, 32, 32) and batch["class_id"].shape == (64,)
+    assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])  # grey replicated to 3 channels
+    # absent_fraction 0: every mask holds its organ, and it is exactly that organ's label region.
+    assert (batch["mask"].flatten(1).sum(1) > 0).all()
+    values = torch.tensor(config.organ_labels)[batch["class_id"]]
+    # Liver (60 HU) and spleen (150 HU) are bright on -60 HU tissue (-0.44 after the window).
+    inside = batch["image"][:, 0] > -0.3
+    assert torch.equal(batch["mask"].bool() & ~inside, torch.zeros_like(inside))
+    assert set(values.tolist()) == {1, 6}
+    again = DeviceSliceBatches(dataset, "cpu", augmentation="none", seed=3).batch(0, 64)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
+    assert not torch.equal(plain.batch(1, 64)["image"], batch["image"])
+    only_absent = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=1.0)
+    absent = DeviceSliceBatches(only_absent, "cpu", augmentation="none").batch(0, 64)
+    # An absent organ wherever one exists (slices 4-5 lack the spleen); never an empty draw otherwise.
+    assert (absent["mask"].flatten(1).sum(1) == 0).float().mean() > 0.2
+    # Augmented: image and mask move together (the mask stays on bright tissue).
+    strong = DeviceSliceBatches(dataset, "cpu", augmentation="strong", seed=3).batch(0, 64)
+    assert strong["image"].min() >= -1 and strong["image"].max() <= 1 and set(strong["mask"].unique().tolist()) <= {0.0, 1.0}
+    mask = strong["mask"].bool()
+    assert (strong["image"][:, 0][mask] > -0.3).float().mean() > 0.95
+    assert not torch.equal(strong["image"], batch["image"])
+
+
+def test_device_batches_resume_exactly_and_a_time_limit_stops_cleanly(tmp_path):
+    cases = write_cases(tmp_path / "data", 2)
+    on_device = dict(batches_on_device=True, augmentation="strong")
+    straight = micro()
+    train_sdseg(straight, cases, tmp_path / "a", quick_settings(steps=6, **on_device), device="cpu", progress=False)
+    interrupted = micro()
+    train_sdseg(interrupted, cases, tmp_path / "b", quick_settings(steps=3, **on_device), device="cpu", progress=False)
+    train_sdseg(micro(), cases, tmp_path / "b", quick_settings(steps=6, **on_device), device="cpu", progress=False, resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # A time limit already spent: one step, then validation, checkpoint and both model folders.
+    limited = quick_settings(steps=50, max_seconds=0.0, validate_every=25, **on_device)
+    summary = train_sdseg(micro(), cases, tmp_path / "c", limited, validation_cases=cases[:1], device="cpu", progress=False)
+    assert summary["steps"] == 1 and summary["best"]["step"] == 1
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert (tmp_path / "c" / "model" / "model.safetensors").is_file() and (tmp_path / "c" / "last_model").is_dir()
+
+
 def test_resume_refuses_another_model(tmp_path):
     cases = write_cases(tmp_path / "data", 1)
     train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=3), device="cpu", progress=False)
