@@ -17,6 +17,7 @@ The recipe, one command (a GPU makes it minutes; every stage also runs on a CPU,
 4. **Evaluation** (``sdseg3d evaluate``'s :func:`~sdseg_monai.evaluation.evaluate`) on the test
    phantoms, and again after storing the model as float16, which is what ships.
 
+``--init-from MODEL`` skips stage 0 and continues training a saved model (e.g. the packaged one).
 Step counts are fixed by ``--ae-steps`` / ``--steps``; with ``--ae-seconds`` / ``--sdseg-seconds``
 instead, a short timed probe converts the time budget to steps, and ``summary.json`` records the
 steps taken so the run can be repeated with fixed counts. On a GPU, cuDNN kernels make reruns close
@@ -83,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps of stage 1 (default: a tenth of the steps, at most 500)")
     p.add_argument("--validations", type=int, default=4, help="validation rounds in stage 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model (e.g. the packaged one): no stage 0")
     p.add_argument("--variant", default="tiny", help=argparse.SUPPRESS)  # the autoencoder stage's layout
     p.add_argument("--export", type=Path, default=None, help="folder receiving the results as each stage ends (few files)")
     p.add_argument("--max-minutes", type=float, default=None, help="stage 1 stops (and saves) after this much wall time of the whole run")
@@ -96,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.sdseg_seconds is None:
             args.steps = 6
         args.ae_batch_size, args.batch_size = min(args.ae_batch_size, 16), min(args.batch_size, 16)
-    if (args.ae_steps is None) == (args.ae_seconds is None) and args.stage == "all":
+    if (args.ae_steps is None) == (args.ae_seconds is None) and args.stage == "all" and args.init_from is None:
         p.error("give exactly one of --ae-steps and --ae-seconds")
     if (args.steps is None) == (args.sdseg_seconds is None) and args.stage == "all":
         p.error("give exactly one of --steps and --sdseg-seconds")
@@ -284,7 +286,7 @@ def train_autoencoders(args) -> tuple[Path, list[dict]]:
 
 
 # -- 3. SDSeg -------------------------------------------------------------------------------------
-def sdseg_stage(args, autoencoder: Path, folder: Path, deadline: float | None = None) -> dict:
+def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | None = None) -> dict:
     from sdseg_monai.data import DeviceSliceBatches, SliceDataset
     from sdseg_monai.model import resolve_device
     from sdseg_monai.training import TrainSettings, train_sdseg
@@ -297,11 +299,17 @@ def sdseg_stage(args, autoencoder: Path, folder: Path, deadline: float | None = 
     if pair:
         train_cases.append(pair)
     validation_cases = split_cases(folder, "validation")
+    def build():
+        from sdseg_monai.model import SDSeg
+
+        return SDSeg.from_pretrained(args.init_from) if args.init_from else sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder)
+
     steps = args.steps
     if steps is None:  # probe the speed of a training step on this device
-        probe = sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder).to(device)
+        probe = build().to(device)
         dataset = SliceDataset(train_cases[:2], probe.config.preprocessing, probe.config.organ_labels)
-        probe.fit_latent_scale(torch.stack([dataset[i]["mask"] for i in range(32)]))
+        if probe.config.latent_scale is None:
+            probe.fit_latent_scale(torch.stack([dataset[i]["mask"] for i in range(32)]))
         batches = DeviceSliceBatches(dataset, device, seed=args.seed)
         optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-4)
         use_amp = device.type == "cuda"
@@ -323,7 +331,7 @@ def sdseg_stage(args, autoencoder: Path, folder: Path, deadline: float | None = 
         steps = max(10, int(rate * args.sdseg_seconds * 0.85))
         log(f"sdseg: {rate:.1f} steps/s at batch {args.batch_size} -> {steps} steps")
         del probe, optimizer, batches, dataset
-    model = sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder)
+    model = build()
     settings = TrainSettings(
         steps=steps,
         batch_size=args.batch_size,
@@ -387,9 +395,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summary: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     folder = make_phantoms(args)
-    autoencoder, ae_results = train_autoencoders(args)
-    summary["autoencoders"] = ae_results
-    summary["autoencoder"] = autoencoder.name
+    if args.init_from is None:
+        autoencoder, ae_results = train_autoencoders(args)
+        summary["autoencoders"] = ae_results
+        summary["autoencoder"] = autoencoder.name
+    else:
+        autoencoder, summary["init_from"] = None, str(args.init_from)
     export(args, summary)
     summary["sdseg"] = sdseg_stage(args, autoencoder, folder, deadline=t0 + 60 * args.max_minutes if args.max_minutes else None)
     from sdseg_monai.model import SDSeg

@@ -261,6 +261,9 @@ def train(
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="Autoencoder (tiny: from train-autoencoder; paper: kl-f8 / SD VAE)."),
     stable_diffusion: Optional[Path] = typer.Option(None, "--stable-diffusion", help="sd-v1: local SD v1.x folder or checkpoint."),
     unet: Optional[Path] = typer.Option(None, "--unet", help="paper: pretrained UNet (diffusers folder or LDM checkpoint)."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start from a saved SDSeg model folder (e.g. the packaged default) instead of a preset: fine-tuning."
+    ),
     steps: int = typer.Option(10000, "--steps", min=1),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimiser step."),
@@ -313,6 +316,11 @@ def train(
     else:
         if checkpoint.exists():
             raise SDSegInputError("run folder already holds a checkpoint: pass --resume, or choose another --output", output)
+    if init_from is not None and not resume:
+        if any(v is not None for v in (autoencoder, stable_diffusion, unet, organs_)):
+            raise SDSegInputError("--init-from takes the whole model (organs included): drop --autoencoder, --stable-diffusion, --unet and --organs")
+        model = SDSeg.from_pretrained(init_from)
+    elif not resume:
         model = sdseg_from_pretrained_parts(
             preset,
             stable_diffusion=stable_diffusion,

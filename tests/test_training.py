@@ -195,6 +195,26 @@ def test_train_cli_trains_resumes_and_refuses_overwrite(tmp_path):
     assert main(["train", "-o", str(tmp_path / "x"), "--volume", "no-colon-here"]) == 2
 
 
+def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
+    from sdseg_monai.cli import main
+
+    cases = write_cases(tmp_path / "data", 1)
+    start = micro(latent_scale=0.7)
+    start.save_pretrained(tmp_path / "start")
+    volume = f"{cases[0][0]}:{cases[0][1]}"
+    args = ["train", "-o", str(tmp_path / "run"), "--init-from", str(tmp_path / "start"), "--volume", volume, "--steps", "2",
+            "--batch-size", "2", "--validate-every", "0", "--augment", "none", "--max-minutes", "5", "-q", "--device", "cpu"]
+    assert main(args) == 0
+    tuned = SDSeg.from_pretrained(tmp_path / "run" / "model")
+    assert tuned.config.organ_names == ["spleen", "liver"] and tuned.config.latent_scale == 0.7  # the saved model's own
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, start.unet.state_dict()[k])]
+    assert changed  # trained from the saved weights
+    assert torch.equal(tuned.autoencoder.state_dict()["decoder.conv_out.weight"], start.autoencoder.state_dict()["decoder.conv_out.weight"])
+    capsys.readouterr()
+    assert main(["train", "-o", str(tmp_path / "other")] + args[3:] + ["--organs", "liver"]) == 2
+    assert "--init-from takes the whole model" in capsys.readouterr().err
+
+
 def test_train_autoencoder_cli_writes_a_loadable_autoencoder(tmp_path, capsys):
     from sdseg_monai.cli import main
     from sdseg_monai.weights import load_autoencoder
@@ -205,7 +225,10 @@ def test_train_autoencoder_cli_writes_a_loadable_autoencoder(tmp_path, capsys):
     assert main(args) == 0
     assert "held-out reconstruction Dice" in capsys.readouterr().out
     autoencoder = load_autoencoder(out)
-    assert autoencoder.config.latent_channels == 4 and list(autoencoder.config.block_out_channels) == [16, 32, 64, 64]
+    from sdseg_monai.config import TINY_AUTOENCODER
+
+    assert autoencoder.config.latent_channels == 4
+    assert list(autoencoder.config.block_out_channels) == TINY_AUTOENCODER["block_out_channels"] == [24, 48, 96, 96]
 
 
 def test_phantom_folders_carry_a_manifest_with_splits(tmp_path):
