@@ -23,9 +23,12 @@ if __name__ == "__main__":
     cases = write_cases(os.path.join(out, "data"), 2, write=False)
     torch.manual_seed(0)
     model = SDSeg(micro_config(organs=("spleen", "liver"), latent_scale=0.5))
+    # "device-batches": batches built in-process (as on GPUs), with a time limit all processes agree on.
+    on_device = sys.argv[2:] == ["device-batches"]
     settings = TrainSettings(
-        steps=4, batch_size=2, checkpoint_every=2, validate_every=0, log_every=2, base_lr=1e-4, augmentation="none", warmup_steps=1
-    )
+        steps=4, batch_size=2, checkpoint_every=2, validate_every=0, log_every=2, base_lr=1e-4, augmentation="none", warmup_steps=1,
+        batches_on_device=on_device, max_seconds=3600.0 if on_device else None,
+    )  # fmt: skip
     summary = train_sdseg(model, cases, os.path.join(out, "run"), settings, device="cpu", progress=False)
     checksum = float(sum(p.double().sum() for p in model.unet.parameters()))
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:

@@ -162,11 +162,12 @@ def test_resume_refuses_another_model(tmp_path):
         train_sdseg(micro(organs=("liver",)), cases, tmp_path / "run", quick_settings(steps=6), device="cpu", progress=False, resume=True)
 
 
-def test_two_process_gloo_ddp_run_completes(tmp_path):
+@pytest.mark.parametrize("batches", ["loader", "device-batches"])
+def test_two_process_gloo_ddp_run_completes(tmp_path, batches):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     worker = Path(__file__).with_name("ddp_train_worker.py")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), batches],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
