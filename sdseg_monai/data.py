@@ -609,6 +609,11 @@ class SliceDataset:
         return {"image": image, "mask": mask, "class_id": torch.tensor(organ, dtype=torch.long)}
 
 
+def derived_seed(*keys: int) -> int:
+    """A 62-bit seed drawn from ``keys`` (e.g. base seed, step, rank): independent streams per key tuple."""
+    return int(np.random.default_rng([int(k) for k in keys]).integers(2**62))
+
+
 class DeviceSliceBatches:
     """Training batches drawn and augmented on the training device, all at once.
 
@@ -683,7 +688,7 @@ class DeviceSliceBatches:
         """Batch ``number`` of process ``rank``: ``{"image": (B, 3, S, S), "mask": (B, S, S), "class_id": (B,)}``."""
         import torch
 
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, int(number), int(rank)]).integers(2**62)))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, number, rank))
         slices = torch.randint(0, len(self), (batch_size,), generator=generator)
         organs = self._organs(slices, generator)
         idx, cls = slices.to(self.device), organs.to(self.device)

@@ -475,7 +475,7 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
         # A checkpoint is read on the CPU: keep each average where its parameter lives.
-        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device, copy=True) for k, v in state["shadow"].items()}
+        self.shadow = {k: v.to(self.shadow[k].device, copy=True) for k, v in state["shadow"].items()}
 
 
 def _trained_parameters(model: SDSeg):
@@ -505,10 +505,6 @@ class _SkipSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return max(0, len(self.sampler) - self.skip)
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.default_rng([seed, step, rank]).integers(2**62))
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -605,7 +601,7 @@ def train_sdseg(
     import os
     from pathlib import Path
 
-    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, slice_augmentation
+    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, derived_seed, slice_augmentation
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
@@ -745,7 +741,7 @@ def train_sdseg(
         while step < settings.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
-            step_seed = _step_seed(settings.seed, step, rank)
+            step_seed = derived_seed(settings.seed, step, rank)
             torch.manual_seed(step_seed)  # dropout
             generator = torch.Generator().manual_seed(step_seed)
             optimizer.zero_grad(set_to_none=True)
