@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=6e-4, help="learning rate of stage 1")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps of stage 1 (default: a tenth of the steps, at most 500)")
     p.add_argument("--validations", type=int, default=4, help="validation rounds in stage 1")
+    p.add_argument("--organ-sampling", default="slice", choices=["slice", "organ"], help="stage 1: slice first, or organ first (small organs as often as large)")
+    p.add_argument("--organs-per-slice", type=int, default=1, help="stage 1: organs drawn per slice, sharing one image encoding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model (e.g. the packaged one): no stage 0")
     p.add_argument("--variant", default="tiny", help=argparse.SUPPRESS)  # the autoencoder stage's layout
@@ -310,7 +312,7 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
         dataset = SliceDataset(train_cases[:2], probe.config.preprocessing, probe.config.organ_labels)
         if probe.config.latent_scale is None:
             probe.fit_latent_scale(torch.stack([dataset[i]["mask"] for i in range(32)]))
-        batches = DeviceSliceBatches(dataset, device, seed=args.seed)
+        batches = DeviceSliceBatches(dataset, device, seed=args.seed, organs_per_slice=args.organs_per_slice)
         optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-4)
         use_amp = device.type == "cuda"
         for i in range(25):
@@ -320,7 +322,7 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
                 start = time.perf_counter()
             b = batches.batch(i, args.batch_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = probe.training_loss(b["image"], b["mask"], b["class_id"], torch.Generator().manual_seed(i))["loss"]
+                loss = probe.training_loss(b["image"], b["mask"], b["class_id"], torch.Generator().manual_seed(i), b.get("image_index"))["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -346,6 +348,8 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
         augmentation="strong",
         validation_batch_size=13 * 32,
         batches_on_device=True,
+        organ_sampling=args.organ_sampling,
+        organs_per_slice=args.organs_per_slice,
         max_seconds=None if deadline is None else max(1.0, deadline - time.perf_counter()),
     )
     log(f"sdseg: {len(train_cases)} training volumes, {len(validation_cases)} validation; {steps} steps at batch {args.batch_size}")

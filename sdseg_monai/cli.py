@@ -274,6 +274,12 @@ def train(
     validate_every: int = typer.Option(1000, "--validate-every", min=0),
     augment: str = typer.Option("strong", "--augment", help="none, paper (flips) or strong (MONAI affine/elastic/intensity)."),
     flips: bool = typer.Option(False, "--flips", help="Random flips (only without left/right organ pairs)."),
+    organ_sampling: str = typer.Option(
+        "slice", "--organ-sampling", help="slice (a slice, then an organ in it) or organ (an organ, then a slice showing it: small organs as often as large)."
+    ),
+    organs_per_slice: int = typer.Option(
+        1, "--organs-per-slice", min=1, help="Samples per drawn slice, each a different organ, sharing one image encoding (faster steps)."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     seed: int = typer.Option(0, "--seed", "-s"),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
@@ -340,6 +346,8 @@ def train(
         validate_every=validate_every,
         augmentation=augment,
         flips=flips,
+        organ_sampling=organ_sampling,
+        organs_per_slice=organs_per_slice,
         num_workers=workers,
         seed=seed,
         max_seconds=None if max_minutes is None else 60 * max_minutes,

@@ -470,6 +470,7 @@ def check_data_root(
 # ---------------------------------------------------------------------------------------------------
 
 AUGMENTATIONS = ("none", "paper", "strong")
+ORGAN_SAMPLINGS = ("slice", "organ")
 
 
 def slice_augmentation(kind: str = "strong", flips: bool = False):
@@ -627,12 +628,23 @@ class DeviceSliceBatches:
     Batch ``n`` is a pure function of ``seed`` and ``n`` (random draws come from a CPU generator), so a
     resumed run sees exactly the batches an uninterrupted one would.
 
+    Two options serve small structures and slow machines:
+
+    - ``organ_sampling="organ"`` draws the organ first (uniform over the organs the data shows), then a
+      slice showing it; with ``"slice"`` (the default) a slice comes first and small organs, present
+      in few slices, are drawn several times less often than the liver.
+    - ``organs_per_slice=O`` takes O different organs of each drawn slice: a batch of B samples then
+      holds B / O slices, so the vision encoder, the costliest part of a step, runs O times less often.
+      The batch gains ``"image_index"``, the slice of each sample.
+
     Args:
         dataset: the prepared slices.
         device: where batches are built (the training device).
         augmentation: ``"none"``, ``"paper"`` (flips) or ``"strong"``.
         flips: random horizontal/vertical flips (only for models without left/right organ pairs).
         seed: base seed of the batch stream.
+        organ_sampling: ``"slice"`` or ``"organ"`` (see above).
+        organs_per_slice: samples taken from each drawn slice, each a different organ.
     """
 
     # Ranges of the "strong" recipe (as in slice_augmentation's MONAI transforms).
@@ -641,11 +653,26 @@ class DeviceSliceBatches:
     INTENSITY_PROB, INTENSITY_SCALE, INTENSITY_SHIFT = 0.5, 0.1, 0.1
     NOISE_PROB, NOISE_STD = 0.3, 0.03
 
-    def __init__(self, dataset: SliceDataset, device, augmentation: str = "strong", flips: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        dataset: SliceDataset,
+        device,
+        augmentation: str = "strong",
+        flips: bool = False,
+        seed: int = 0,
+        organ_sampling: str = "slice",
+        organs_per_slice: int = 1,
+    ):
         import torch
 
         if augmentation not in AUGMENTATIONS:
             raise SDSegInputError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
+        if organ_sampling not in ORGAN_SAMPLINGS:
+            raise SDSegInputError(f"organ sampling must be one of {ORGAN_SAMPLINGS}, got {organ_sampling!r}")
+        if not 1 <= int(organs_per_slice) <= len(dataset.organ_labels):
+            raise SDSegInputError(f"organs per slice must be 1 to {len(dataset.organ_labels)}, got {organs_per_slice}")
+        self.organ_sampling = organ_sampling
+        self.organs_per_slice = int(organs_per_slice)
         self.device = torch.device(device)
         self.augmentation = augmentation
         self.flips = bool(flips) or augmentation == "paper"
@@ -660,6 +687,11 @@ class DeviceSliceBatches:
         self.organ_values = values.to(self.device)
         # Which organs each slice shows, and each slice's neighbours within its own volume (2.5D).
         self.present = (labels[:, None] == values[None, :, None, None]).flatten(2).any(2)  # (N, K) on the CPU
+        # For organ-first sampling: the slices showing each organ, concatenated, with offsets and counts.
+        self.organ_slices = self.present.T.nonzero(as_tuple=True)[1]  # ordered by organ, then slice
+        self.organ_counts = self.present.sum(0)
+        self.organ_offsets = torch.cumsum(self.organ_counts, 0) - self.organ_counts
+        self.shown_organs = torch.nonzero(self.organ_counts > 0).flatten()
         prev, nxt, offset = [], [], 0
         for volume in dataset.images:
             depth = volume.shape[0]
@@ -672,33 +704,65 @@ class DeviceSliceBatches:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def _organs(self, slices, generator):
-        """One organ per sample: uniform among those present, or (share ``absent_fraction``, or when
-        none is present) uniform among those absent."""
+    def _organs(self, slices, generator, taken=None):
+        """One organ per slice, not among ``taken`` (N, K): uniform among those present, or (share
+        ``absent_fraction``, or when none is left present) uniform among those absent."""
         import torch
 
         present = self.present[slices]
-        pick_absent = (torch.rand(len(slices), generator=generator) < self.absent_fraction) | ~present.any(1)
-        pick_absent &= ~present.all(1)
-        pool = torch.where(pick_absent[:, None], ~present, present)
+        free = torch.ones_like(present) if taken is None else ~taken
+        pick_absent = (torch.rand(len(slices), generator=generator) < self.absent_fraction) | ~(present & free).any(1)
+        pick_absent &= (~present & free).any(1)
+        pool = torch.where(pick_absent[:, None], ~present, present) & free
         scores = torch.rand(present.shape, generator=generator).masked_fill(~pool, -1.0)
         return scores.argmax(1)
 
-    def batch(self, number: int, batch_size: int, rank: int = 0) -> dict:
-        """Batch ``number`` of process ``rank``: ``{"image": (B, 3, S, S), "mask": (B, S, S), "class_id": (B,)}``."""
+    def _organ_first(self, count, generator):
+        """(slices, organs): an organ uniform among those shown, then a slice showing it; a share
+        ``absent_fraction`` are instead a uniform slice with an organ absent from it."""
         import torch
 
+        organs = self.shown_organs[torch.randint(len(self.shown_organs), (count,), generator=generator)]
+        within = (torch.rand(count, generator=generator) * self.organ_counts[organs]).long()
+        slices = self.organ_slices[self.organ_offsets[organs] + within.clamp(max=self.organ_counts[organs] - 1)]
+        other = torch.randint(0, len(self), (count,), generator=generator)
+        absent = ~self.present[other]
+        scores = torch.rand(absent.shape, generator=generator).masked_fill(~absent, -1.0)
+        negative = (torch.rand(count, generator=generator) < self.absent_fraction) & absent.any(1)
+        return torch.where(negative, other, slices), torch.where(negative, scores.argmax(1), organs)
+
+    def batch(self, number: int, batch_size: int, rank: int = 0) -> dict:
+        """Batch ``number`` of process ``rank``: ``{"image": (B, 3, S, S), "mask": (B, S, S), "class_id": (B,)}``,
+        with ``organs_per_slice`` O > 1: B / O images and ``"image_index"`` (B,), each sample's image."""
+        import torch
+
+        per_slice = self.organs_per_slice
+        if batch_size % per_slice:
+            raise SDSegInputError(f"batch size {batch_size} is not a multiple of organs per slice ({per_slice})")
+        count = batch_size // per_slice
         generator = torch.Generator().manual_seed(derived_seed(self.seed, number, rank))
-        slices = torch.randint(0, len(self), (batch_size,), generator=generator)
-        organs = self._organs(slices, generator)
+        if self.organ_sampling == "organ":
+            slices, first = self._organ_first(count, generator)
+        else:
+            slices = torch.randint(0, len(self), (count,), generator=generator)
+            first = self._organs(slices, generator)
+        organs = [first]
+        taken = torch.zeros_like(self.present[slices])
+        for _ in range(per_slice - 1):
+            taken[torch.arange(count), organs[-1]] = True
+            organs.append(self._organs(slices, generator, taken))
+        organs = torch.stack(organs, 1)  # (count, O)
         idx, cls = slices.to(self.device), organs.to(self.device)
         if self.two_and_half_d:
             image = torch.stack([self.images[self.prev[idx]], self.images[idx], self.images[self.next[idx]]], 1).float()
         else:
             image = self.images[idx].float()[:, None].expand(-1, 3, -1, -1)
-        mask = (self.labels[idx] == self.organ_values[cls][:, None, None]).float()[:, None]
+        mask = (self.labels[idx][:, None] == self.organ_values[cls][:, :, None, None]).float()  # (count, O, S, S)
         image, mask = self._augment(image, mask, generator)
-        return {"image": image.clamp(-1, 1), "mask": (mask[:, 0] >= 0.5).float(), "class_id": cls}
+        batch = {"image": image.clamp(-1, 1), "mask": (mask.flatten(0, 1) >= 0.5).float(), "class_id": cls.flatten()}
+        if per_slice > 1:
+            batch["image_index"] = torch.arange(count, device=self.device).repeat_interleave(per_slice)
+        return batch
 
     def _augment(self, image, mask, generator):
         import torch

@@ -223,18 +223,23 @@ class SDSeg(nn.Module):
         masks: torch.Tensor,
         class_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The SDSeg objective on a batch.
 
         Args:
-            images: (B, 3, H, W) image slices in [-1, 1].
+            images: (B, 3, H, W) image slices in [-1, 1]; (M, 3, H, W) with ``image_index``.
             masks: (B, H, W) binary masks of the organ in ``class_ids``.
             class_ids: (B,) organ class indices (needed with several organs).
             generator: CPU generator for timesteps, noise and posterior samples (reproducible runs).
+            image_index: (B,) the image of each mask, when several organs share a slice: each image is
+                encoded once.
         """
         device = self.device
         z0 = self.encode_masks(masks, generator=generator)
         cond = self.encode_images(images.to(device))
+        if image_index is not None:
+            cond = cond[image_index.to(device)]
         t = diffusion.sample_timesteps(
             z0.shape[0], self.config.num_train_timesteps, self.config.final_timestep_fraction, generator, device
         )

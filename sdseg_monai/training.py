@@ -416,10 +416,15 @@ class TrainSettings:
         validation_batch_size: (slice, organ) pairs per forward in validation.
         batches_on_device: build and augment batches on the training device
             (:class:`~sdseg_monai.data.DeviceSliceBatches`) instead of in data-loader workers; None:
-            on CUDA only, where per-sample loading cannot keep up with a small model.
+            on CUDA, where per-sample loading cannot keep up with a small model, and wherever
+            ``organ_sampling`` or ``organs_per_slice`` need it.
         max_seconds: stop after the step during which this much wall time has passed (e.g. a
             cluster job's time limit), then validate, checkpoint and save as at the last step; the
             run resumes with ``--resume``. None: no limit.
+        organ_sampling: ``"slice"`` (a slice, then an organ in it) or ``"organ"`` (an organ, then a
+            slice showing it: small organs as often as large ones). Needs batches on the device.
+        organs_per_slice: samples drawn from each slice, each a different organ, sharing one vision
+            encoder pass (``batch_size`` must be a multiple). Above 1 needs batches on the device.
     """
 
     steps: int = 10000
@@ -440,6 +445,8 @@ class TrainSettings:
     validation_batch_size: int | None = None
     batches_on_device: bool | None = None
     max_seconds: float | None = None
+    organ_sampling: str = "slice"
+    organs_per_slice: int = 1
 
     def learning_rate(self, world_size: int) -> float:
         base = self.base_lr if self.base_lr is not None else 1e-5
@@ -490,8 +497,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, masks, class_ids, generator):
-        return self.model.training_loss(images, masks, class_ids, generator=generator)
+    def forward(self, images, masks, class_ids, generator, image_index=None):
+        return self.model.training_loss(images, masks, class_ids, generator=generator, image_index=image_index)
 
 
 class _SkipSampler(torch.utils.data.Sampler):
@@ -662,9 +669,26 @@ def train_sdseg(
 
         module = DistributedDataParallel(module, device_ids=[local_rank] if target.type == "cuda" else None)
 
-    on_device = settings.batches_on_device if settings.batches_on_device is not None else target.type == "cuda"
+    needs_device_batches = settings.organ_sampling != "slice" or settings.organs_per_slice != 1
+    on_device = settings.batches_on_device
+    if on_device is None:
+        on_device = target.type == "cuda" or needs_device_batches
+    if not on_device and needs_device_batches:
+        raise SDSegInputError("organ-first sampling and several organs per slice need batches built on the device")
+    if settings.batch_size % settings.organs_per_slice:
+        raise SDSegInputError(f"batch size {settings.batch_size} is not a multiple of organs per slice ({settings.organs_per_slice})")
     device_batches = (
-        DeviceSliceBatches(dataset, target, settings.augmentation, flips=settings.flips, seed=settings.seed) if on_device else None
+        DeviceSliceBatches(
+            dataset,
+            target,
+            settings.augmentation,
+            flips=settings.flips,
+            seed=settings.seed,
+            organ_sampling=settings.organ_sampling,
+            organs_per_slice=settings.organs_per_slice,
+        )
+        if on_device
+        else None
     )
 
     def batches():
@@ -749,7 +773,9 @@ def train_sdseg(
             for _ in range(settings.grad_accum):
                 batch = next(stream)
                 with torch.autocast(target.type, dtype=amp_dtype, enabled=use_amp):
-                    losses = module(batch["image"].to(target), batch["mask"], batch["class_id"].to(target), generator)
+                    losses = module(
+                        batch["image"].to(target), batch["mask"], batch["class_id"].to(target), generator, batch.get("image_index")
+                    )
                 scaler.scale(losses["loss"] / settings.grad_accum).backward()
                 for key, value in losses.items():
                     totals[key] = totals.get(key, 0.0) + value.detach().float() / settings.grad_accum

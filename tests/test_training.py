@@ -133,6 +133,69 @@ def test_device_batches_follow_the_sampling_rule_and_are_seeded(tmp_path):
     assert not torch.equal(strong["image"], batch["image"])
 
 
+def test_organ_first_sampling_and_several_organs_per_slice(tmp_path):
+    from sdseg_monai.data import DeviceSliceBatches
+    from sdseg_monai.errors import SDSegInputError
+
+    # One volume: liver on all 12 slices, spleen on slice 5 only (a small organ, rarely drawn slice-first).
+    labels = np.zeros((32, 32, 12), dtype=np.uint8)
+    labels[4:20, 5:22, :] = 6
+    labels[22:30, 20:28, 5] = 1
+    image = np.where(labels == 6, 60.0, np.where(labels == 1, 150.0, -60.0)).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "lab.nii.gz"))
+    config = micro_config(organs=("spleen", "liver"))
+    dataset = SliceDataset([(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")], config.preprocessing, config.organ_labels, absent_fraction=0.0)
+
+    def spleen_share(batch):
+        return float((batch["class_id"] == 0).float().mean())
+
+    slice_first = DeviceSliceBatches(dataset, "cpu", augmentation="none", seed=1).batch(0, 512)
+    organ_first = DeviceSliceBatches(dataset, "cpu", augmentation="none", seed=1, organ_sampling="organ").batch(0, 512)
+    assert spleen_share(slice_first) < 0.1 and 0.4 < spleen_share(organ_first) < 0.6
+    assert (organ_first["mask"].flatten(1).sum(1) > 0).all()  # each draw on a slice showing its organ
+
+    shared = DeviceSliceBatches(dataset, "cpu", augmentation="strong", seed=1, organs_per_slice=2).batch(0, 64)
+    assert shared["image"].shape == (32, 3, 32, 32) and shared["mask"].shape == (64, 32, 32)
+    assert torch.equal(shared["image_index"], torch.arange(32).repeat_interleave(2))
+    pairs = shared["class_id"].view(32, 2)
+    assert (pairs[:, 0] != pairs[:, 1]).all()  # two different organs of each slice
+    # Every organ's mask is warped with its slice: it stays on that slice's bright tissue.
+    under = shared["image"][shared["image_index"], 0][shared["mask"].bool()]
+    assert under.numel() > 0 and (under > -0.3).float().mean() > 0.95
+    with pytest.raises(SDSegInputError, match="multiple of organs per slice"):
+        DeviceSliceBatches(dataset, "cpu", organs_per_slice=2).batch(0, 63)
+    with pytest.raises(SDSegInputError, match="organs per slice must be 1 to 2"):
+        DeviceSliceBatches(dataset, "cpu", organs_per_slice=3)
+    with pytest.raises(SDSegInputError, match="organ sampling must be one of"):
+        DeviceSliceBatches(dataset, "cpu", organ_sampling="volume")
+
+
+def test_a_shared_image_encoding_gives_the_loss_of_repeated_images():
+    model = micro(latent_scale=1.0, vision_encoder_dropout=0.0)  # no dropout: both passes see the same network
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    masks = (torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    class_ids, image_index = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1])
+    shared = model.training_loss(images, masks, class_ids, torch.Generator().manual_seed(5), image_index=image_index)
+    repeated = model.training_loss(images[image_index], masks, class_ids, torch.Generator().manual_seed(5))
+    for key in shared:
+        torch.testing.assert_close(shared[key], repeated[key])
+
+
+def test_training_with_organ_first_sampling_and_shared_slices(tmp_path):
+    from sdseg_monai.errors import SDSegInputError
+
+    cases = write_cases(tmp_path / "data", 2)
+    settings = quick_settings(steps=4, organ_sampling="organ", organs_per_slice=2)  # device batches switch on by themselves
+    summary = train_sdseg(micro(), cases, tmp_path / "run", settings, device="cpu", progress=False)
+    assert summary["steps"] == 4 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    with pytest.raises(SDSegInputError, match="need batches built on the device"):
+        train_sdseg(micro(), cases, tmp_path / "b", quick_settings(organ_sampling="organ", batches_on_device=False), device="cpu", progress=False)
+    with pytest.raises(SDSegInputError, match="not a multiple of organs per slice"):
+        train_sdseg(micro(), cases, tmp_path / "c", quick_settings(batch_size=3, organs_per_slice=2), device="cpu", progress=False)
+
+
 def test_device_batches_resume_exactly_and_a_time_limit_stops_cleanly(tmp_path):
     cases = write_cases(tmp_path / "data", 2)
     on_device = dict(batches_on_device=True, augmentation="strong")
@@ -204,7 +267,8 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     start.save_pretrained(tmp_path / "start")
     volume = f"{cases[0][0]}:{cases[0][1]}"
     args = ["train", "-o", str(tmp_path / "run"), "--init-from", str(tmp_path / "start"), "--volume", volume, "--steps", "2",
-            "--batch-size", "2", "--validate-every", "0", "--augment", "none", "--max-minutes", "5", "-q", "--device", "cpu"]
+            "--batch-size", "2", "--validate-every", "0", "--augment", "none", "--max-minutes", "5", "-q", "--device", "cpu",
+            "--organ-sampling", "organ", "--organs-per-slice", "2"]
     assert main(args) == 0
     tuned = SDSeg.from_pretrained(tmp_path / "run" / "model")
     assert tuned.config.organ_names == ["spleen", "liver"] and tuned.config.latent_scale == 0.7  # the saved model's own
@@ -214,6 +278,9 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "-o", str(tmp_path / "other")] + args[3:] + ["--organs", "liver"]) == 2
     assert "--init-from takes the whole model" in capsys.readouterr().err
+    assert main(["train", "-o", str(tmp_path / "third")] + args[3:] + ["--batch-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "batch size 3 is not a multiple of organs per slice (2)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_autoencoder_cli_writes_a_loadable_autoencoder(tmp_path, capsys):
