@@ -612,6 +612,11 @@ def train_sdseg(
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
+    needs_device_batches = settings.organ_sampling != "slice" or settings.organs_per_slice != 1
+    if settings.batches_on_device is False and needs_device_batches:
+        raise SDSegInputError("organ-first sampling and several organs per slice need batches built on the device")
+    if settings.batch_size % settings.organs_per_slice:
+        raise SDSegInputError(f"batch size {settings.batch_size} is not a multiple of organs per slice ({settings.organs_per_slice})")
     rank, world, local_rank = _distributed()
     if world > 1:
         import torch.distributed as dist
@@ -669,14 +674,9 @@ def train_sdseg(
 
         module = DistributedDataParallel(module, device_ids=[local_rank] if target.type == "cuda" else None)
 
-    needs_device_batches = settings.organ_sampling != "slice" or settings.organs_per_slice != 1
     on_device = settings.batches_on_device
     if on_device is None:
         on_device = target.type == "cuda" or needs_device_batches
-    if not on_device and needs_device_batches:
-        raise SDSegInputError("organ-first sampling and several organs per slice need batches built on the device")
-    if settings.batch_size % settings.organs_per_slice:
-        raise SDSegInputError(f"batch size {settings.batch_size} is not a multiple of organs per slice ({settings.organs_per_slice})")
     device_batches = (
         DeviceSliceBatches(
             dataset,

@@ -194,6 +194,7 @@ def test_training_with_organ_first_sampling_and_shared_slices(tmp_path):
         train_sdseg(micro(), cases, tmp_path / "b", quick_settings(organ_sampling="organ", batches_on_device=False), device="cpu", progress=False)
     with pytest.raises(SDSegInputError, match="not a multiple of organs per slice"):
         train_sdseg(micro(), cases, tmp_path / "c", quick_settings(batch_size=3, organs_per_slice=2), device="cpu", progress=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before writing anything
 
 
 def test_device_batches_resume_exactly_and_a_time_limit_stops_cleanly(tmp_path):
