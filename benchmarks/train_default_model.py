@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validations", type=int, default=4, help="validation rounds in stage 1")
     p.add_argument("--organ-sampling", default="slice", choices=["slice", "organ"], help="stage 1: slice first, or organ first (small organs as often as large)")
     p.add_argument("--organs-per-slice", type=int, default=1, help="stage 1: organs drawn per slice, sharing one image encoding")
+    p.add_argument("--mask-loss-weight", type=float, default=None, help="stage 1: weight of the decoded-mask BCE + Dice loss (default: the model's)")
+    p.add_argument("--condition-channels", type=int, default=None, help="stage 1: widen the image latent to this many channels (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model (e.g. the packaged one): no stage 0")
     p.add_argument("--variant", default="tiny", help=argparse.SUPPRESS)  # the autoencoder stage's layout
@@ -292,7 +294,7 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
     from sdseg_monai.data import DeviceSliceBatches, SliceDataset
     from sdseg_monai.model import resolve_device
     from sdseg_monai.training import TrainSettings, train_sdseg
-    from sdseg_monai.weights import sdseg_from_pretrained_parts
+    from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
     cuda_speed_settings()
     device = resolve_device(args.device)
@@ -304,7 +306,8 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
     def build():
         from sdseg_monai.model import SDSeg
 
-        return SDSeg.from_pretrained(args.init_from) if args.init_from else sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder)
+        model = SDSeg.from_pretrained(args.init_from) if args.init_from else sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder)
+        return with_training_changes(model, args.mask_loss_weight, args.condition_channels)
 
     steps = args.steps
     if steps is None:  # probe the speed of a training step on this device

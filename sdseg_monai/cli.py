@@ -280,6 +280,12 @@ def train(
     organs_per_slice: int = typer.Option(
         1, "--organs-per-slice", min=1, help="Samples per drawn slice, each a different organ, sharing one image encoding (faster steps)."
     ),
+    mask_loss_weight: Optional[float] = typer.Option(
+        None, "--mask-loss-weight", min=0.0, help="Weight of an extra BCE + Dice loss on the decoded mask (default: the model's; 0 is the paper)."
+    ),
+    condition_channels: Optional[int] = typer.Option(
+        None, "--condition-channels", min=1, help="Widen the image latent to this many channels, starting from what the model computes (default: as is; the paper: 4)."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     seed: int = typer.Option(0, "--seed", "-s"),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
@@ -294,7 +300,7 @@ def train(
     from sdseg_monai.data import check_data_root, load_manifest
     from sdseg_monai.model import SDSeg
     from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
-    from sdseg_monai.weights import sdseg_from_pretrained_parts
+    from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
     train_cases = []
     validation_cases = []
@@ -335,6 +341,8 @@ def train(
             dataset=dataset,
             organs=_split_names(organs_),
         )
+    if not resume:
+        model = with_training_changes(model, mask_loss_weight, condition_channels)
     settings = TrainSettings(
         steps=steps,
         batch_size=batch_size,

@@ -156,7 +156,8 @@ class SDSegConfig:
             code) or ``"unet2d_condition"`` (``UNet2DConditionModel``, e.g. from Stable Diffusion v1.x,
             its cross-attention fed a learned null context).
         autoencoder: diffusers ``AutoencoderKL`` config of the frozen mask autoencoder.
-        unet: diffusers config of the denoiser; ``in_channels`` is twice the latent channels.
+        unet: diffusers config of the denoiser; ``in_channels`` is the mask latent's channels plus the
+            image latent's (twice the latent channels, as in the paper, unless ``condition_channels``).
         organs: foreground classes, ``{"label": value in label maps, "name": ...}``. One binary mask
             latent per organ; more than one organ adds a class embedding to the time embedding.
         latent_scale: multiplies autoencoder latents. ``None`` until measured on training masks.
@@ -169,6 +170,13 @@ class SDSegConfig:
         num_train_timesteps: T; one-step inference runs at t = T - 1.
         z0_loss_weight: lambda in L1(noise) + lambda * L1(z0_hat, z0).
         final_timestep_fraction: share of training samples drawn at t = T - 1 instead of uniformly.
+        mask_loss_weight: weight of an extra loss on the *decoded* z0_hat of the samples at
+            t = T - 1 (BCE + soft Dice per mask, through the frozen decoder; needs
+            ``final_timestep_fraction`` > 0). 0 is the paper's objective; above 0 gives small organs
+            the weight the mean-Dice metric gives them (a deviation, see ``docs/differences.md``).
+        condition_channels: channels of the image latent c. None: the mask latent's (the paper).
+            More: the vision encoder adds a 1x1 conv on its last features, giving the denoiser more
+            of the image per latent pixel than 4 numbers (a deviation, see ``docs/differences.md``).
         null_context_tokens: length of the learned null context (``unet2d_condition`` only).
         attention_heads: if set, every self-attention layer of a ``unet2d`` uses this many heads
             (the official UNet has 8 heads at every width; diffusers fixes the head width instead).
@@ -189,6 +197,8 @@ class SDSegConfig:
     num_train_timesteps: int = 1000
     z0_loss_weight: float = 1.0
     final_timestep_fraction: float = 0.0
+    mask_loss_weight: float = 0.0
+    condition_channels: int | None = None
     null_context_tokens: int = 1
     attention_heads: int | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -215,6 +225,11 @@ class SDSegConfig:
         check(self.latent_scale is None or self.latent_scale > 0, "latent_scale must be positive")
         check(0.0 <= self.final_timestep_fraction <= 1.0, "final_timestep_fraction must lie in [0, 1]")
         check(self.z0_loss_weight >= 0, "z0_loss_weight must be >= 0")
+        check(self.mask_loss_weight >= 0, "mask_loss_weight must be >= 0")
+        check(
+            self.mask_loss_weight == 0 or self.final_timestep_fraction > 0,
+            "mask_loss_weight needs final_timestep_fraction > 0 (the decoded-mask loss is taken at t = T - 1)",
+        )
         check(len(self.organs) >= 1, "at least one organ is needed")
         names = [o["name"] for o in self.organs]
         labels = [int(o["label"]) for o in self.organs]
@@ -222,8 +237,13 @@ class SDSegConfig:
         check(len(set(labels)) == len(labels) and min(labels) >= 1, f"organ labels must be distinct and >= 1: {labels}")
         latent = int(self.autoencoder.get("latent_channels", 4))
         check(
-            int(self.unet.get("in_channels", 0)) == 2 * latent,
-            f"unet in_channels must be 2 x latent channels = {2 * latent} (concat fusion), got {self.unet.get('in_channels')}",
+            self.condition_channels is None or int(self.condition_channels) >= latent,
+            f"condition_channels must be at least the latent channels ({latent})",
+        )
+        fused = latent + self.condition_latent_channels
+        check(
+            int(self.unet.get("in_channels", 0)) == fused,
+            f"unet in_channels must be the mask plus image latent channels = {fused} (concat fusion), got {self.unet.get('in_channels')}",
         )
         check(int(self.unet.get("out_channels", 0)) == latent, f"unet out_channels must equal latent channels ({latent})")
 
@@ -243,6 +263,11 @@ class SDSegConfig:
     @property
     def latent_channels(self) -> int:
         return int(self.autoencoder.get("latent_channels", 4))
+
+    @property
+    def condition_latent_channels(self) -> int:
+        """Channels of the image latent c (the vision encoder's output)."""
+        return int(self.condition_channels) if self.condition_channels else self.latent_channels
 
     @property
     def downsample_factor(self) -> int:

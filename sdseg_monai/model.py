@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai import diffusion
@@ -32,10 +33,30 @@ def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
     return ((decoded.float().clamp(-1, 1) + 1) / 2).mean(dim=1)
 
 
-class VisionEncoder(nn.Module):
-    """tau_theta: the autoencoder's encoder architecture, then a new 1x1 conv from 2z to z channels."""
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per mask, averaged over masks. Per mask (not pooled over the batch) so that a
+    5-pixel adrenal gland counts as much as a liver, as in the mean-Dice metric; ``smooth`` makes an
+    empty target penalise any predicted foreground."""
+    dims = tuple(range(1, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
-    def __init__(self, autoencoder_config: dict, dropout: float = 0.0):
+
+def mask_logit_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + (1 - soft Dice) of a foreground logit map (B, H, W) against binary masks (B, H, W)."""
+    target = target.to(logit.dtype)
+    return F.binary_cross_entropy_with_logits(logit, target) + soft_dice_loss(torch.sigmoid(logit), target)
+
+
+class VisionEncoder(nn.Module):
+    """tau_theta: the autoencoder's encoder architecture, then a new 1x1 conv from 2z to z channels.
+
+    With ``channels`` above z, a second 1x1 conv reads the encoder's last features (before its
+    output conv) and adds ``channels - z`` image-latent channels after the z of the paper's path.
+    """
+
+    def __init__(self, autoencoder_config: dict, dropout: float = 0.0, channels: int | None = None):
         super().__init__()
         from diffusers.models.autoencoders.vae import Encoder
 
@@ -56,9 +77,19 @@ class VisionEncoder(nn.Module):
             if isinstance(module, nn.Dropout):
                 module.p = dropout
         self.proj = nn.Conv2d(2 * latent, latent, kernel_size=1)
+        extra = (channels or latent) - latent
+        self.extra = nn.Conv2d(int(cfg["block_out_channels"][-1]), extra, kernel_size=1) if extra > 0 else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.encoder(images))
+        if self.extra is None:
+            return self.proj(self.encoder(images))
+        # diffusers' Encoder.forward, stopping before conv_out to share its last features.
+        enc = self.encoder
+        h = enc.conv_in(images)
+        for block in enc.down_blocks:
+            h = block(h)
+        h = enc.conv_act(enc.conv_norm_out(enc.mid_block(h)))
+        return torch.cat([self.proj(enc.conv_out(h)), self.extra(h)], dim=1)
 
 
 def build_unet(config: SDSegConfig) -> nn.Module:
@@ -111,7 +142,9 @@ class SDSeg(nn.Module):
         self.autoencoder = AutoencoderKL.from_config(config.autoencoder)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
-        self.vision_encoder = VisionEncoder(config.autoencoder, dropout=config.vision_encoder_dropout)
+        self.vision_encoder = VisionEncoder(
+            config.autoencoder, dropout=config.vision_encoder_dropout, channels=config.condition_latent_channels
+        )
         self.unet = build_unet(config)
         if config.backbone == "unet2d_condition":
             dim = int(config.unet.get("cross_attention_dim", 768))
@@ -247,7 +280,17 @@ class SDSeg(nn.Module):
         z_t = diffusion.add_noise(z0, noise, t, self.alphas_cumprod)
         out = self.denoise(z_t, cond, t, None if class_ids is None else class_ids.to(device))
         noise_hat, z0_hat = diffusion.split_prediction(out, z_t, t, self.alphas_cumprod, self.config.prediction_type)
-        return diffusion.sdseg_loss(noise_hat, noise, z0_hat, z0, self.config.z0_loss_weight)
+        losses = diffusion.sdseg_loss(noise_hat, noise, z0_hat, z0, self.config.z0_loss_weight)
+        if self.config.mask_loss_weight > 0:
+            # On the samples at the inference step only (decoding is the costly part), through the
+            # frozen decoder: the channel mean of its output is the foreground logit (stage 0 trains
+            # it so), and a per-mask Dice weighs small organs as the mean-Dice metric does.
+            final = (t == self.config.num_train_timesteps - 1).nonzero()[:, 0]
+            logit = self.autoencoder.decode(z0_hat[final] / self.latent_scale).sample.float().mean(dim=1)
+            loss_mask = mask_logit_loss(logit, masks.to(device)[final]) if len(final) else z0_hat.sum() * 0
+            losses["loss"] = losses["loss"] + self.config.mask_loss_weight * loss_mask
+            losses["loss_mask"] = loss_mask.detach()
+        return losses
 
     # -- inference ----------------------------------------------------------------------------------
     def initial_noise(self, seed: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, decoded_to_probabilities
+from sdseg_monai.model import SDSeg, decoded_to_probabilities, soft_dice_loss
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,6 @@ def init_posterior_logvar(autoencoder: torch.nn.Module, logvar: float = -10.0) -
         conv.weight[half:].zero_()
         conv.bias[half:].fill_(float(logvar))
     return autoencoder
-
-
-def _soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per mask, averaged over masks. Per mask (not pooled over the batch) so that a
-    5-pixel adrenal gland counts as much as a liver, as in the mean-Dice metric; ``smooth`` makes an
-    empty target penalise any predicted foreground."""
-    dims = tuple(range(1, probs.ndim))
-    inter = (probs * target).sum(dims)
-    denom = probs.sum(dims) + target.sum(dims)
-    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
 
 def mask_autoencoder_loss(
@@ -133,7 +123,7 @@ def mask_autoencoder_loss(
         bce = (F.binary_cross_entropy_with_logits(logit, target, reduction="none") * (1 + boundary_weight * band)).mean()
     else:
         bce = F.binary_cross_entropy_with_logits(logit, target)
-    dice = _soft_dice_loss(torch.sigmoid(logit), target)
+    dice = soft_dice_loss(torch.sigmoid(logit), target)
     kl = posterior.kl().mean()
     sign = (2 * target - 1).unsqueeze(1)
     crisp = F.relu(1 - sign * decoded).mean()

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai.config import PAPER_UNET, SD_V1_AUTOENCODER, SD_V1_UNET, SDSegConfig, model_preset
-from sdseg_monai.errors import WeightsError
+from sdseg_monai.errors import SDSegInputError, WeightsError
 
 WEIGHT_FILE_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -522,6 +522,45 @@ def widen_conv_in(state: dict[str, torch.Tensor], in_channels: int) -> dict[str,
         extra = torch.zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:], dtype=weight.dtype)
         state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
     return state
+
+
+def with_condition_channels(model, channels: int):
+    """A copy of an SDSeg ``model`` whose image latent has ``channels`` channels, computing exactly
+    what ``model`` does: the new vision-encoder channels enter the UNet through zero weights
+    (:func:`widen_conv_in`), and training teaches the UNet to use them."""
+    from sdseg_monai.model import SDSeg
+
+    config = SDSegConfig.from_dict(model.config.to_dict())
+    old_channels = config.condition_latent_channels
+    if channels < old_channels:
+        raise SDSegInputError(f"cannot narrow the image latent from {old_channels} to {channels} channels")
+    config.condition_channels = int(channels)
+    config.unet["in_channels"] = config.latent_channels + int(channels)
+    config.validate()
+    widened = SDSeg(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.extra.")}
+    state["unet.conv_in.weight"] = widen_conv_in({"conv_in.weight": state["unet.conv_in.weight"]}, config.unet["in_channels"])["conv_in.weight"]
+    widened.load_state_dict(state, strict=False)  # strict on everything but the new conv, checked below
+    old_extra, new_extra = model.vision_encoder.extra, widened.vision_encoder.extra
+    if old_extra is not None:  # keep the extra channels it had; the new ones start at random
+        with torch.no_grad():
+            new_extra.weight[: old_extra.out_channels] = old_extra.weight
+            new_extra.bias[: old_extra.out_channels] = old_extra.bias
+    loaded = set(state) | {f"vision_encoder.extra.{k}" for k in new_extra.state_dict()}
+    if loaded != set(widened.state_dict()):
+        raise WeightsError(f"widening left parameters unset: {sorted(set(widened.state_dict()) ^ loaded)}")
+    return widened.to(model.device)
+
+
+def with_training_changes(model, mask_loss_weight: float | None = None, condition_channels: int | None = None):
+    """``model`` prepared for (further) training: a new decoded-mask loss weight and/or a wider
+    image latent (:func:`with_condition_channels`); None leaves that part as it is."""
+    if mask_loss_weight is not None:
+        model.config.mask_loss_weight = float(mask_loss_weight)
+        model.config.validate()
+    if condition_channels is not None:
+        model = with_condition_channels(model, condition_channels)
+    return model
 
 
 def paper_ldm_unet_config() -> dict[str, Any]:

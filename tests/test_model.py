@@ -121,6 +121,46 @@ def test_lambda_zero_is_the_noise_only_ablation():
     assert out["loss_z0"].item() > 0
 
 
+def test_decoded_mask_loss_is_taken_at_the_last_timestep_through_the_frozen_decoder():
+    from sdseg_monai import diffusion
+    from sdseg_monai.model import mask_logit_loss
+
+    torch.manual_seed(0)
+    images, masks, classes = torch.zeros(8, 3, 32, 32), blob_masks(8), torch.arange(8) % 3
+    common = dict(prediction_type="sample", final_timestep_fraction=0.5, vision_encoder_dropout=0.0)
+    plain = SDSeg(micro_config(**common))
+    weighted = SDSeg(micro_config(**common, mask_loss_weight=2.0))
+    weighted.load_state_dict(plain.state_dict())
+    base = plain.training_loss(images, masks, classes, torch.Generator().manual_seed(3))
+    out = weighted.training_loss(images, masks, classes, torch.Generator().manual_seed(3))
+    assert "loss_mask" not in base
+    assert out["loss_z0"].item() == base["loss_z0"].item()  # same draws: the extra term adds, nothing else moves
+    assert out["loss"].item() == pytest.approx(base["loss"].item() + 2.0 * out["loss_mask"].item(), rel=1e-5)
+
+    # Its value: BCE + soft Dice of the decoded channel-mean logit, on the samples drawn at t = T - 1.
+    generator = torch.Generator().manual_seed(3)
+    weighted.encode_masks(masks, generator=generator)
+    t = torch.randint(0, 1000, (8,), generator=generator)
+    t = torch.where(torch.rand(8, generator=generator) < 0.5, torch.full_like(t, 999), t)
+    noise = torch.randn((8, 4, 4, 4), generator=generator)
+    final = (t == 999).nonzero()[:, 0]
+    assert 0 < len(final) < 8
+    cond = weighted.encode_images(images)
+    z0 = weighted.encode_masks(masks, generator=torch.Generator().manual_seed(3))
+    z_t = diffusion.add_noise(z0, noise, t, weighted.alphas_cumprod)
+    z0_hat = weighted.denoise(z_t, cond, t, classes)
+    logit = weighted.autoencoder.decode(z0_hat[final] / weighted.latent_scale).sample.mean(dim=1)
+    assert out["loss_mask"].item() == pytest.approx(mask_logit_loss(logit, masks[final]).item(), rel=1e-4)
+
+    # Gradients reach the UNet and the vision encoder through the decoder, which stays frozen.
+    weighted.config.z0_loss_weight = 0.0
+    weighted.training_loss(images, masks, classes, torch.Generator().manual_seed(3))["loss"].backward()
+    assert weighted.unet.conv_in.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in weighted.autoencoder.parameters())
+    with pytest.raises(SDSegInputError, match="mask_loss_weight needs final_timestep_fraction > 0"):
+        micro_config(mask_loss_weight=1.0)
+
+
 def test_latent_scale_is_one_over_std_of_mask_latents():
     torch.manual_seed(0)
     model = SDSeg(micro_config(latent_scale=None, mask_latent="mean"))
@@ -193,3 +233,33 @@ def test_half_precision_save_is_smaller_and_loads_as_float32(micro_model, slices
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     # fp16 storage rounds the weights only: the maps stay close to the fp32 model's.
     assert (loaded.predict(slices, seed=0) - micro_model.predict(slices, seed=0)).abs().max() < 0.05
+
+
+def test_a_wider_image_latent_starts_from_what_the_model_computes_and_round_trips(micro_model, slices, tmp_path):
+    from sdseg_monai.weights import with_condition_channels
+
+    before = micro_model.predict(slices, seed=0)
+    wide = with_condition_channels(micro_model, 12).eval()
+    assert wide.config.condition_channels == 12 and wide.config.unet["in_channels"] == 4 + 12
+    assert wide.encode_images(slices).shape == (4, 12, 4, 4)
+    assert torch.equal(wide.predict(slices, seed=0), before)  # new channels enter through zero weights
+    assert micro_model.config.condition_channels is None  # the original is left as it was
+    wider = with_condition_channels(wide, 16).eval()  # widening again keeps the channels already there
+    assert torch.equal(wider.vision_encoder.extra.weight[:8], wide.vision_encoder.extra.weight)
+    assert torch.equal(wider.predict(slices, seed=0), before)
+
+    # The new channels train: one step moves the UNet's weights on them away from zero.
+    wide.train()
+    masks = blob_masks(4)
+    wide.training_loss(slices, masks, torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))["loss"].backward()
+    assert wide.unet.conv_in.weight.grad[:, 8:].abs().sum() > 0
+    wide.eval()
+
+    wide.save_pretrained(tmp_path / "wide")
+    loaded = SDSeg.from_pretrained(tmp_path / "wide")
+    assert loaded.config.condition_channels == 12
+    assert torch.equal(loaded.predict(slices, seed=0), before)
+    with pytest.raises(SDSegInputError, match="cannot narrow the image latent from 12 to 8 channels"):
+        with_condition_channels(wide, 8)
+    with pytest.raises(SDSegInputError, match="unet in_channels must be the mask plus image latent channels = 16"):
+        micro_config(condition_channels=12)

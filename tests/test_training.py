@@ -269,10 +269,13 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     volume = f"{cases[0][0]}:{cases[0][1]}"
     args = ["train", "-o", str(tmp_path / "run"), "--init-from", str(tmp_path / "start"), "--volume", volume, "--steps", "2",
             "--batch-size", "2", "--validate-every", "0", "--augment", "none", "--max-minutes", "5", "-q", "--device", "cpu",
-            "--organ-sampling", "organ", "--organs-per-slice", "2"]
+            "--organ-sampling", "organ", "--organs-per-slice", "2", "--mask-loss-weight", "0.5",
+            "--condition-channels", "8"]
     assert main(args) == 0
     tuned = SDSeg.from_pretrained(tmp_path / "run" / "model")
     assert tuned.config.organ_names == ["spleen", "liver"] and tuned.config.latent_scale == 0.7  # the saved model's own
+    assert tuned.config.mask_loss_weight == 0.5 and tuned.config.condition_channels == 8
+    assert "loss_mask" in (tmp_path / "run" / "log.jsonl").read_text()
     changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, start.unet.state_dict()[k])]
     assert changed  # trained from the saved weights
     assert torch.equal(tuned.autoencoder.state_dict()["decoder.conv_out.weight"], start.autoencoder.state_dict()["decoder.conv_out.weight"])
