@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--organs-per-slice", type=int, default=1, help="stage 1: organs drawn per slice, sharing one image encoding")
     p.add_argument("--mask-loss-weight", type=float, default=None, help="stage 1: weight of the decoded-mask BCE + Dice loss (default: the model's)")
     p.add_argument("--condition-channels", type=int, default=None, help="stage 1: widen the image latent to this many channels (default: the model's)")
+    p.add_argument("--slice-size", type=int, default=None, help="stage 1: train at this slice size (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model (e.g. the packaged one): no stage 0")
     p.add_argument("--variant", default="tiny", help=argparse.SUPPRESS)  # the autoencoder stage's layout
@@ -307,7 +308,7 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
         from sdseg_monai.model import SDSeg
 
         model = SDSeg.from_pretrained(args.init_from) if args.init_from else sdseg_from_pretrained_parts("tiny", autoencoder=autoencoder)
-        return with_training_changes(model, args.mask_loss_weight, args.condition_channels)
+        return with_training_changes(model, args.mask_loss_weight, args.condition_channels, args.slice_size)
 
     steps = args.steps
     if steps is None:  # probe the speed of a training step on this device

@@ -286,6 +286,9 @@ def train(
     condition_channels: Optional[int] = typer.Option(
         None, "--condition-channels", min=1, help="Widen the image latent to this many channels, starting from what the model computes (default: as is; the paper: 4)."
     ),
+    slice_size: Optional[int] = typer.Option(
+        None, "--slice-size", min=8, help="Train (and then segment) at this slice size, e.g. 256 for 32x32 latents (default: the model's)."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     seed: int = typer.Option(0, "--seed", "-s"),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
@@ -342,7 +345,7 @@ def train(
             organs=_split_names(organs_),
         )
     if not resume:
-        model = with_training_changes(model, mask_loss_weight, condition_channels)
+        model = with_training_changes(model, mask_loss_weight, condition_channels, slice_size)
     settings = TrainSettings(
         steps=steps,
         batch_size=batch_size,

@@ -552,12 +552,23 @@ def with_condition_channels(model, channels: int):
     return widened.to(model.device)
 
 
-def with_training_changes(model, mask_loss_weight: float | None = None, condition_channels: int | None = None):
-    """``model`` prepared for (further) training: a new decoded-mask loss weight and/or a wider
-    image latent (:func:`with_condition_channels`); None leaves that part as it is."""
+def with_training_changes(
+    model, mask_loss_weight: float | None = None, condition_channels: int | None = None, slice_size: int | None = None
+):
+    """``model`` prepared for (further) training: a new decoded-mask loss weight, a wider image
+    latent (:func:`with_condition_channels`) and/or another slice size (the networks are
+    convolutional: 256² slices give 32x32 latents, four times the room for small organs); None
+    leaves that part as it is."""
     if mask_loss_weight is not None:
         model.config.mask_loss_weight = float(mask_loss_weight)
         model.config.validate()
+    if slice_size is not None:
+        factor = model.config.downsample_factor
+        if slice_size <= 0 or slice_size % factor:
+            raise SDSegInputError(f"slice size must be a positive multiple of {factor}, got {slice_size}")
+        model.config.preprocessing.slice_size = int(slice_size)
+        model.config.unet["sample_size"] = int(slice_size) // factor
+        model.config.autoencoder["sample_size"] = int(slice_size)
     if condition_channels is not None:
         model = with_condition_channels(model, condition_channels)
     return model

@@ -263,3 +263,14 @@ def test_a_wider_image_latent_starts_from_what_the_model_computes_and_round_trip
         with_condition_channels(wide, 8)
     with pytest.raises(SDSegInputError, match="unet in_channels must be the mask plus image latent channels = 16"):
         micro_config(condition_channels=12)
+
+
+def test_a_model_retargeted_to_larger_slices_segments_them(micro_model):
+    from sdseg_monai.weights import with_training_changes
+
+    model = with_training_changes(micro_model, slice_size=64)
+    assert model.config.preprocessing.slice_size == 64 and model.config.latent_size == 8
+    assert model.initial_noise(0).shape == (1, 4, 8, 8)
+    assert model.predict(torch.zeros(2, 3, 64, 64), seed=0).shape == (2, 3, 64, 64)
+    with pytest.raises(SDSegInputError, match="slice size must be a positive multiple of 8, got 60"):
+        with_training_changes(micro_model, slice_size=60)
