@@ -324,6 +324,8 @@ def train(
         raise SDSegInputError("no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL")
     checkpoint = output / CHECKPOINT_NAME
     if resume:
+        if any(v is not None for v in (mask_loss_weight, condition_channels, slice_size)):
+            raise SDSegInputError("--resume continues the checkpoint's model as it was: drop --mask-loss-weight, --condition-channels and --slice-size")
         if not checkpoint.is_file():
             raise SDSegInputError("nothing to resume: no checkpoint.pt in this run folder", output)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

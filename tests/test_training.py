@@ -285,6 +285,9 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "third")] + args[3:] + ["--batch-size", "3"]) == 2
     err = capsys.readouterr().err
     assert "batch size 3 is not a multiple of organs per slice (2)" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues the checkpoint's model as it was" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_autoencoder_cli_writes_a_loadable_autoencoder(tmp_path, capsys):
