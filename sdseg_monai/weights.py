@@ -558,7 +558,8 @@ def with_training_changes(
     """``model`` prepared for (further) training: a new decoded-mask loss weight, a wider image
     latent (:func:`with_condition_channels`) and/or another slice size (the networks are
     convolutional: 256² slices give 32x32 latents, four times the room for small organs); None
-    leaves that part as it is."""
+    leaves that part as it is. Changes ``model``'s config in place; returns ``model``, or its
+    widened copy."""
     if mask_loss_weight is not None:
         model.config.mask_loss_weight = float(mask_loss_weight)
         model.config.validate()
