@@ -540,15 +540,14 @@ def with_condition_channels(model, channels: int):
     widened = SDSeg(config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.extra.")}
     state["unet.conv_in.weight"] = widen_conv_in({"conv_in.weight": state["unet.conv_in.weight"]}, config.unet["in_channels"])["conv_in.weight"]
-    widened.load_state_dict(state, strict=False)  # strict on everything but the new conv, checked below
+    missing, unexpected = widened.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("vision_encoder.extra.") for k in missing):
+        raise WeightsError(f"widening left parameters unset or unused: {sorted(missing + unexpected)}")
     old_extra, new_extra = model.vision_encoder.extra, widened.vision_encoder.extra
     if old_extra is not None:  # keep the extra channels it had; the new ones start at random
         with torch.no_grad():
             new_extra.weight[: old_extra.out_channels] = old_extra.weight
             new_extra.bias[: old_extra.out_channels] = old_extra.bias
-    loaded = set(state) | {f"vision_encoder.extra.{k}" for k in new_extra.state_dict()}
-    if loaded != set(widened.state_dict()):
-        raise WeightsError(f"widening left parameters unset: {sorted(set(widened.state_dict()) ^ loaded)}")
     return widened.to(model.device)
 
 
