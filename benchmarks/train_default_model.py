@@ -110,6 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def inference_batch(slice_size: int) -> int:
+    """Slices x organs per forward: 416 at 128x128, fewer for larger slices (same activation memory)."""
+    return max(13, 13 * 32 * 128**2 // slice_size**2)
+
+
 def cuda_speed_settings() -> None:
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
@@ -350,7 +355,7 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
         seed=args.seed,
         absent_fraction=0.15,
         augmentation="strong",
-        validation_batch_size=13 * 32,
+        validation_batch_size=inference_batch(model.config.preprocessing.slice_size),
         batches_on_device=True,
         organ_sampling=args.organ_sampling,
         organs_per_slice=args.organs_per_slice,
@@ -366,8 +371,11 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
 def evaluate_model(model_dir: Path, folder: Path, device: str, out: Path) -> dict:
     from sdseg_monai.evaluation import evaluate
     from sdseg_monai.inference import VolumeSegmenter
+    from sdseg_monai.model import SDSeg
 
-    segmenter = VolumeSegmenter(model_dir, device=device, seed=0, batch_size=13 * 32)
+    model = SDSeg.from_pretrained(model_dir)
+    batch_size = inference_batch(model.config.preprocessing.slice_size)
+    segmenter = VolumeSegmenter(model, device=device, seed=0, batch_size=batch_size)
     report = evaluate(segmenter, folder / "manifest.json", folder, split="test", output_dir=out)
     log(f"test phantoms ({model_dir.name}):\n{report.format_table()}")
     return report.to_dict()

@@ -538,12 +538,20 @@ class SliceDataset:
         absent_fraction: share of samples that draw an organ absent from the slice.
         augment: a transform from :func:`slice_augmentation`, or None.
         seed: base seed of the data stream.
+        load_threads: threads preparing the cases (default: the CPU count, at most 8).
     """
 
-    def __init__(self, cases, preprocessing, organ_labels, absent_fraction: float = 0.1, augment=None, seed: int = 0):
-        import torch
-
-        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
+    def __init__(
+        self,
+        cases,
+        preprocessing,
+        organ_labels,
+        absent_fraction: float = 0.1,
+        augment=None,
+        seed: int = 0,
+        load_threads: int | None = None,
+    ):
+        from concurrent.futures import ThreadPoolExecutor
 
         self.preprocessing = preprocessing
         self.organ_labels = [int(v) for v in organ_labels]
@@ -551,27 +559,41 @@ class SliceDataset:
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        transforms = canonical_transforms(preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
-        size = preprocessing.slice_size
+        threads = load_threads if load_threads is not None else min(8, os.cpu_count() or 1)
+        # Decompression and resampling release the GIL; map keeps the case order, so the result is the
+        # same with any number of threads.
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            prepared = list(pool.map(self._prepare, cases))
         self.images, self.labels, self.index = [], [], []
-        for number, (image, label) in enumerate(cases):
-            image = image if isinstance(image, Volume) else read_volume(image)
-            label = label if isinstance(label, Volume) else read_volume(label, what="label map")
-            if image.shape[:3] != label.shape[:3]:
-                raise SDSegInputError(f"label map shape {label.shape} differs from its image's {image.shape}", label.source)
-            canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: label.image})
-            grey = canonical[IMAGE_KEY][0].permute(2, 0, 1)  # (Z, X, Y)
-            lab = canonical[LABEL_KEY][0].permute(2, 0, 1)
-            geometry = SliceGeometry(tuple(grey.shape[1:]), size)
-            model_grey = geometry.to_model(grey[:, None])[:, 0].to(torch.float16)
-            model_labels = torch.zeros((grey.shape[0], size, size), dtype=torch.uint8)
-            for value in self.organ_labels:
-                model_labels[geometry.masks_to_model(lab == value) > 0] = value
+        for number, (model_grey, model_labels) in enumerate(prepared):
             self.images.append(model_grey)
             self.labels.append(model_labels)
-            self.index += [(number, z) for z in range(grey.shape[0])]
+            self.index += [(number, z) for z in range(model_grey.shape[0])]
         if not self.index:
             raise SDSegInputError("no training slices: the case list is empty")
+
+    def _prepare(self, case):
+        """One case's slices (float16 grey) and label maps (uint8), both in the model's slice space."""
+        import torch
+
+        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
+
+        image, label = case
+        image = image if isinstance(image, Volume) else read_volume(image)
+        label = label if isinstance(label, Volume) else read_volume(label, what="label map")
+        if image.shape[:3] != label.shape[:3]:
+            raise SDSegInputError(f"label map shape {label.shape} differs from its image's {image.shape}", label.source)
+        size = self.preprocessing.slice_size
+        transforms = canonical_transforms(self.preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
+        canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: label.image})
+        grey = canonical[IMAGE_KEY][0].permute(2, 0, 1)  # (Z, X, Y)
+        lab = canonical[LABEL_KEY][0].permute(2, 0, 1)
+        geometry = SliceGeometry(tuple(grey.shape[1:]), size)
+        model_grey = geometry.to_model(grey[:, None])[:, 0].to(torch.float16)
+        model_labels = torch.zeros((grey.shape[0], size, size), dtype=torch.uint8)
+        for value in self.organ_labels:
+            model_labels[geometry.masks_to_model(lab == value) > 0] = value
+        return model_grey, model_labels
 
     def __len__(self) -> int:
         return len(self.index)

@@ -68,6 +68,20 @@ def test_slice_dataset_draws_present_organs_and_is_seeded(tmp_path):
     assert only_absent[5]["class_id"].item() == 0 and only_absent[5]["mask"].sum() == 0
 
 
+def test_slice_dataset_prepares_cases_in_order_with_any_number_of_threads(tmp_path):
+    cases = write_cases(tmp_path, 3)
+    config = micro_config(organs=("spleen", "liver"))
+    serial = SliceDataset(cases, config.preprocessing, config.organ_labels, load_threads=1)
+    threaded = SliceDataset(cases, config.preprocessing, config.organ_labels, load_threads=3)
+    assert serial.index == threaded.index == [(v, z) for v in range(3) for z in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(serial.images, threaded.images))
+    assert all(torch.equal(a, b) for a, b in zip(serial.labels, threaded.labels))
+    # Case order is kept: volume k is case k.
+    for k, case in enumerate(cases):
+        alone = SliceDataset([case], config.preprocessing, config.organ_labels)
+        assert torch.equal(alone.images[0], threaded.images[k]) and torch.equal(alone.labels[0], threaded.labels[k])
+
+
 def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
     cases = write_cases(tmp_path / "data", 2)
     model = micro()
