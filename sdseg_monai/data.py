@@ -559,11 +559,14 @@ class SliceDataset:
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
+        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, canonical_transforms
+
+        transforms = canonical_transforms(preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
         threads = load_threads if load_threads is not None else min(8, os.cpu_count() or 1)
         # Decompression and resampling release the GIL; map keeps the case order, so the result is the
         # same with any number of threads.
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            prepared = list(pool.map(self._prepare, cases))
+            prepared = list(pool.map(lambda case: self._prepare(case, transforms), cases))
         self.images, self.labels, self.index = [], [], []
         for number, (model_grey, model_labels) in enumerate(prepared):
             self.images.append(model_grey)
@@ -572,11 +575,12 @@ class SliceDataset:
         if not self.index:
             raise SDSegInputError("no training slices: the case list is empty")
 
-    def _prepare(self, case):
-        """One case's slices (float16 grey) and label maps (uint8), both in the model's slice space."""
+    def _prepare(self, case, transforms):
+        """One case's slices (float16 grey) and label maps (uint8), both in the model's slice space;
+        ``transforms`` are the model's canonical (deterministic) image + label transforms."""
         import torch
 
-        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
+        from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry
 
         image, label = case
         image = image if isinstance(image, Volume) else read_volume(image)
@@ -584,7 +588,6 @@ class SliceDataset:
         if image.shape[:3] != label.shape[:3]:
             raise SDSegInputError(f"label map shape {label.shape} differs from its image's {image.shape}", label.source)
         size = self.preprocessing.slice_size
-        transforms = canonical_transforms(self.preprocessing, keys=[IMAGE_KEY], label_keys=[LABEL_KEY])
         canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: label.image})
         grey = canonical[IMAGE_KEY][0].permute(2, 0, 1)  # (Z, X, Y)
         lab = canonical[LABEL_KEY][0].permute(2, 0, 1)
