@@ -15,6 +15,7 @@ _LAZY = {
     "SDSeg": "sdseg_monai.model",
     "SDSegConfig": "sdseg_monai.config",
     "Preprocessing": "sdseg_monai.config",
+    "Postprocessing": "sdseg_monai.config",
     "model_preset": "sdseg_monai.config",
     "dataset_preset": "sdseg_monai.labels",
     "load_autoencoder": "sdseg_monai.weights",

@@ -166,6 +166,9 @@ def segment(
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     label: Optional[Path] = typer.Option(None, "--label", "-l", help="Reference label map: print per-organ Dice."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    no_postprocess: bool = typer.Option(
+        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
@@ -182,7 +185,9 @@ def segment(
             f"{'x'.join(map(str, volume.shape))}",
             label,
         )
-    segmenter = VolumeSegmenter(model_dir, device=device, organs=_split_names(organs_), batch_size=batch_size, seed=seed)
+    segmenter = VolumeSegmenter(
+        model_dir, device=device, organs=_split_names(organs_), batch_size=batch_size, seed=seed, postprocess=not no_postprocess
+    )
     bar = _SliceBar(volume.shape[2], enabled=not quiet)
     try:
         result = segmenter.segment(volume, progress=bar)
@@ -209,6 +214,9 @@ def evaluate(
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    no_postprocess: bool = typer.Option(
+        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
     """Score a model on a manifest split: per-organ Dice (and HD95), per-case CSV and JSON report."""
@@ -223,7 +231,7 @@ def evaluate(
     prepare_output_dir(output)
     from sdseg_monai.inference import VolumeSegmenter
 
-    segmenter = VolumeSegmenter(model_dir, device=device, batch_size=batch_size, seed=seed)
+    segmenter = VolumeSegmenter(model_dir, device=device, batch_size=batch_size, seed=seed, postprocess=not no_postprocess)
 
     def progress(done: int, total: int, case) -> None:
         dice = [s.dice for s in case.scores if s.dice is not None]
@@ -236,6 +244,42 @@ def evaluate(
     typer.echo(report.format_table())
     if not quiet:
         typer.echo(f"wrote {report.csv_path} and {report.json_path} ({report.seconds:.1f} s)")
+
+
+@app.command()
+def calibrate(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder (default: the built-in model)."),
+    manifest: Path = typer.Option(..., "--manifest", help="Dataset manifest, e.g. data_manifests/btcv.json."),
+    data_root: Path = typer.Option(..., "--data-root", help="Folder the manifest's relative paths start from."),
+    output: Path = typer.Option(..., "--output", "-o", help="New model folder: the model with its calibrated postprocessing."),
+    split: str = typer.Option("validation", "--split", help="Manifest split to calibrate on (never test)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
+):
+    """Choose per-organ thresholds and largest-component organs on a validation split; write a calibrated copy of the model."""
+    from sdseg_monai.calibration import calibrate as run_calibration
+    from sdseg_monai.calibration import check_calibration_output, check_calibration_split, save_calibrated_model
+    from sdseg_monai.data import check_data_root, load_manifest
+
+    model_dir = _resolve_model(model)
+    check_calibration_split(split)
+    check_calibration_output(model_dir, output)
+    dataset = load_manifest(manifest)
+    check_data_root(dataset, data_root, split)
+    from sdseg_monai.inference import VolumeSegmenter
+
+    segmenter = VolumeSegmenter(model_dir, device=device, batch_size=batch_size, seed=seed)
+
+    def progress(done: int, total: int, case_id: str) -> None:
+        typer.echo(f"[{done}/{total}] {case_id}", err=True)
+
+    result = run_calibration(segmenter, dataset, data_root, split=split, progress=None if quiet else progress)
+    saved = save_calibrated_model(model_dir, result, output)
+    typer.echo(result.format_table())
+    if not quiet:
+        typer.echo(f"wrote {saved} ({result.seconds:.1f} s)")
 
 
 def _volume_pairs(values: list[str], option: str) -> list[tuple[Path, Path]]:

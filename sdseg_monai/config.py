@@ -148,6 +148,34 @@ class Preprocessing:
 
 
 @dataclass
+class Postprocessing:
+    """How per-organ probability maps become a label map; stored with every model and set on a
+    validation split by :func:`sdseg_monai.calibration.calibrate` (never on the test split).
+
+    Args:
+        default_threshold: probability an organ needs to claim a voxel (0.5 is SDSeg's rounding).
+        thresholds: organ name -> its own threshold, where it differs from ``default_threshold``.
+        largest_component: organs of which only the largest 3D connected component is kept (each
+            BTCV organ is one connected structure, so stray islands are false positives).
+    """
+
+    default_threshold: float = 0.5
+    thresholds: dict[str, float] = field(default_factory=dict)
+    largest_component: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.default_threshold = float(self.default_threshold)
+        self.thresholds = {str(k): float(v) for k, v in dict(self.thresholds).items()}
+        self.largest_component = [str(name) for name in self.largest_component]
+        for name, value in [("default", self.default_threshold), *self.thresholds.items()]:
+            if not 0.0 < value <= 1.0:
+                raise SDSegInputError(f"threshold of {name} must lie in (0, 1], got {value}")
+
+    def threshold(self, organ: str) -> float:
+        return self.thresholds.get(organ, self.default_threshold)
+
+
+@dataclass
 class SDSegConfig:
     """Everything needed to rebuild an SDSeg network and use it.
 
@@ -181,6 +209,7 @@ class SDSegConfig:
         attention_heads: if set, every self-attention layer of a ``unet2d`` uses this many heads
             (the official UNet has 8 heads at every width; diffusers fixes the head width instead).
         preprocessing: how scans become slices for this model.
+        postprocessing: how its probability maps become a label map.
         dataset: name of the dataset preset the organs come from, if any.
     """
 
@@ -202,11 +231,14 @@ class SDSegConfig:
     null_context_tokens: int = 1
     attention_heads: int | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
     dataset: str | None = None
 
     def __post_init__(self):
         if isinstance(self.preprocessing, dict):
             self.preprocessing = Preprocessing(**self.preprocessing)
+        if isinstance(self.postprocessing, dict):
+            self.postprocessing = Postprocessing(**self.postprocessing)
         self.organs = [o if isinstance(o, dict) else {"label": o.label, "name": o.name} for o in self.organs]
         self.autoencoder = _plain_config(self.autoencoder)
         self.unet = _plain_config(self.unet)
@@ -235,6 +267,8 @@ class SDSegConfig:
         labels = [int(o["label"]) for o in self.organs]
         check(len(set(names)) == len(names), f"organ names repeat: {names}")
         check(len(set(labels)) == len(labels) and min(labels) >= 1, f"organ labels must be distinct and >= 1: {labels}")
+        unknown = sorted((set(self.postprocessing.thresholds) | set(self.postprocessing.largest_component)) - set(names))
+        check(not unknown, f"postprocessing names organs this model does not have: {', '.join(unknown)}")
         latent = int(self.autoencoder.get("latent_channels", 4))
         check(
             self.condition_channels is None or int(self.condition_channels) >= latent,

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from sdseg_monai import __version__
-from sdseg_monai.data import Manifest, atomic_paths, check_data_root, load_manifest, read_volume
+from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, load_manifest, read_volume
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, organ_scores
 
@@ -113,6 +113,7 @@ class EvaluationReport:
     subset_means: dict[str, dict] = field(default_factory=dict)
     unscored_organs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    postprocessing: dict = field(default_factory=dict)
     csv_path: Path | None = None
     json_path: Path | None = None
 
@@ -147,6 +148,7 @@ class EvaluationReport:
             "hd95": self.hd95,
             "organs": {str(k): v for k, v in self.organs.items()},
             "unscored_organs": list(self.unscored_organs),
+            "postprocessing": self.postprocessing,
             "seconds": round(self.seconds, 3),
             "summary": {
                 "cases": len(self.cases),
@@ -219,7 +221,7 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
-def _scored_organs(segmenter, manifest: Manifest) -> tuple[list[tuple[int, int, str]], list[str]]:
+def scored_organs(segmenter, manifest: Manifest) -> tuple[list[tuple[int, int, str]], list[str]]:
     """Match the model's organs to the manifest's labels by name.
 
     Returns:
@@ -291,6 +293,25 @@ def summarise(
     return per_organ, _mean(list(means.values())), subset_means
 
 
+def read_case(image_path: str | os.PathLike, label_path: str | os.PathLike) -> tuple[Volume, Volume]:
+    """Load an image and its label map, and check that they lie on the same voxel grid.
+
+    Raises:
+        SDSegInputError: an unreadable file, or a label map of another shape or affine than its image.
+    """
+    image = read_volume(image_path)
+    reference = read_volume(label_path, what="label map")
+    if reference.shape[:3] != image.shape[:3]:
+        raise SDSegInputError(
+            f"label map shape {'x'.join(map(str, reference.shape))} differs from its image's "
+            f"{'x'.join(map(str, image.shape))}",
+            label_path,
+        )
+    if not np.allclose(reference.affine, image.affine, atol=GRID_TOLERANCE):
+        raise SDSegInputError("label map affine differs from its image's: not on the same voxel grid", label_path)
+    return image, reference
+
+
 def evaluate(
     segmenter,
     manifest: Manifest | str | os.PathLike,
@@ -325,7 +346,7 @@ def evaluate(
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     files = check_data_root(manifest, data_root, split)
-    organs, unscored = _scored_organs(segmenter, manifest)
+    organs, unscored = scored_organs(segmenter, manifest)
     if output_dir is not None:
         output_dir = prepare_output_dir(output_dir)
     root = Path(data_root)
@@ -333,16 +354,7 @@ def evaluate(
     results: list[CaseResult] = []
     for done, (case_id, image_path, label_path) in enumerate(files, start=1):
         case_start = time.perf_counter()
-        image = read_volume(image_path)
-        reference = read_volume(label_path, what="label map")
-        if reference.shape[:3] != image.shape[:3]:
-            raise SDSegInputError(
-                f"label map shape {'x'.join(map(str, reference.shape))} differs from its image's "
-                f"{'x'.join(map(str, image.shape))}",
-                label_path,
-            )
-        if not np.allclose(reference.affine, image.affine, atol=GRID_TOLERANCE):
-            raise SDSegInputError("label map affine differs from its image's: not on the same voxel grid", label_path)
+        image, reference = read_case(image_path, label_path)
         prediction = segmenter.segment(image).labels
         # Spacing per array axis: the norms of the affine's columns.
         spacing = np.linalg.norm(image.affine[:3, :3], axis=0).tolist() if hd95 else None
@@ -374,6 +386,7 @@ def evaluate(
         mean_dice=mean_dice,
         subset_means=subset_means,
         unscored_organs=unscored,
+        postprocessing=dict(getattr(segmenter, "postprocessing", {})),
         seconds=time.perf_counter() - start,
     )
     if output_dir is not None:

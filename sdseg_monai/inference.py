@@ -3,8 +3,9 @@
 :class:`OneStepInferer` is a MONAI ``Inferer`` (so a bundle config can call it) that turns model slices
 into per-organ probability maps. :class:`VolumeSegmenter` loads a model once and segments many
 volumes: canonical reorientation and HU window (MONAI), streaming over axial slices in chunks,
-per-organ maps back to native in-plane resolution, fusion into one label map, and MONAI's ``Invertd``
-back onto the input's exact grid.
+per-organ maps back to native in-plane resolution, fusion into one label map with the model's
+calibrated postprocessing (per-organ thresholds, largest components), and MONAI's ``Invertd`` back onto
+the input's exact grid.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from sdseg_monai import _quiet  # noqa: F401
+from sdseg_monai.config import Postprocessing
 from sdseg_monai.data import Volume, check_writable, read_volume, write_label_volume
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import SDSeg, default_batch_size, resolve_device
@@ -28,6 +30,7 @@ from sdseg_monai.transforms import (
     canonical_transforms,
     fuse_probabilities,
     invert_to_input,
+    keep_largest_component,
 )
 
 try:
@@ -87,6 +90,7 @@ class Segmentation:
     model: str = ""
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    postprocessing: dict = field(default_factory=dict)
 
     def sidecar(self) -> dict:
         return {
@@ -94,6 +98,7 @@ class Segmentation:
             "model": self.model,
             "input": self.volume.source,
             "seed": self.seed,
+            "postprocessing": self.postprocessing,
         }
 
     def save(self, output: str | os.PathLike) -> tuple[Path, Path]:
@@ -112,7 +117,10 @@ class VolumeSegmenter:
         seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
         precision: inference precision (``"auto"``: bf16/fp16 autocast on CUDA, fp32 on CPU).
         num_steps, num_samples: see :class:`OneStepInferer`.
-        threshold: an organ claims a voxel when its probability is at least this (and the highest).
+        postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
+            largest-component organs); False gives SDSeg's plain rounding at 0.5.
+        threshold: if set, every organ's threshold (an organ claims a voxel when its probability
+            reaches its threshold and is the highest such).
     """
 
     def __init__(
@@ -125,7 +133,8 @@ class VolumeSegmenter:
         precision: str = "auto",
         num_steps: int = 1,
         num_samples: int = 1,
-        threshold: float = 0.5,
+        postprocess: bool = True,
+        threshold: float | None = None,
     ):
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
@@ -137,7 +146,16 @@ class VolumeSegmenter:
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
         self.batch_size = batch_size or default_batch_size(self.device)
         self.seed = int(seed)
-        self.threshold = float(threshold)
+        post = self.config.postprocessing if postprocess else Postprocessing()
+        if threshold is not None:
+            post = Postprocessing(float(threshold), {}, post.largest_component)
+        names = [self.config.organ_names[k] for k in self.classes]
+        self.thresholds = [post.threshold(name) for name in names]
+        self.largest_component = [self.config.organ_labels[k] for k in self.classes if self.config.organ_names[k] in post.largest_component]
+        self.postprocessing = {
+            "thresholds": dict(zip(names, self.thresholds)),
+            "largest_component": [name for name in names if name in post.largest_component],
+        }
         self.inferer = OneStepInferer(
             organs=[self.config.organ_names[k] for k in self.classes],
             seed=seed,
@@ -179,6 +197,7 @@ class VolumeSegmenter:
             seed=self.seed,
             model=self.model_name,
             seconds=time.perf_counter() - start,
+            postprocessing=self.postprocessing,
         )
 
     def segment_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Segmentation:
@@ -192,22 +211,39 @@ class VolumeSegmenter:
         image = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=affine, meta={"space": "RAS"})
         return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape))
 
+    def _probability_chunks(self, image: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """Per-organ probabilities of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk:
+        yields (first slice, (n, K, X, Y) float32 maps at native in-plane resolution)."""
+        _, size_x, size_y, depth = image.shape
+        geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
+        for start in range(0, depth, self.chunk_slices):
+            indices = range(start, min(start + self.chunk_slices, depth))
+            slices = geometry.to_model(axial_slices(image, indices, self.config.preprocessing.channels))
+            yield start, geometry.from_model(self.inferer(slices, self.model).cpu())
+            if progress is not None:
+                progress(len(indices))
+
     @torch.inference_mode()
     def segment_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk."""
         _, size_x, size_y, depth = image.shape
-        geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
         labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8)
         label_values = [self.config.organ_labels[k] for k in self.classes]
-        for start in range(0, depth, self.chunk_slices):
-            indices = range(start, min(start + self.chunk_slices, depth))
-            slices = geometry.to_model(axial_slices(image, indices, self.config.preprocessing.channels))
-            probabilities = self.inferer(slices, self.model)
-            native = geometry.from_model(probabilities.cpu())
-            labels[..., start : start + len(indices)] = fuse_probabilities(native, label_values, self.threshold).permute(1, 2, 0)
-            if progress is not None:
-                progress(len(indices))
+        for start, native in self._probability_chunks(image, progress):
+            labels[..., start : start + native.shape[0]] = fuse_probabilities(native, label_values, self.thresholds).permute(1, 2, 0)
+        if self.largest_component:
+            labels = keep_largest_component(labels, self.largest_component)
         return labels
+
+    @torch.inference_mode()
+    def probabilities_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Per-organ probabilities (K, X, Y, Z) float16 of a canonical, windowed (1, X, Y, Z) volume,
+        organs in the order of :attr:`organs` (for calibrating thresholds; a whole volume in memory)."""
+        _, size_x, size_y, depth = image.shape
+        maps = torch.zeros((len(self.classes), size_x, size_y, depth), dtype=torch.float16)
+        for start, native in self._probability_chunks(image, progress):
+            maps[..., start : start + native.shape[0]] = native.permute(1, 2, 3, 0).to(torch.float16)
+        return maps
 
 
 def segment_file(

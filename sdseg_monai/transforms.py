@@ -131,14 +131,35 @@ class SliceGeometry:
         return maps[..., x0 : x0 + self.shape[0], y0 : y0 + self.shape[1]]
 
 
-def fuse_probabilities(probabilities: torch.Tensor, label_values: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
-    """Per-organ probabilities (n, K, X, Y) -> label map (n, X, Y) uint8: the most probable organ
-    where its probability is >= ``threshold``, background (0) elsewhere."""
-    best, index = probabilities.max(dim=1)
+def fuse_probabilities(
+    probabilities: torch.Tensor, label_values: Sequence[int], threshold: float | Sequence[float] = 0.5
+) -> torch.Tensor:
+    """Per-organ probabilities (n, K, X, Y) -> label map (n, X, Y) uint8: among the organs whose
+    probability reaches their threshold (one for all, or one per organ), the most probable; background
+    (0) where none does."""
+    thresholds = torch.as_tensor(threshold, dtype=probabilities.dtype, device=probabilities.device)
+    claimed = probabilities >= thresholds.reshape(1, -1, *([1] * (probabilities.ndim - 2)))
+    best, index = torch.where(claimed, probabilities, -1.0).max(dim=1)
     lut = torch.as_tensor([int(v) for v in label_values], dtype=torch.uint8, device=probabilities.device)
     labels = lut[index]
-    labels[best < threshold] = 0
+    labels[best < 0] = 0
     return labels
+
+
+def keep_largest_component(labels: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
+    """Label map (X, Y, Z) with each of ``label_values`` cut to its largest 3D connected component
+    (26-connected, SimpleITK); the voxels removed become background. Returns a new tensor."""
+    import SimpleITK as sitk
+
+    out = labels.clone()
+    array = out.numpy()
+    for value in label_values:
+        mask = array == int(value)
+        if not mask.any():
+            continue
+        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+        array[mask & (sitk.GetArrayViewFromImage(components) != 1)] = 0
+    return out
 
 
 def invert_to_input(label_canonical: torch.Tensor, image, transforms) -> torch.Tensor:

@@ -1,0 +1,324 @@
+"""Calibrate a model's postprocessing on a validation split.
+
+SDSeg rounds each organ's decoded map at 0.5. Thin and small organs (veins, adrenal glands) come out
+under-confident, and a few organs gain stray islands. :func:`calibrate` segments the validation cases
+once, keeps their per-organ probability maps, and chooses, to maximise the mean per-organ Dice (the
+metric), each organ's probability threshold (coordinate ascent over :data:`THRESHOLD_GRID`) and then
+which organs keep only their largest connected component (nnU-Net's postprocessing rule: only where it
+helps on validation). The result is a :class:`~sdseg_monai.config.Postprocessing` that
+:func:`save_calibrated_model` stores in a copy of the model, so every later ``segment`` applies it.
+
+Never calibrate on the test split: the thresholds would be selected on the cases that report the score.
+
+Example:
+    >>> segmenter = VolumeSegmenter("my_model")                                              # doctest: +SKIP
+    >>> result = calibrate(segmenter, "data_manifests/btcv.json", "/data/RawData/Training")  # doctest: +SKIP
+    >>> print(result.format_table())                                                         # doctest: +SKIP
+    >>> save_calibrated_model("my_model", result, "my_model_calibrated")                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sdseg_monai.config import Postprocessing, SDSegConfig
+from sdseg_monai.data import Manifest, check_data_root, load_manifest
+from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.evaluation import scored_organs, read_case
+from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, canonical_transforms, fuse_probabilities, keep_largest_component
+
+CALIBRATION_NAME = "calibration.json"
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, ..., 0.90
+# A change must raise the mean Dice by more than this to be taken: ties keep SDSeg's defaults.
+MIN_GAIN = 1e-4
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen postprocessing and the per-organ mean Dice on the calibration cases, before
+    (thresholds 0.5, no component filter) and after (the chosen postprocessing)."""
+
+    postprocessing: Postprocessing
+    organs: list[str]
+    cases: list[str]
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    split: str = "validation"
+    seconds: float = 0.0
+
+    @staticmethod
+    def _mean(scores: dict[str, float | None]) -> float | None:
+        values = [v for v in scores.values() if v is not None]
+        return float(np.mean(values)) if values else None
+
+    @property
+    def mean_before(self) -> float | None:
+        return self._mean(self.before)
+
+    @property
+    def mean_after(self) -> float | None:
+        return self._mean(self.after)
+
+    def to_dict(self) -> dict:
+        post = self.postprocessing
+        return {
+            "split": self.split,
+            "cases": self.cases,
+            "threshold_grid": list(THRESHOLD_GRID),
+            "postprocessing": {
+                "default_threshold": post.default_threshold,
+                "thresholds": dict(post.thresholds),
+                "largest_component": list(post.largest_component),
+            },
+            "mean_dice_before": self.mean_before,
+            "mean_dice_after": self.mean_after,
+            "per_organ": {
+                name: {
+                    "threshold": post.threshold(name),
+                    "largest_component": name in post.largest_component,
+                    "dice_before": self.before[name],
+                    "dice_after": self.after[name],
+                }
+                for name in self.organs
+            },
+            "seconds": round(self.seconds, 1),
+        }
+
+    def format_table(self) -> str:
+        text = lambda v: "absent" if v is None else f"{v:.4f}"  # noqa: E731
+        lines = [
+            f"calibrated on {len(self.cases)} {self.split} cases",
+            f"{'organ':<24} {'threshold':>9} {'largest':>7} {'Dice 0.5':>8} {'Dice':>7}",
+        ]
+        for name in self.organs:
+            largest = "yes" if name in self.postprocessing.largest_component else "-"
+            lines.append(
+                f"{name:<24} {self.postprocessing.threshold(name):>9.2f} {largest:>7} "
+                f"{text(self.before[name]):>8} {text(self.after[name]):>7}"
+            )
+        lines.append(f"{'mean Dice':<42} {text(self.mean_before):>8} {text(self.mean_after):>7}")
+        return "\n".join(lines)
+
+
+def _confusion(prediction: torch.Tensor, reference: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes, classes) voxel counts of (predicted index, reference index); index 0 is background."""
+    pairs = prediction.reshape(-1).long() * classes + reference.reshape(-1).long()
+    return torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+def _dice_per_case(confusions: Sequence[torch.Tensor]) -> list[list[float | None]]:
+    """Per case, per organ (index 1..K) Dice from confusion matrices; None where the organ is absent
+    from both prediction and reference (left out of every mean, as in :mod:`sdseg_monai.metrics`)."""
+    out = []
+    for matrix in confusions:
+        matrix = matrix.double()
+        overlap, predicted, reference = matrix.diagonal()[1:], matrix.sum(1)[1:], matrix.sum(0)[1:]
+        total = predicted + reference
+        out.append([None if t == 0 else float(2 * o / t) for o, t in zip(overlap.tolist(), total.tolist())])
+    return out
+
+
+def _organ_means(per_case: list[list[float | None]], organs: int) -> list[float | None]:
+    means = []
+    for k in range(organs):
+        values = [case[k] for case in per_case if case[k] is not None]
+        means.append(float(np.mean(values)) if values else None)
+    return means
+
+
+def _overall(means: list[float | None]) -> float:
+    values = [m for m in means if m is not None]
+    return float(np.mean(values)) if values else 0.0
+
+
+def _fused_index(probabilities: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """(K, X, Y, Z) probabilities -> (X, Y, Z) organ index map (0 background, k + 1 organ k), with the
+    fusion rule of :func:`~sdseg_monai.transforms.fuse_probabilities`."""
+    maps = probabilities.permute(3, 0, 1, 2).float()
+    return fuse_probabilities(maps, range(1, probabilities.shape[0] + 1), list(thresholds)).permute(1, 2, 0)
+
+
+def search_postprocessing(
+    probabilities: Sequence[torch.Tensor],
+    references: Sequence[torch.Tensor],
+    organ_names: Sequence[str],
+    scored: Sequence[str] | None = None,
+    passes: int = 2,
+    grid: Sequence[float] = THRESHOLD_GRID,
+) -> tuple[Postprocessing, dict[str, float | None], dict[str, float | None]]:
+    """Choose per-organ thresholds and largest-component organs that maximise the mean per-organ Dice.
+
+    Args:
+        probabilities: per case, (K, X, Y, Z) probability maps, organs in ``organ_names`` order.
+        references: per case, the (X, Y, Z) reference as organ *indices* (0 background, k + 1 organ k).
+        organ_names: the K organs.
+        scored: the organs the references label (default: all). Only these are tuned and scored; the
+            others keep the defaults but still compete for voxels.
+        passes: rounds of coordinate ascent over the organs' thresholds.
+        grid: the thresholds tried.
+
+    Returns:
+        the postprocessing, and the scored organs' mean Dice before (0.5, no filter) and after it.
+    """
+    organs = len(organ_names)
+    classes = organs + 1
+    tuned = [k for k, name in enumerate(organ_names) if scored is None or name in scored]
+    if len(probabilities) != len(references) or not probabilities:
+        raise SDSegInputError("calibration needs one reference per probability map, and at least one case")
+    thresholds = [0.5] * organs
+
+    def score(fused: Sequence[torch.Tensor]) -> list[float | None]:
+        means = _organ_means(_dice_per_case([_confusion(f, r, classes) for f, r in zip(fused, references)]), organs)
+        return [means[k] if k in tuned else None for k in range(organs)]
+
+    before = score([_fused_index(p, thresholds) for p in probabilities])
+    best_score = _overall(before)
+    for _ in range(passes):
+        changed = False
+        for k in tuned:
+            # The other organs' winner per voxel does not depend on organ k's threshold: compute it once.
+            others = []
+            for p in probabilities:
+                maps = p.float()
+                limits = torch.tensor(thresholds).reshape(-1, 1, 1, 1)
+                scores = torch.where(maps >= limits, maps, -1.0)
+                scores[k] = -1.0
+                best, index = scores.max(dim=0)
+                others.append((maps[k], best, torch.where(best >= 0, index + 1, 0)))
+            for value in grid:
+                fused = []
+                for organ_map, best, index in others:
+                    # fuse_probabilities' rule: the highest claimant wins, ties to the lower organ index.
+                    wins = (organ_map >= value) & ((organ_map > best) | ((organ_map == best) & (index > k + 1)))
+                    fused.append(torch.where(wins, k + 1, index))
+                candidate = _overall(score(fused))
+                if candidate > best_score + MIN_GAIN:
+                    best_score, thresholds[k], changed = candidate, float(value), True
+        if not changed:
+            break
+
+    fused = [_fused_index(p, thresholds) for p in probabilities]
+    largest = []
+    for k in tuned:
+        filtered = [keep_largest_component(f.to(torch.uint8), [k + 1]) for f in fused]
+        base = score(fused)[k]
+        gain = score(filtered)[k]
+        if base is not None and gain is not None and gain > base + MIN_GAIN:
+            largest.append(organ_names[k])
+            fused = filtered
+    postprocessing = Postprocessing(
+        thresholds={name: t for name, t in zip(organ_names, thresholds) if t != 0.5},
+        largest_component=largest,
+    )
+    after = score(fused)
+    return (
+        postprocessing,
+        {organ_names[k]: before[k] for k in tuned},
+        {organ_names[k]: after[k] for k in tuned},
+    )
+
+
+def check_calibration_split(split: str) -> None:
+    """Refuse the test split: thresholds chosen there would inflate the score reported on it."""
+    if split == "test":
+        raise SDSegInputError("refusing to calibrate on the test split: choose thresholds on validation cases")
+
+
+def check_calibration_output(model_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Fail early when the calibrated copy of ``model_dir`` cannot go to ``output_dir``."""
+    output_dir = Path(output_dir)
+    if output_dir.resolve() == Path(model_dir).resolve():
+        raise SDSegInputError("the calibrated model must go to a new folder; the input model is never modified", output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SDSegInputError("output must be a model folder, but a file of that name exists", output_dir)
+    return output_dir
+
+
+def calibrate(
+    segmenter,
+    manifest: Manifest | str | os.PathLike,
+    data_root: str | os.PathLike,
+    split: str = "validation",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> CalibrationResult:
+    """Choose a model's postprocessing on a manifest split (not the test split).
+
+    Args:
+        segmenter: a loaded :class:`~sdseg_monai.inference.VolumeSegmenter` (its seed and batch are used).
+        manifest: a :class:`~sdseg_monai.data.Manifest` or the path of a manifest JSON.
+        data_root: the folder the manifest's relative paths start from.
+        split: the split to calibrate on.
+        progress: called after each case is segmented with (cases done, total, case id).
+
+    Memory holds every case's per-organ maps (float16), K x the voxels x 2 bytes per case.
+    """
+    check_calibration_split(split)
+    start = time.perf_counter()
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    files = check_data_root(manifest, data_root, split)
+    if not files:
+        raise SDSegInputError(f"split {split!r} has no cases", manifest.path)
+    organs, _ = scored_organs(segmenter, manifest)
+    model_labels = list(segmenter.organs)  # probabilities_canonical's organ order
+    transforms = canonical_transforms(segmenter.config.preprocessing, keys=(IMAGE_KEY,), label_keys=(LABEL_KEY,))
+    probabilities, references, cases = [], [], []
+    for done, (case_id, image_path, label_path) in enumerate(files, start=1):
+        image, reference = read_case(image_path, label_path)
+        canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: reference.image})
+        label = canonical[LABEL_KEY][0].as_tensor().round().long()
+        index = torch.zeros(label.shape, dtype=torch.uint8)
+        for dataset_label, model_label, _ in organs:
+            index[label == dataset_label] = model_labels.index(model_label) + 1
+        probabilities.append(segmenter.probabilities_canonical(canonical[IMAGE_KEY]))
+        references.append(index)
+        cases.append(case_id)
+        if progress is not None:
+            progress(done, len(files), case_id)
+    names = list(segmenter.organs.values())
+    postprocessing, before, after = search_postprocessing(probabilities, references, names, scored=[n for _, _, n in organs])
+    return CalibrationResult(
+        postprocessing=postprocessing,
+        organs=list(before),
+        cases=cases,
+        before=before,
+        after=after,
+        split=split,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def save_calibrated_model(model_dir: str | os.PathLike, result: CalibrationResult, output_dir: str | os.PathLike) -> Path:
+    """Copy model folder ``model_dir`` to ``output_dir`` with ``result``'s postprocessing in its config
+    and the calibration report as ``calibration.json``; the weights are copied byte for byte. Written
+    atomically; ``model_dir`` is never modified.
+    """
+    from sdseg_monai.model import CONFIG_NAME, replace_dir
+
+    source, target = Path(model_dir), check_calibration_output(model_dir, output_dir)
+    config = SDSegConfig.from_json_file(source / CONFIG_NAME)
+    config.postprocessing = result.postprocessing
+    config.validate()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for item in source.iterdir():
+            if item.is_file() and item.name not in (CONFIG_NAME, CALIBRATION_NAME):
+                shutil.copy2(item, tmp / item.name)
+        (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+        (tmp / CALIBRATION_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,223 @@
+"""Postprocessing (per-organ thresholds, largest components) and its calibration on a validation split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdseg_monai.config import Postprocessing, SDSegConfig
+from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.transforms import fuse_probabilities, keep_largest_component
+
+from conftest import micro_config
+from test_evaluation import IntensityOracle, dataset, micro_sdseg  # noqa: F401  (fixtures)
+
+
+# -- fusion and components -------------------------------------------------------------------------------
+def test_fusion_with_per_organ_thresholds():
+    # Organ A (label 6) at 0.6 under its threshold 0.7; organ B (label 1) at 0.4 over its 0.3: B wins.
+    probs = torch.tensor([0.6, 0.4]).reshape(1, 2, 1, 1)
+    assert fuse_probabilities(probs, [6, 1], [0.7, 0.3]).item() == 1
+    assert fuse_probabilities(probs, [6, 1], [0.5, 0.3]).item() == 6  # both claim: the more probable wins
+    assert fuse_probabilities(probs, [6, 1], [0.7, 0.45]).item() == 0
+    # One threshold for all is the same as the same threshold per organ.
+    maps = torch.rand((3, 4, 5, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fuse_probabilities(maps, [1, 2, 3, 4], 0.5), fuse_probabilities(maps, [1, 2, 3, 4], [0.5] * 4))
+
+
+def test_keep_largest_component_removes_islands_of_the_named_organs_only():
+    labels = torch.zeros((12, 12, 6), dtype=torch.uint8)
+    labels[1:5, 1:5, 1:4] = 2  # 48 voxels
+    labels[8, 8, 2] = labels[9, 9, 3] = 2  # a diagonal 2-voxel island (26-connected)
+    labels[10, 1, 1] = 3
+    labels[1, 10, 4] = labels[1, 10, 0] = 3  # another organ's islands, not filtered
+    out = keep_largest_component(labels, [2, 4])
+    assert int((out == 2).sum()) == 48 and out[8, 8, 2] == 0 and out[9, 9, 3] == 0
+    assert torch.equal(out == 3, labels == 3)
+    assert int((labels == 2).sum()) == 50  # the input is untouched
+
+
+# -- config ----------------------------------------------------------------------------------------------
+def test_postprocessing_round_trips_with_the_model(tmp_path, micro_model):
+    from sdseg_monai.model import SDSeg
+
+    micro_model.config.postprocessing = Postprocessing(thresholds={"liver": 0.3}, largest_component=["spleen"])
+    loaded = SDSeg.from_pretrained(micro_model.save_pretrained(tmp_path / "m"))
+    assert loaded.config.postprocessing == micro_model.config.postprocessing
+    assert loaded.config.postprocessing.threshold("liver") == 0.3 and loaded.config.postprocessing.threshold("spleen") == 0.5
+    # A config written before postprocessing existed loads with SDSeg's plain rounding.
+    data = micro_config().to_dict()
+    del data["postprocessing"]
+    assert SDSegConfig.from_dict(data).postprocessing == Postprocessing()
+
+
+@pytest.mark.parametrize(
+    "postprocessing, fragment",
+    [
+        ({"thresholds": {"pancreas": 0.3}}, "postprocessing names organs this model does not have: pancreas"),
+        ({"largest_component": ["heart"]}, "does not have: heart"),
+        ({"thresholds": {"liver": 1.5}}, "threshold of liver must lie in (0, 1]"),
+        ({"default_threshold": 0.0}, "threshold of default must lie in (0, 1]"),
+    ],
+)
+def test_bad_postprocessing_is_refused(postprocessing, fragment):
+    with pytest.raises(SDSegInputError) as error:
+        micro_config(postprocessing=postprocessing)
+    assert fragment in str(error.value)
+
+
+# -- the segmenter applies the model's postprocessing ----------------------------------------------------
+def test_segmenter_applies_thresholds_and_largest_components(micro_model):
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image = torch.rand((1, 24, 20, 5), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    plain = VolumeSegmenter(micro_model, device="cpu", postprocess=False)
+    labels = plain.segment_canonical(image)
+    assert plain.postprocessing == {"thresholds": {"spleen": 0.5, "left_kidney": 0.5, "liver": 0.5}, "largest_component": []}
+
+    micro_model.config.postprocessing = Postprocessing(largest_component=["spleen", "left_kidney", "liver"])
+    filtered = VolumeSegmenter(micro_model, device="cpu").segment_canonical(image)
+    assert torch.equal(filtered, keep_largest_component(labels, [1, 3, 6]))
+    assert torch.equal(VolumeSegmenter(micro_model, device="cpu", postprocess=False).segment_canonical(image), labels)
+
+    # Lowering thresholds only adds foreground; an organ that won at 0.5 still wins.
+    micro_model.config.postprocessing = Postprocessing(thresholds={"liver": 0.2})
+    lowered = VolumeSegmenter(micro_model, device="cpu").segment_canonical(image)
+    assert torch.all(lowered[labels == 6] == 6) and torch.all(lowered[labels > 0] > 0)
+    everywhere = VolumeSegmenter(micro_model, device="cpu", threshold=0.01).segment_canonical(image)
+    assert torch.all(everywhere[labels > 0] > 0) and int((everywhere > 0).sum()) >= int((lowered > 0).sum())
+
+
+# -- the search ------------------------------------------------------------------------------------------
+def _search_case(seed: int):
+    """Two organs on a 20x20x6 grid: organ 1 an under-confident box (0.3 inside), organ 2 a confident box
+    with a confident stray island; a third organ the references do not label."""
+    reference = torch.zeros((20, 20, 6), dtype=torch.uint8)
+    probs = torch.zeros((3, 20, 20, 6))
+    offset = seed % 3
+    reference[2 + offset : 8 + offset, 2:8, 1:5] = 1
+    probs[0, 2 + offset : 8 + offset, 2:8, 1:5] = 0.3
+    reference[12:18, 10:18, 0:6] = 2
+    probs[1, 12:18, 10:18, 0:6] = 0.9
+    probs[1, 1, 17, 3] = probs[1, 2, 17, 3] = 0.9  # the island
+    probs[2, 10:12, 0:3, :] = 0.8  # an unlabelled organ
+    return probs.to(torch.float16), reference
+
+
+def test_search_finds_the_threshold_and_the_component_filter():
+    from sdseg_monai.calibration import search_postprocessing
+
+    cases = [_search_case(s) for s in range(3)]
+    post, before, after = search_postprocessing(
+        [p for p, _ in cases], [r for _, r in cases], ["vein", "kidney", "other"], scored=["vein", "kidney"]
+    )
+    assert post.thresholds["vein"] <= 0.3 and "kidney" not in post.thresholds and "other" not in post.thresholds
+    assert post.largest_component == ["kidney"]
+    assert set(before) == set(after) == {"vein", "kidney"}
+    assert before["vein"] == 0.0 and after["vein"] == 1.0
+    assert before["kidney"] == pytest.approx(2 * 288 / (290 + 288)) and after["kidney"] == 1.0
+
+
+def test_search_keeps_defaults_when_nothing_helps():
+    from sdseg_monai.calibration import search_postprocessing
+
+    reference = torch.zeros((10, 10, 4), dtype=torch.uint8)
+    reference[2:6, 2:6, 1:3] = 1
+    probs = (reference == 1).float()[None].to(torch.float16)
+    post, before, after = search_postprocessing([probs], [reference], ["liver"])
+    assert post == Postprocessing() and before == after == {"liver": 1.0}
+
+
+# -- calibrate on a manifest split, save, and use -------------------------------------------------------
+class UnderConfidentOracle(IntensityOracle):
+    """The intensity oracle with the liver at probability 0.3 and a confident stray spleen voxel block."""
+
+    def __call__(self, slices, network):
+        maps = super().__call__(slices, network).clone()
+        liver = self.organs.index("liver")
+        maps[:, liver] *= 0.3
+        maps[:, self.organs.index("spleen"), 1:3, 1:3] = 1.0
+        return maps
+
+
+def test_calibrate_save_and_segment_with_the_calibrated_model(dataset, micro_sdseg, tmp_path):  # noqa: F811
+    from sdseg_monai.calibration import CALIBRATION_NAME, calibrate, save_calibrated_model
+    from sdseg_monai.evaluation import evaluate
+    from sdseg_monai.inference import VolumeSegmenter
+
+    manifest_path, root = dataset
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"] = {"validation": ["a", "b"]}
+    manifest_path.write_text(json.dumps(manifest))
+    model_dir = micro_sdseg.save_pretrained(tmp_path / "model")
+    before_bytes = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+
+    segmenter = VolumeSegmenter(model_dir, device="cpu")
+    segmenter.inferer = UnderConfidentOracle(segmenter.inferer.organs)
+    seen = []
+    result = calibrate(segmenter, manifest_path, root, progress=lambda done, total, case: seen.append((done, total, case)))
+    assert seen == [(1, 2, "a"), (2, 2, "b")] and result.cases == ["a", "b"]
+    assert result.postprocessing.thresholds["liver"] <= 0.3
+    assert "spleen" in result.postprocessing.largest_component
+    assert result.before["liver"] == 0.0 and result.after["liver"] > 0.9  # the full-confidence oracle scores > 0.9
+    assert result.after["spleen"] > result.before["spleen"]
+    assert result.organs == ["liver", "spleen", "left_kidney"] and result.after["left_kidney"] is None
+    assert result.mean_after > result.mean_before
+    assert "liver" in result.format_table() and "mean Dice" in result.format_table()
+
+    calibrated = save_calibrated_model(model_dir, result, tmp_path / "calibrated")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before_bytes  # the input is untouched
+    assert (calibrated / "model.safetensors").read_bytes() == before_bytes["model.safetensors"]
+    saved = json.loads((calibrated / CALIBRATION_NAME).read_text())
+    assert saved["per_organ"]["liver"]["threshold"] == result.postprocessing.thresholds["liver"]
+
+    # The calibrated model scores on the same cases what calibration promised (canonical vs input grid).
+    user = VolumeSegmenter(calibrated, device="cpu")
+    user.inferer = UnderConfidentOracle(user.inferer.organs)
+    report = evaluate(user, manifest_path, root, split="validation")
+    scores = {o.name: o.mean_dice for o in report.per_organ}
+    for organ in ("liver", "spleen"):
+        assert scores[organ] == pytest.approx(result.after[organ], abs=0.02)
+    assert report.postprocessing["largest_component"] == user.postprocessing["largest_component"]
+
+
+def test_calibration_refuses_the_test_split_and_its_own_model_folder(dataset, micro_sdseg, tmp_path):  # noqa: F811
+    from sdseg_monai.calibration import CalibrationResult, calibrate, save_calibrated_model
+    from sdseg_monai.inference import VolumeSegmenter
+
+    manifest, root = dataset
+    with pytest.raises(SDSegInputError, match="refusing to calibrate on the test split"):
+        calibrate(VolumeSegmenter(micro_sdseg, device="cpu"), manifest, root, split="test")
+    model_dir = micro_sdseg.save_pretrained(tmp_path / "model")
+    result = CalibrationResult(Postprocessing(), ["liver"], ["a"], {"liver": 1.0}, {"liver": 1.0})
+    with pytest.raises(SDSegInputError, match="must go to a new folder"):
+        save_calibrated_model(model_dir, result, tmp_path / "model" / ".." / "model")
+
+
+def test_cli_calibrate(dataset, micro_sdseg, tmp_path, capsys):  # noqa: F811
+    from sdseg_monai.cli import main
+
+    manifest_path, root = dataset
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"] = {"validation": ["a"], "test": ["b"]}
+    manifest_path.write_text(json.dumps(manifest))
+    model_dir = micro_sdseg.save_pretrained(tmp_path / "model")
+    base = ["calibrate", "-m", str(model_dir), "--manifest", str(manifest_path), "--data-root", str(root), "--device", "cpu"]
+
+    assert main([*base, "-o", str(tmp_path / "out"), "--split", "test"]) == 2
+    assert "refusing to calibrate on the test split" in capsys.readouterr().err
+    assert main([*base, "-o", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "must go to a new folder" in err and str(model_dir) in err
+
+    # The real (random-weight) micro model: one small case, the whole path from files to a saved model.
+    assert main([*base, "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold" in out and "mean Dice" in out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    report = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert config["postprocessing"] == report["postprocessing"] and report["cases"] == ["a"]
+    assert np.all([0.1 <= t <= 0.9 for t in report["postprocessing"]["thresholds"].values()])
