@@ -14,8 +14,11 @@ The recipe, one command (a GPU makes it minutes; every stage also runs on a CPU,
 3. **Stage 1, SDSeg** (``sdseg3d train``'s :func:`~sdseg_monai.training.train_sdseg`): vision
    encoder + UNet on the training phantoms plus the real CT of ``shared/data/ct``, ``"strong"``
    augmentation, EMA weights selected on the validation phantoms.
-4. **Evaluation** (``sdseg3d evaluate``'s :func:`~sdseg_monai.evaluation.evaluate`) on the test
-   phantoms, and again after storing the model as float16, which is what ships.
+4. **Calibration** (``sdseg3d calibrate``'s :func:`~sdseg_monai.calibration.calibrate`) of the
+   float16 model on the validation phantoms: per-organ thresholds and largest-component organs.
+5. **Evaluation** (``sdseg3d evaluate``'s :func:`~sdseg_monai.evaluation.evaluate`) on the test
+   phantoms of the calibrated float16 model, which is what ships; also without its postprocessing,
+   and the float32 model without it (what float16 storage costs).
 
 ``--init-from MODEL`` skips stage 0 and continues training a saved model (e.g. the packaged one).
 Step counts are fixed by ``--ae-steps`` / ``--steps``; with ``--ae-seconds`` / ``--sdseg-seconds``
@@ -367,17 +370,30 @@ def sdseg_stage(args, autoencoder: Path | None, folder: Path, deadline: float | 
     return {"steps": steps, "settings": {k: v for k, v in vars(settings).items()}, **summary}
 
 
-# -- 4. evaluation and packaging -------------------------------------------------------------------
-def evaluate_model(model_dir: Path, folder: Path, device: str, out: Path) -> dict:
-    from sdseg_monai.evaluation import evaluate
+# -- 4. calibration, 5. evaluation and packaging ---------------------------------------------------
+def _segmenter(model_dir: Path, device: str, postprocess: bool = True):
     from sdseg_monai.inference import VolumeSegmenter
     from sdseg_monai.model import SDSeg
 
     model = SDSeg.from_pretrained(model_dir)
     batch_size = inference_batch(model.config.preprocessing.slice_size)
-    segmenter = VolumeSegmenter(model, device=device, seed=0, batch_size=batch_size)
-    report = evaluate(segmenter, folder / "manifest.json", folder, split="test", output_dir=out)
-    log(f"test phantoms ({model_dir.name}):\n{report.format_table()}")
+    return VolumeSegmenter(model, device=device, seed=0, batch_size=batch_size, postprocess=postprocess)
+
+
+def calibrate_model(model_dir: Path, folder: Path, device: str, out: Path) -> dict:
+    from sdseg_monai.calibration import calibrate, save_calibrated_model
+
+    result = calibrate(_segmenter(model_dir, device), folder / "manifest.json", folder, split="validation")
+    save_calibrated_model(model_dir, result, out)
+    log(f"calibration ({len(result.cases)} validation phantoms, {result.seconds:.0f}s):\n{result.format_table()}")
+    return result.to_dict()
+
+
+def evaluate_model(model_dir: Path, folder: Path, device: str, out: Path, postprocess: bool = True) -> dict:
+    from sdseg_monai.evaluation import evaluate
+
+    report = evaluate(_segmenter(model_dir, device, postprocess), folder / "manifest.json", folder, split="test", output_dir=out)
+    log(f"test phantoms ({model_dir.name}{'' if postprocess else ', no postprocessing'}):\n{report.format_table()}")
     return report.to_dict()
 
 
@@ -421,13 +437,16 @@ def main(argv=None) -> int:
     summary["sdseg"] = sdseg_stage(args, autoencoder, folder, deadline=t0 + 60 * args.max_minutes if args.max_minutes else None)
     from sdseg_monai.model import SDSeg
 
-    best, packaged = args.out / "sdseg" / "model", args.out / "default_model"
-    SDSeg.from_pretrained(best).save_pretrained(packaged, dtype=torch.float16)
+    best, uncalibrated, packaged = args.out / "sdseg" / "model", args.out / "uncalibrated", args.out / "default_model"
+    SDSeg.from_pretrained(best).save_pretrained(uncalibrated, dtype=torch.float16)
+    export(args, summary, model=uncalibrated)
+    summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
     summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
     export(args, summary, model=packaged)
     summary["test"] = evaluate_model(packaged, folder, args.device, args.out / "eval")
     export(args, summary)
-    summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32")
+    summary["test_uncalibrated"] = evaluate_model(packaged, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
+    summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32", postprocess=False)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     export(args, summary)
