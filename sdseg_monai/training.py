@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdseg_monai.config import Postprocessing
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import SDSeg, decoded_to_probabilities, soft_dice_loss
 
@@ -575,6 +576,10 @@ def train_sdseg(
 ) -> dict:
     """Train SDSeg's vision encoder and UNet; the autoencoder stays frozen.
 
+    A calibrated postprocessing (:mod:`sdseg_monai.calibration`) belongs to the weights it was chosen
+    for, so training resets it to SDSeg's plain rounding: validation and the saved models use 0.5 for
+    every organ until ``sdseg3d calibrate`` runs on the result.
+
     Writes to ``output_dir``: ``checkpoint.pt`` (everything needed to resume, written atomically every
     ``checkpoint_every`` steps), ``log.jsonl`` (one JSON record per log step and per validation),
     ``model/`` (the best model by validation Dice, EMA weights, in the saved-model format) and
@@ -602,6 +607,7 @@ def train_sdseg(
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
+    model.config.postprocessing = Postprocessing()
     needs_device_batches = settings.organ_sampling != "slice" or settings.organs_per_slice != 1
     if settings.batches_on_device is False and needs_device_batches:
         raise SDSegInputError("organ-first sampling and several organs per slice need batches built on the device")

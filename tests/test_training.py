@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import micro_config
+from sdseg_monai.config import Postprocessing
 from sdseg_monai.data import SliceDataset, slice_augmentation
 from sdseg_monai.model import SDSeg
 from sdseg_monai.training import TrainSettings, train_sdseg
@@ -278,7 +279,7 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     from sdseg_monai.cli import main
 
     cases = write_cases(tmp_path / "data", 1)
-    start = micro(latent_scale=0.7)
+    start = micro(latent_scale=0.7, postprocessing={"thresholds": {"liver": 0.3}, "largest_component": ["spleen"]})
     start.save_pretrained(tmp_path / "start")
     volume = f"{cases[0][0]}:{cases[0][1]}"
     args = ["train", "-o", str(tmp_path / "run"), "--init-from", str(tmp_path / "start"), "--volume", volume, "--steps", "2",
@@ -289,6 +290,7 @@ def test_train_cli_fine_tunes_a_saved_model(tmp_path, capsys):
     tuned = SDSeg.from_pretrained(tmp_path / "run" / "model")
     assert tuned.config.organ_names == ["spleen", "liver"] and tuned.config.latent_scale == 0.7  # the saved model's own
     assert tuned.config.mask_loss_weight == 0.5 and tuned.config.condition_channels == 8
+    assert tuned.config.postprocessing == Postprocessing()  # calibrated for the old weights: reset
     assert "loss_mask" in (tmp_path / "run" / "log.jsonl").read_text()
     changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, start.unet.state_dict()[k])]
     assert changed  # trained from the saved weights
