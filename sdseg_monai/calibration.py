@@ -56,18 +56,13 @@ class CalibrationResult:
     split: str = "validation"
     seconds: float = 0.0
 
-    @staticmethod
-    def _mean(scores: dict[str, float | None]) -> float | None:
-        values = [v for v in scores.values() if v is not None]
-        return float(np.mean(values)) if values else None
-
     @property
     def mean_before(self) -> float | None:
-        return self._mean(self.before)
+        return _mean_present(self.before.values())
 
     @property
     def mean_after(self) -> float | None:
-        return self._mean(self.after)
+        return _mean_present(self.after.values())
 
     def to_dict(self) -> dict:
         post = self.postprocessing
@@ -128,17 +123,18 @@ def _dice_per_case(confusions: Sequence[torch.Tensor]) -> list[list[float | None
     return out
 
 
+def _mean_present(values) -> float | None:
+    """Mean of the values that are not None (absent organs are left out of every mean)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
 def _organ_means(per_case: list[list[float | None]], organs: int) -> list[float | None]:
-    means = []
-    for k in range(organs):
-        values = [case[k] for case in per_case if case[k] is not None]
-        means.append(float(np.mean(values)) if values else None)
-    return means
+    return [_mean_present(case[k] for case in per_case) for k in range(organs)]
 
 
 def _overall(means: list[float | None]) -> float:
-    values = [m for m in means if m is not None]
-    return float(np.mean(values)) if values else 0.0
+    return _mean_present(means) or 0.0
 
 
 def _fused_index(probabilities: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
