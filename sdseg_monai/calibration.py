@@ -184,9 +184,9 @@ def search_postprocessing(
         for k in tuned:
             # The other organs' winner per voxel does not depend on organ k's threshold: compute it once.
             others = []
+            limits = torch.tensor(thresholds).reshape(-1, 1, 1, 1)
             for p in probabilities:
                 maps = p.float()
-                limits = torch.tensor(thresholds).reshape(-1, 1, 1, 1)
                 scores = torch.where(maps >= limits, maps, -1.0)
                 scores[k] = -1.0
                 best, index = scores.max(dim=0)

@@ -152,12 +152,8 @@ class VolumeSegmenter:
         names = [self.config.organ_names[k] for k in self.classes]
         self.thresholds = [post.threshold(name) for name in names]
         self.largest_component = [self.config.organ_labels[k] for k in self.classes if self.config.organ_names[k] in post.largest_component]
-        self.postprocessing = {
-            "thresholds": dict(zip(names, self.thresholds)),
-            "largest_component": [name for name in names if name in post.largest_component],
-        }
         self.inferer = OneStepInferer(
-            organs=[self.config.organ_names[k] for k in self.classes],
+            organs=names,
             seed=seed,
             batch_size=self.batch_size,
             num_steps=num_steps,
@@ -165,6 +161,14 @@ class VolumeSegmenter:
             precision=precision,
         )
         self.transforms = canonical_transforms(self.config.preprocessing)
+
+    @property
+    def postprocessing(self) -> dict:
+        """The postprocessing this segmenter applies, by organ name (recorded with every output)."""
+        return {
+            "thresholds": dict(zip(self.organs.values(), self.thresholds)),
+            "largest_component": [self.organs[label] for label in self.largest_component],
+        }
 
     @property
     def chunk_slices(self) -> int:
