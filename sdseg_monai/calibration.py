@@ -5,8 +5,11 @@ under-confident, and a few organs gain stray islands. :func:`calibrate` segments
 once, keeps their per-organ probability maps, and chooses, to maximise the mean per-organ Dice (the
 metric), each organ's probability threshold (coordinate ascent over :data:`THRESHOLD_GRID`) and then
 which organs keep only their largest connected component (nnU-Net's postprocessing rule: only where it
-helps on validation). The result is a :class:`~sdseg_monai.config.Postprocessing` that
-:func:`save_calibrated_model` stores in a copy of the model, so every later ``segment`` applies it.
+helps on validation). It also sets the radius around an empty mask's latent within which a (slice,
+organ) pair need not be decoded (:func:`choose_skip_decode_radius`): decoding is most of the inference
+cost, and most pairs are organs absent from the slice. The result is a
+:class:`~sdseg_monai.config.Postprocessing` that :func:`save_calibrated_model` stores in a copy of the
+model, so every later ``segment`` applies it.
 
 Never calibrate on the test split: the thresholds would be selected on the cases that report the score.
 
@@ -24,14 +27,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from sdseg_monai.config import Postprocessing, SDSegConfig
+from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing, SDSegConfig
 from sdseg_monai.data import Manifest, check_data_root, load_manifest
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.evaluation import scored_organs, read_case
@@ -41,6 +44,9 @@ CALIBRATION_NAME = "calibration.json"
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, ..., 0.90
 # A change must raise the mean Dice by more than this to be taken: ties keep SDSeg's defaults.
 MIN_GAIN = 1e-4
+# The skip radius is this fraction of the distance of the closest pair that decoded to
+# SKIP_DECODE_PROBABILITY or more: absent organs sit far inside it, the organs it must not miss far outside.
+SKIP_DECODE_MARGIN = 0.5
 
 
 @dataclass
@@ -55,6 +61,8 @@ class CalibrationResult:
     after: dict[str, float | None]
     split: str = "validation"
     seconds: float = 0.0
+    closest_decoded: float | None = None  # distance of the closest pair that decoded visibly
+    skipped_share: float = 0.0  # share of the calibration cases' (slice, organ) pairs not decoded
 
     @property
     def mean_before(self) -> float | None:
@@ -74,6 +82,13 @@ class CalibrationResult:
                 "default_threshold": post.default_threshold,
                 "thresholds": dict(post.thresholds),
                 "largest_component": list(post.largest_component),
+                "skip_decode_radius": post.skip_decode_radius,
+            },
+            "skip_decode": {
+                "probability": SKIP_DECODE_PROBABILITY,
+                "margin": SKIP_DECODE_MARGIN,
+                "closest_decoded_distance": self.closest_decoded,
+                "pairs_skipped": self.skipped_share,
             },
             "mean_dice_before": self.mean_before,
             "mean_dice_after": self.mean_after,
@@ -102,6 +117,14 @@ class CalibrationResult:
                 f"{text(self.before[name]):>8} {text(self.after[name]):>7}"
             )
         lines.append(f"{'mean Dice':<42} {text(self.mean_before):>8} {text(self.mean_after):>7}")
+        radius = self.postprocessing.skip_decode_radius
+        if radius > 0:
+            lines.append(
+                f"decoding skipped within {radius:.3f} of an empty mask: "
+                f"{self.skipped_share:.1%} of the (slice, organ) pairs of these cases"
+            )
+        else:
+            lines.append("decoding skipped for no pair (no pair decoded visibly to measure a radius against)")
         return "\n".join(lines)
 
 
@@ -224,6 +247,32 @@ def search_postprocessing(
     )
 
 
+def choose_skip_decode_radius(
+    peaks: Sequence[torch.Tensor], distances: Sequence[torch.Tensor], margin: float = SKIP_DECODE_MARGIN
+) -> tuple[float, float | None, float]:
+    """The radius around an empty mask's latent within which pairs need not be decoded.
+
+    Args:
+        peaks: per case, (K, Z) each (organ, slice)'s highest probability (at native resolution).
+        distances: per case, (K, Z) each pair's :meth:`~sdseg_monai.model.SDSeg.empty_distance`.
+        margin: the radius is this fraction of the closest visible pair's distance.
+
+    Returns:
+        the radius (0 when no pair reached :data:`SKIP_DECODE_PROBABILITY`: nothing to measure it
+        against), that closest distance (or None), and the share of pairs the radius skips.
+    """
+    peak = torch.cat([p.flatten().float() for p in peaks])
+    distance = torch.cat([d.flatten().float() for d in distances])
+    if peak.shape != distance.shape:
+        raise SDSegInputError("calibration needs one distance per (organ, slice) peak")
+    visible = peak >= SKIP_DECODE_PROBABILITY
+    if not visible.any():
+        return 0.0, None, 0.0
+    closest = float(distance[visible].min())
+    radius = margin * closest
+    return radius, closest, float((distance < radius).float().mean())
+
+
 def check_calibration_split(split: str) -> None:
     """Refuse the test split: thresholds chosen there would inflate the score reported on it."""
     if split == "test":
@@ -268,7 +317,7 @@ def calibrate(
     organs, _ = scored_organs(segmenter, manifest)
     model_labels = list(segmenter.organs)  # probabilities_canonical's organ order
     transforms = canonical_transforms(segmenter.config.preprocessing, keys=(IMAGE_KEY,), label_keys=(LABEL_KEY,))
-    probabilities, references, cases = [], [], []
+    probabilities, distances, references, cases = [], [], [], []
     for done, (case_id, image_path, label_path) in enumerate(files, start=1):
         image, reference = read_case(image_path, label_path)
         canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: reference.image})
@@ -276,21 +325,27 @@ def calibrate(
         index = torch.zeros(label.shape, dtype=torch.uint8)
         for dataset_label, model_label, _ in organs:
             index[label == dataset_label] = model_labels.index(model_label) + 1
-        probabilities.append(segmenter.probabilities_canonical(canonical[IMAGE_KEY]))
+        maps, distance = segmenter.probabilities_canonical(canonical[IMAGE_KEY])
+        probabilities.append(maps)
+        distances.append(distance)
         references.append(index)
         cases.append(case_id)
         if progress is not None:
             progress(done, len(files), case_id)
     names = list(segmenter.organs.values())
     postprocessing, before, after = search_postprocessing(probabilities, references, names, scored=[n for _, _, n in organs])
+    peaks = [p.amax(dim=(1, 2)) for p in probabilities]
+    radius, closest, skipped = choose_skip_decode_radius(peaks, distances)
     return CalibrationResult(
-        postprocessing=postprocessing,
+        postprocessing=replace(postprocessing, skip_decode_radius=radius),
         organs=list(before),
         cases=cases,
         before=before,
         after=after,
         split=split,
         seconds=time.perf_counter() - start,
+        closest_decoded=closest,
+        skipped_share=skipped,
     )
 
 

@@ -169,6 +169,9 @@ def segment(
     no_postprocess: bool = typer.Option(
         False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
     ),
+    decode_all: bool = typer.Option(
+        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
@@ -186,7 +189,13 @@ def segment(
             label,
         )
     segmenter = VolumeSegmenter(
-        model_dir, device=device, organs=_split_names(organs_), batch_size=batch_size, seed=seed, postprocess=not no_postprocess
+        model_dir,
+        device=device,
+        organs=_split_names(organs_),
+        batch_size=batch_size,
+        seed=seed,
+        postprocess=not no_postprocess,
+        skip_decode=not decode_all,
     )
     bar = _SliceBar(volume.shape[2], enabled=not quiet)
     try:
@@ -217,6 +226,9 @@ def evaluate(
     no_postprocess: bool = typer.Option(
         False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
     ),
+    decode_all: bool = typer.Option(
+        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
     """Score a model on a manifest split: per-organ Dice (and HD95), per-case CSV and JSON report."""
@@ -231,7 +243,9 @@ def evaluate(
     prepare_output_dir(output)
     from sdseg_monai.inference import VolumeSegmenter
 
-    segmenter = VolumeSegmenter(model_dir, device=device, batch_size=batch_size, seed=seed, postprocess=not no_postprocess)
+    segmenter = VolumeSegmenter(
+        model_dir, device=device, batch_size=batch_size, seed=seed, postprocess=not no_postprocess, skip_decode=not decode_all
+    )
 
     def progress(done: int, total: int, case) -> None:
         dice = [s.dice for s in case.scores if s.dice is not None]
@@ -258,7 +272,7 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
-    """Choose per-organ thresholds and largest-component organs on a validation split; write a calibrated copy of the model."""
+    """Choose per-organ thresholds, largest-component organs and which decodes to skip on a validation split; write a calibrated copy of the model."""
     from sdseg_monai.calibration import calibrate as run_calibration
     from sdseg_monai.calibration import check_calibration_output, check_calibration_split, save_calibrated_model
     from sdseg_monai.data import check_data_root, load_manifest

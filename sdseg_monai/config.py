@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -147,6 +148,11 @@ class Preprocessing:
             raise SDSegInputError(f"slice_size must be a positive multiple of 8, got {self.slice_size}")
 
 
+# Skipped decodes are those that stayed below this probability on the calibration cases: far under any
+# threshold an organ can have, so skipping them leaves the label maps as they were.
+SKIP_DECODE_PROBABILITY = 0.05
+
+
 @dataclass
 class Postprocessing:
     """How per-organ probability maps become a label map; stored with every model and set on a
@@ -157,11 +163,17 @@ class Postprocessing:
         thresholds: organ name -> its own threshold, where it differs from ``default_threshold``.
         largest_component: organs of which only the largest 3D connected component is kept (each
             BTCV organ is one connected structure, so stray islands are false positives).
+        skip_decode_radius: a (slice, organ) pair whose predicted latent lies closer than this to the
+            latent of an empty mask is not decoded: its map is all zero. Decoding is most of the
+            inference cost, and most pairs are organs absent from the slice. Calibration sets the
+            radius with a margin below the closest pair that decoded to :data:`SKIP_DECODE_PROBABILITY`
+            or more on its cases, so the label maps are those of decoding every pair. 0 decodes all.
     """
 
     default_threshold: float = 0.5
     thresholds: dict[str, float] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)
+    skip_decode_radius: float = 0.0
 
     def __post_init__(self):
         self.default_threshold = float(self.default_threshold)
@@ -170,6 +182,9 @@ class Postprocessing:
         for name, value in [("default", self.default_threshold), *self.thresholds.items()]:
             if not 0.0 < value <= 1.0:
                 raise SDSegInputError(f"threshold of {name} must lie in (0, 1], got {value}")
+        self.skip_decode_radius = float(self.skip_decode_radius)
+        if not (math.isfinite(self.skip_decode_radius) and self.skip_decode_radius >= 0.0):
+            raise SDSegInputError(f"skip_decode_radius must be a finite number >= 0, got {self.skip_decode_radius}")
 
     def threshold(self, organ: str) -> float:
         return self.thresholds.get(organ, self.default_threshold)

@@ -155,6 +155,7 @@ class SDSeg(nn.Module):
         self.register_buffer(
             "alphas_cumprod", diffusion.alphas_cumprod(config.schedule, config.num_train_timesteps), persistent=False
         )
+        self._empty_latent: tuple[tuple, torch.Tensor] | None = None  # (key, latent), see empty_latent()
 
     # -- basics -------------------------------------------------------------------------------------
     @property
@@ -164,6 +165,7 @@ class SDSeg(nn.Module):
     def train(self, mode: bool = True) -> SDSeg:
         super().train(mode)
         self.autoencoder.eval()  # frozen: never in train mode
+        self._empty_latent = None
         return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -232,6 +234,24 @@ class SDSeg(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image slices (B, 3, H, W) in [-1, 1] -> image latents c (B, z, H/f, W/f)."""
         return self.vision_encoder(images)
+
+    @torch.no_grad()
+    def empty_latent(self) -> torch.Tensor:
+        """(1, C, h, w) scaled latent (posterior mean, fp32) of an all-background mask at the slice size:
+        what the UNet should predict for an organ absent from the slice. Cached per device and scale."""
+        size = self.config.preprocessing.slice_size
+        key = (self.device, self.latent_scale, size)
+        if self._empty_latent is None or self._empty_latent[0] != key:
+            with torch.autocast(self.device.type, enabled=False):
+                x = self.masks_to_autoencoder_input(torch.zeros((1, size, size), device=self.device))
+                latent = self.autoencoder.encode(x).latent_dist.mean.float() * self.latent_scale
+            self._empty_latent = (key, latent)
+        return self._empty_latent[1]
+
+    def empty_distance(self, z0: torch.Tensor) -> torch.Tensor:
+        """(B,) how far predicted latents (B, C, h, w) are from an empty mask's: the largest Euclidean
+        distance over latent pixels, so that one small organ, a few pixels of the latent, counts."""
+        return (z0.float() - self.empty_latent()).norm(dim=1).flatten(1).amax(dim=1)
 
     def decode_probabilities(self, z0: torch.Tensor) -> torch.Tensor:
         """z0_hat -> decoder -> clamp to [-1, 1] -> [0, 1] -> channel mean: (B, H, W) probabilities."""
@@ -329,11 +349,14 @@ class SDSeg(nn.Module):
         num_steps: int = 1,
         num_samples: int = 1,
         precision: str = "auto",
-    ) -> torch.Tensor:
+        skip_decode_radius: float = 0.0,
+        return_distances: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Probability maps for image slices, slices x organs batched together.
 
         The vision encoder runs once per slice; each (slice, organ) pair costs one UNet call (or
-        ``num_steps`` with DDIM) and one decode.
+        ``num_steps`` with DDIM) and one decode, unless its predicted latent is within
+        ``skip_decode_radius`` of an empty mask's (:meth:`empty_distance`), for every noise draw.
 
         Args:
             images: (S, 3, H, W) slices in [-1, 1] at the model's slice size.
@@ -343,19 +366,28 @@ class SDSeg(nn.Module):
             num_steps: 1 is SDSeg's one-step reverse process; more runs a DDIM chain.
             num_samples: averages the probability maps of this many noise draws.
             precision: ``"auto"`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+            skip_decode_radius: pairs closer than this to an empty mask are not decoded; their maps
+                are zero (0 decodes every pair; see ``Postprocessing.skip_decode_radius``).
+            return_distances: also return each pair's :meth:`empty_distance` (the largest over the
+                noise draws).
 
         Returns:
-            (S, K, H, W) float32 probabilities on the images' device.
+            (S, K, H, W) float32 probabilities on the images' device, and with ``return_distances``
+            the (S, K) float32 distances.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise SDSegInputError(f"expected image slices of shape (S, 3, H, W), got {tuple(images.shape)}")
         if num_steps < 1 or num_samples < 1:
             raise SDSegInputError("num_steps and num_samples must be >= 1")
+        if not skip_decode_radius >= 0:
+            raise SDSegInputError(f"skip_decode_radius must be >= 0, got {skip_decode_radius}")
         classes = self.class_indices(organs)
         n_slices, n_organs = images.shape[0], len(classes)
         batch = batch_size or default_batch_size(self.device)
         device = self.device
-        out = torch.empty((n_slices, n_organs, *images.shape[-2:]), dtype=torch.float32, device=images.device)
+        out = torch.zeros((n_slices, n_organs, *images.shape[-2:]), dtype=torch.float32, device=images.device)
+        distances = torch.zeros((n_slices, n_organs), dtype=torch.float32)
+        measure = return_distances or skip_decode_radius > 0
         noises = [self.initial_noise(seed + n) for n in range(num_samples)]
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
         with autocast(device, precision):
@@ -364,10 +396,20 @@ class SDSeg(nn.Module):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
                 slice_idx, organ_idx = pairs // n_organs, pairs % n_organs
                 c, cls = cond[slice_idx], class_tensor[organ_idx]
-                prob = sum(self.decode_probabilities(self.reverse(c, cls, noise, num_steps)) for noise in noises)
+                latents = [self.reverse(c, cls, noise, num_steps) for noise in noises]
+                if measure:
+                    distance = torch.stack([self.empty_distance(z) for z in latents]).amax(dim=0)
+                    distances[slice_idx.cpu(), organ_idx.cpu()] = distance.cpu()
+                if skip_decode_radius > 0:
+                    decode = (distance >= skip_decode_radius).nonzero()[:, 0]
+                    if not len(decode):
+                        continue  # the skipped pairs keep their zero maps
+                    if len(decode) < len(pairs):
+                        latents, slice_idx, organ_idx = [z[decode] for z in latents], slice_idx[decode], organ_idx[decode]
+                prob = sum(self.decode_probabilities(z) for z in latents)
                 prob = (prob / num_samples).float().to(out.device)
                 out[slice_idx.cpu(), organ_idx.cpu()] = prob
-        return out
+        return (out, distances) if return_distances else out
 
     # -- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -61,6 +61,7 @@ def test_postprocessing_round_trips_with_the_model(tmp_path, micro_model):
         ({"largest_component": ["heart"]}, "does not have: heart"),
         ({"thresholds": {"liver": 1.5}}, "threshold of liver must lie in (0, 1]"),
         ({"default_threshold": 0.0}, "threshold of default must lie in (0, 1]"),
+        ({"skip_decode_radius": -0.5}, "skip_decode_radius must be a finite number >= 0"),
     ],
 )
 def test_bad_postprocessing_is_refused(postprocessing, fragment):
@@ -76,7 +77,11 @@ def test_segmenter_applies_thresholds_and_largest_components(micro_model):
     image = torch.rand((1, 24, 20, 5), generator=torch.Generator().manual_seed(4)) * 2 - 1
     plain = VolumeSegmenter(micro_model, device="cpu", postprocess=False)
     labels = plain.segment_canonical(image)
-    assert plain.postprocessing == {"thresholds": {"spleen": 0.5, "left_kidney": 0.5, "liver": 0.5}, "largest_component": []}
+    assert plain.postprocessing == {
+        "thresholds": {"spleen": 0.5, "left_kidney": 0.5, "liver": 0.5},
+        "largest_component": [],
+        "skip_decode_radius": 0.0,
+    }
 
     micro_model.config.postprocessing = Postprocessing(largest_component=["spleen", "left_kidney", "liver"])
     filtered = VolumeSegmenter(micro_model, device="cpu").segment_canonical(image)
@@ -89,6 +94,45 @@ def test_segmenter_applies_thresholds_and_largest_components(micro_model):
     assert torch.all(lowered[labels == 6] == 6) and torch.all(lowered[labels > 0] > 0)
     everywhere = VolumeSegmenter(micro_model, device="cpu", threshold=0.01).segment_canonical(image)
     assert torch.all(everywhere[labels > 0] > 0) and int((everywhere > 0).sum()) >= int((lowered > 0).sum())
+
+
+def test_segmenter_skips_decodes_only_where_the_calibration_holds(micro_model):
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image = torch.rand((1, 24, 20, 5), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    exact = VolumeSegmenter(micro_model, device="cpu")
+    maps, distances = exact.probabilities_canonical(image)
+    assert maps.shape == (3, 24, 20, 5) and distances.shape == (3, 5)
+    radius = float(distances.flatten().sort().values[4])  # 4 of the 15 (organ, slice) pairs inside
+    micro_model.config.postprocessing = Postprocessing(skip_decode_radius=radius)
+    skipping = VolumeSegmenter(micro_model, device="cpu")
+    assert skipping.postprocessing["skip_decode_radius"] == radius
+    # The radius skips exactly those pairs: their maps are empty, the other maps as before.
+    with torch.inference_mode():
+        native = torch.cat([chunk for _, chunk in exact._probability_chunks(image)])  # (Z, K, X, Y)
+    native = native.clone()
+    near = distances < radius
+    native[near.T] = 0
+    expected = fuse_probabilities(native, list(exact.organs), 0.5).permute(1, 2, 0)
+    assert torch.equal(skipping.segment_canonical(image), expected)
+    # Calibrating again measures every pair, whatever the model's radius.
+    again, again_distances = skipping.probabilities_canonical(image)
+    assert torch.equal(again, maps) and torch.equal(again_distances, distances)
+    # No skipping without the postprocessing, on request, or under thresholds the calibration does not cover.
+    for options in ({"postprocess": False}, {"skip_decode": False}, {"threshold": 0.05}):
+        assert VolumeSegmenter(micro_model, device="cpu", **options).skip_decode_radius == 0.0
+    assert VolumeSegmenter(micro_model, device="cpu", threshold=0.3).skip_decode_radius == radius
+
+
+def test_skip_radius_is_a_margin_below_the_closest_visible_pair():
+    from sdseg_monai.calibration import SKIP_DECODE_MARGIN, choose_skip_decode_radius
+
+    peaks = [torch.tensor([[0.0, 0.9, 0.04], [0.6, 0.0, 0.0]]), torch.tensor([[0.05, 0.0, 0.0], [0.0, 0.0, 0.0]])]
+    distances = [torch.tensor([[0.1, 8.0, 3.0], [6.0, 0.2, 0.1]]), torch.tensor([[4.0, 0.3, 0.1], [0.1, 0.1, 0.2]])]
+    radius, closest, share = choose_skip_decode_radius(peaks, distances)
+    assert closest == 4.0 and radius == SKIP_DECODE_MARGIN * 4.0 == 2.0  # 0.04 is not visible, 0.05 is
+    assert share == pytest.approx(8 / 12)
+    assert choose_skip_decode_radius([torch.zeros(2, 3)], [torch.ones(2, 3)]) == (0.0, None, 0.0)
 
 
 # -- the search ------------------------------------------------------------------------------------------
@@ -135,8 +179,8 @@ def test_search_keeps_defaults_when_nothing_helps():
 class UnderConfidentOracle(IntensityOracle):
     """The intensity oracle with the liver at probability 0.3 and a confident stray spleen voxel block."""
 
-    def __call__(self, slices, network):
-        maps = super().__call__(slices, network).clone()
+    def maps(self, slices):
+        maps = super().maps(slices)
         liver = self.organs.index("liver")
         maps[:, liver] *= 0.3
         maps[:, self.organs.index("spleen"), 1:3, 1:3] = 1.0
@@ -167,21 +211,28 @@ def test_calibrate_save_and_segment_with_the_calibrated_model(dataset, micro_sds
     assert result.organs == ["liver", "spleen", "left_kidney"] and result.after["left_kidney"] is None
     assert result.mean_after > result.mean_before
     assert "liver" in result.format_table() and "mean Dice" in result.format_table()
+    # The oracle's distance is 10x a map's peak: the closest visible pair is a liver slice (0.3 -> 3),
+    # and the empty pairs (the kidney everywhere, the liver off the liver) are skipped.
+    assert result.closest_decoded == pytest.approx(3.0) and result.postprocessing.skip_decode_radius == pytest.approx(1.5)
+    assert result.skipped_share >= 1 / 3 and "decoding skipped within 1.500" in result.format_table()
 
     calibrated = save_calibrated_model(model_dir, result, tmp_path / "calibrated")
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before_bytes  # the input is untouched
     assert (calibrated / "model.safetensors").read_bytes() == before_bytes["model.safetensors"]
     saved = json.loads((calibrated / CALIBRATION_NAME).read_text())
     assert saved["per_organ"]["liver"]["threshold"] == result.postprocessing.thresholds["liver"]
+    assert saved["postprocessing"]["skip_decode_radius"] == pytest.approx(1.5)
+    assert saved["skip_decode"]["pairs_skipped"] == result.skipped_share
 
     # The calibrated model scores on the same cases what calibration promised (canonical vs input grid).
     user = VolumeSegmenter(calibrated, device="cpu")
-    user.inferer = UnderConfidentOracle(user.inferer.organs)
+    user.inferer = UnderConfidentOracle(user.inferer.organs, user.skip_decode_radius)
     report = evaluate(user, manifest_path, root, split="validation")
     scores = {o.name: o.mean_dice for o in report.per_organ}
     for organ in ("liver", "spleen"):
         assert scores[organ] == pytest.approx(result.after[organ], abs=0.02)
     assert report.postprocessing["largest_component"] == user.postprocessing["largest_component"]
+    assert report.postprocessing["skip_decode_radius"] == pytest.approx(1.5)
 
 
 def test_calibration_refuses_the_test_split_and_its_own_model_folder(dataset, micro_sdseg, tmp_path):  # noqa: F811

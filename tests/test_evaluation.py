@@ -158,12 +158,21 @@ def _window(hu: float) -> float:
 
 
 class IntensityOracle:
-    """Stands in for the diffusion inferer: 'segments' by the synthetic intensities, so scores are known."""
+    """Stands in for the diffusion inferer: 'segments' by the synthetic intensities, so scores are known.
+    Its distance from an empty mask is 10x a map's peak, and it honours the skip radius as the model does."""
 
-    def __init__(self, organs):
+    def __init__(self, organs, skip_decode_radius: float = 0.0):
         self.organs = organs
+        self.skip_decode_radius = skip_decode_radius
 
-    def __call__(self, slices, network):
+    def __call__(self, slices, network, skip_decode_radius=None, return_distances=False):
+        maps = self.maps(slices)
+        distances = 10 * maps.amax(dim=(2, 3))
+        radius = self.skip_decode_radius if skip_decode_radius is None else skip_decode_radius
+        maps[distances < radius] = 0
+        return (maps, distances) if return_distances else maps
+
+    def maps(self, slices):
         grey = slices[:, 0]
         middle = (_window(LIVER_HU) + _window(SPLEEN_HU)) / 2
         liver = (grey > middle).float()

@@ -72,6 +72,46 @@ def test_multi_sample_averaging_is_the_mean_over_seeds(micro_model, slices):
     assert torch.allclose(averaged, manual, atol=1e-6)
 
 
+def test_empty_latent_is_an_empty_mask_and_sits_at_distance_zero(micro_model):
+    empty = micro_model.empty_latent()
+    assert empty.shape == (1, 4, 4, 4)
+    background = micro_model.masks_to_autoencoder_input(torch.zeros(1, 32, 32))  # all -1
+    assert torch.equal(background, -torch.ones(1, 3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(empty, micro_model.autoencoder.encode(background).latent_dist.mean * 0.5)  # the posterior mean
+    assert micro_model.empty_distance(empty).item() == 0.0
+    # One latent pixel moved by (3, 4, 0, 0) is at distance 5, however small the organ.
+    moved = empty.clone()
+    moved[0, :2, 1, 2] += torch.tensor([3.0, 4.0])
+    assert micro_model.empty_distance(moved).item() == pytest.approx(5.0)
+    micro_model.config.latent_scale = 1.0  # a new scale gives a new empty latent
+    assert torch.allclose(micro_model.empty_latent(), empty / 0.5)
+
+
+def test_skipping_decodes_zeroes_the_near_empty_pairs_and_keeps_the_rest(micro_model, slices):
+    full, distances = micro_model.predict(slices, seed=2, batch_size=5, return_distances=True)
+    assert distances.shape == (4, 3) and torch.all(distances > 0)
+    assert torch.equal(full, micro_model.predict(slices, seed=2, batch_size=5))  # measuring changes nothing
+    radius = float(distances.flatten().sort().values[5])  # skip the 5 closest pairs
+    decoded = []
+    hook = micro_model.autoencoder.decoder.register_forward_hook(lambda m, i, o: decoded.append(i[0].shape[0]))
+    skipped = micro_model.predict(slices, seed=2, batch_size=5, skip_decode_radius=radius)
+    hook.remove()
+    near = distances < radius
+    assert int(near.sum()) == 5 and sum(decoded) == 12 - 5
+    assert torch.all(skipped[near] == 0)
+    assert torch.allclose(skipped[~near], full[~near], atol=1e-6)
+    assert torch.equal(skipped, micro_model.predict(slices, seed=2, batch_size=5, skip_decode_radius=radius))
+    everything = micro_model.predict(slices, seed=2, batch_size=5, skip_decode_radius=1e9)
+    assert torch.equal(everything, torch.zeros_like(full))
+    # With several noise draws a pair is skipped only when every draw is near empty.
+    _, per_draw = micro_model.predict(slices, seed=2, batch_size=5, num_samples=2, return_distances=True)
+    _, second = micro_model.predict(slices, seed=3, batch_size=5, return_distances=True)
+    assert torch.allclose(per_draw, torch.maximum(distances, second), atol=1e-4)
+    with pytest.raises(SDSegInputError, match="skip_decode_radius must be >= 0"):
+        micro_model.predict(slices, skip_decode_radius=-1.0)
+
+
 def test_predict_rejects_bad_shapes_and_unknown_organs(micro_model):
     with pytest.raises(SDSegInputError, match="shape"):
         micro_model.predict(torch.zeros(2, 1, 32, 32))
