@@ -2,8 +2,9 @@
 
 :class:`OneStepInferer` is a MONAI ``Inferer`` (so a bundle config can call it) that turns model slices
 into per-organ probability maps. :class:`VolumeSegmenter` loads a model once and segments many
-volumes: canonical reorientation and HU window (MONAI), streaming over axial slices in chunks,
-per-organ maps back to native in-plane resolution, fusion into one label map with the model's
+volumes: canonical reorientation and HU window (MONAI), streaming over axial slices in chunks
+(decoding only the (slice, organ) pairs the model's calibration does not mark empty), per-organ maps
+back to native in-plane resolution, fusion into one label map with the model's
 calibrated postprocessing (per-organ thresholds, largest components), and MONAI's ``Invertd`` back onto
 the input's exact grid.
 """
