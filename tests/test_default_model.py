@@ -64,6 +64,17 @@ def test_default_model_segments_an_unseen_phantom():
     assert min(scores.values()) >= 0.6, scores
     # Same model, same input, same seed: the same labels, bit for bit.
     assert np.array_equal(segmenter.segment(image).labels, result.labels)
+    # Its calibrated radius skips the decodes of pairs predicted empty (the esophagus lies above
+    # this slab) and leaves the labels those of decoding every pair.
+    decoded = []
+    segmenter.model.autoencoder.decoder.register_forward_hook(lambda m, i, o: decoded.append(i[0].shape[0]))
+    pair = ["liver", "esophagus"]
+    skipping = VolumeSegmenter(segmenter.model, device="cpu", organs=pair, seed=0).segment(image)
+    skipped_run_decodes = sum(decoded)
+    decoded.clear()
+    every = VolumeSegmenter(segmenter.model, device="cpu", organs=pair, seed=0, skip_decode=False).segment(image)
+    assert sum(decoded) == 12 * len(pair) and 0 < skipped_run_decodes < sum(decoded)
+    assert np.array_equal(every.labels, skipping.labels)
 
 
 def test_segment_cli_uses_the_default_model_without_model_option(tmp_path):
