@@ -4,8 +4,9 @@ SDSeg rounds each organ's decoded map at 0.5. Thin and small organs (veins, adre
 under-confident, and a few organs gain stray islands. :func:`calibrate` segments the validation cases
 once, keeps their per-organ probability maps, and chooses, to maximise the mean per-organ Dice (the
 metric), each organ's probability threshold (coordinate ascent over :data:`THRESHOLD_GRID`) and then
-which organs keep only their largest connected component (nnU-Net's postprocessing rule: only where it
-helps on validation). It also sets the radius around an empty mask's latent within which a (slice,
+the weight of its neighbouring axial slices (:data:`SMOOTHING_GRID`, some 3D context for a model that
+sees one slice), and then which organs keep only their largest connected component (nnU-Net's
+postprocessing rule: only where it helps on validation). It also sets the radius around an empty mask's latent within which a (slice,
 organ) pair need not be decoded (:func:`choose_skip_decode_radius`): decoding is most of the inference
 cost, and most pairs are organs absent from the slice. The result is a
 :class:`~sdseg_monai.config.Postprocessing` that :func:`save_calibrated_model` stores in a copy of the
@@ -38,10 +39,19 @@ from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing, SDSegCon
 from sdseg_monai.data import Manifest, check_data_root, load_manifest
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.evaluation import scored_organs, read_case
-from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, canonical_transforms, fuse_probabilities, keep_largest_component
+from sdseg_monai.transforms import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    canonical_transforms,
+    fuse_probabilities,
+    keep_largest_component,
+    smooth_axially,
+)
 
 CALIBRATION_NAME = "calibration.json"
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, ..., 0.90
+# Weights of the neighbouring axial slices tried for each organ (see Postprocessing.axial_smoothing).
+SMOOTHING_GRID = (0.0, 0.25, 0.5, 1.0)
 # A change must raise the mean Dice by more than this to be taken: ties keep SDSeg's defaults.
 MIN_GAIN = 1e-4
 # The skip radius is this fraction of the distance of the closest pair that decoded to
@@ -78,11 +88,13 @@ class CalibrationResult:
             "split": self.split,
             "cases": self.cases,
             "threshold_grid": list(THRESHOLD_GRID),
+            "smoothing_grid": list(SMOOTHING_GRID),
             "postprocessing": {
                 "default_threshold": post.default_threshold,
                 "thresholds": dict(post.thresholds),
                 "largest_component": list(post.largest_component),
                 "skip_decode_radius": post.skip_decode_radius,
+                "axial_smoothing": dict(post.axial_smoothing),
             },
             "skip_decode": {
                 "probability": SKIP_DECODE_PROBABILITY,
@@ -95,6 +107,7 @@ class CalibrationResult:
             "per_organ": {
                 name: {
                     "threshold": post.threshold(name),
+                    "axial_smoothing": post.smoothing(name),
                     "largest_component": name in post.largest_component,
                     "dice_before": self.before[name],
                     "dice_after": self.after[name],
@@ -108,12 +121,12 @@ class CalibrationResult:
         text = lambda v: "absent" if v is None else f"{v:.4f}"  # noqa: E731
         lines = [
             f"calibrated on {len(self.cases)} {self.split} cases",
-            f"{'organ':<24} {'threshold':>9} {'largest':>7} {'Dice 0.5':>8} {'Dice':>7}",
+            f"{'organ':<24} {'threshold':>9} {'smoothing':>9} {'largest':>7} {'Dice 0.5':>8} {'Dice':>7}",
         ]
         for name in self.organs:
             largest = "yes" if name in self.postprocessing.largest_component else "-"
             lines.append(
-                f"{name:<24} {self.postprocessing.threshold(name):>9.2f} {largest:>7} "
+                f"{name:<24} {self.postprocessing.threshold(name):>9.2f} {self.postprocessing.smoothing(name):>9.2f} {largest:>7} "
                 f"{text(self.before[name]):>8} {text(self.after[name]):>7}"
             )
         lines.append(f"{'mean Dice':<42} {text(self.mean_before):>8} {text(self.mean_after):>7}")
@@ -167,6 +180,22 @@ def _fused_index(probabilities: torch.Tensor, thresholds: Sequence[float]) -> to
     return fuse_probabilities(maps, range(1, probabilities.shape[0] + 1), list(thresholds)).permute(1, 2, 0)
 
 
+def _smoothed_organ(organ_map: torch.Tensor, weight: float) -> torch.Tensor:
+    """One organ's (X, Y, Z) probabilities with :func:`~sdseg_monai.transforms.smooth_axially`."""
+    if weight == 0:
+        return organ_map.float()
+    return smooth_axially(organ_map.permute(2, 0, 1)[:, None], [weight])[:, 0].permute(1, 2, 0)
+
+
+def _smoothed_case(probabilities: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """A case's (K, X, Y, Z) maps in float32, each organ smoothed with its weight."""
+    maps = probabilities.to(torch.float32, copy=any(weights))  # never smooth the caller's maps in place
+    for k, weight in enumerate(weights):
+        if weight:
+            maps[k] = _smoothed_organ(probabilities[k], weight)
+    return maps
+
+
 def search_postprocessing(
     probabilities: Sequence[torch.Tensor],
     references: Sequence[torch.Tensor],
@@ -174,8 +203,10 @@ def search_postprocessing(
     scored: Sequence[str] | None = None,
     passes: int = 2,
     grid: Sequence[float] = THRESHOLD_GRID,
+    smoothing_grid: Sequence[float] = SMOOTHING_GRID,
 ) -> tuple[Postprocessing, dict[str, float | None], dict[str, float | None]]:
-    """Choose per-organ thresholds and largest-component organs that maximise the mean per-organ Dice.
+    """Choose per-organ thresholds, axial smoothing and largest-component organs that maximise the
+    mean per-organ Dice.
 
     Args:
         probabilities: per case, (K, X, Y, Z) probability maps, organs in ``organ_names`` order.
@@ -183,11 +214,13 @@ def search_postprocessing(
         organ_names: the K organs.
         scored: the organs the references label (default: all). Only these are tuned and scored; the
             others keep the defaults but still compete for voxels.
-        passes: rounds of coordinate ascent over the organs' thresholds.
+        passes: rounds of coordinate ascent over the organs' (smoothing, threshold) pairs.
         grid: the thresholds tried.
+        smoothing_grid: the neighbouring-slice weights tried (with every threshold).
 
     Returns:
-        the postprocessing, and the scored organs' mean Dice before (0.5, no filter) and after it.
+        the postprocessing, and the scored organs' mean Dice before (0.5, no smoothing, no filter)
+        and after it.
     """
     organs = len(organ_names)
     classes = organs + 1
@@ -195,6 +228,7 @@ def search_postprocessing(
     if len(probabilities) != len(references) or not probabilities:
         raise SDSegInputError("calibration needs one reference per probability map, and at least one case")
     thresholds = [0.5] * organs
+    weights = [0.0] * organs
 
     def score(fused: Sequence[torch.Tensor]) -> list[float | None]:
         means = _organ_means(_dice_per_case([_confusion(f, r, classes) for f, r in zip(fused, references)]), organs)
@@ -205,28 +239,30 @@ def search_postprocessing(
     for _ in range(passes):
         changed = False
         for k in tuned:
-            # The other organs' winner per voxel does not depend on organ k's threshold: compute it once.
+            # The other organs' winner per voxel does not depend on organ k: compute it once.
             others = []
             limits = torch.tensor(thresholds).reshape(-1, 1, 1, 1)
             for p in probabilities:
-                maps = p.float()
+                maps = _smoothed_case(p, weights)
                 scores = torch.where(maps >= limits, maps, -1.0)
                 scores[k] = -1.0
                 best, index = scores.max(dim=0)
-                others.append((maps[k], best, torch.where(best >= 0, index + 1, 0)))
-            for value in grid:
-                fused = []
-                for organ_map, best, index in others:
-                    # fuse_probabilities' rule: the highest claimant wins, ties to the lower organ index.
-                    wins = (organ_map >= value) & ((organ_map > best) | ((organ_map == best) & (index > k + 1)))
-                    fused.append(torch.where(wins, k + 1, index))
-                candidate = _overall(score(fused))
-                if candidate > best_score + MIN_GAIN:
-                    best_score, thresholds[k], changed = candidate, float(value), True
+                others.append((best, torch.where(best >= 0, index + 1, 0)))
+            for weight in smoothing_grid:
+                organ_maps = [_smoothed_organ(p[k], weight) for p in probabilities]
+                for value in grid:
+                    fused = []
+                    for organ_map, (best, index) in zip(organ_maps, others):
+                        # fuse_probabilities' rule: the highest claimant wins, ties to the lower organ index.
+                        wins = (organ_map >= value) & ((organ_map > best) | ((organ_map == best) & (index > k + 1)))
+                        fused.append(torch.where(wins, k + 1, index))
+                    candidate = _overall(score(fused))
+                    if candidate > best_score + MIN_GAIN:
+                        best_score, thresholds[k], weights[k], changed = candidate, float(value), float(weight), True
         if not changed:
             break
 
-    fused = [_fused_index(p, thresholds) for p in probabilities]
+    fused = [_fused_index(_smoothed_case(p, weights), thresholds) for p in probabilities]
     largest = []
     for k in tuned:
         filtered = [keep_largest_component(f.to(torch.uint8), [k + 1]) for f in fused]
@@ -238,6 +274,7 @@ def search_postprocessing(
     postprocessing = Postprocessing(
         thresholds={name: t for name, t in zip(organ_names, thresholds) if t != 0.5},
         largest_component=largest,
+        axial_smoothing={name: w for name, w in zip(organ_names, weights) if w != 0},
     )
     after = score(fused)
     return (
@@ -333,9 +370,12 @@ def calibrate(
         if progress is not None:
             progress(done, len(files), case_id)
     names = list(segmenter.organs.values())
-    postprocessing, before, after = search_postprocessing(probabilities, references, names, scored=[n for _, _, n in organs])
     peaks = [p.amax(dim=(1, 2)) for p in probabilities]
     radius, closest, skipped = choose_skip_decode_radius(peaks, distances)
+    for maps, distance in zip(probabilities, distances):
+        # The search sees what segmenting will: the pairs the radius skips have empty maps.
+        maps.mul_((distance >= radius)[:, None, None, :].to(maps.dtype))
+    postprocessing, before, after = search_postprocessing(probabilities, references, names, scored=[n for _, _, n in organs])
     return CalibrationResult(
         postprocessing=replace(postprocessing, skip_decode_radius=radius),
         organs=list(before),

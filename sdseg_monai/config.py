@@ -167,13 +167,18 @@ class Postprocessing:
             latent of an empty mask is not decoded: its map is all zero. Decoding is most of the
             inference cost, and most pairs are organs absent from the slice. Calibration sets the
             radius with a margin below the closest pair that decoded to :data:`SKIP_DECODE_PROBABILITY`
-            or more on its cases, so the label maps are those of decoding every pair. 0 decodes all.
+            or more on its cases, so the label maps are those of decoding every pair (with axial
+            smoothing, a skipped pair's neighbours may move by up to 0.05 w / (1 + w)). 0 decodes all.
+        axial_smoothing: organ name -> weight w of its two neighbouring axial slices, where it is not 0:
+            the organ's probability on slice z becomes (p_z + w (p_z-1 + p_z+1)) / (1 + 2w) (at the
+            volume's ends over the slices there), some 3D context for a model that sees one slice.
     """
 
     default_threshold: float = 0.5
     thresholds: dict[str, float] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)
     skip_decode_radius: float = 0.0
+    axial_smoothing: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         self.default_threshold = float(self.default_threshold)
@@ -185,9 +190,16 @@ class Postprocessing:
         self.skip_decode_radius = float(self.skip_decode_radius)
         if not (math.isfinite(self.skip_decode_radius) and self.skip_decode_radius >= 0.0):
             raise SDSegInputError(f"skip_decode_radius must be a finite number >= 0, got {self.skip_decode_radius}")
+        self.axial_smoothing = {str(k): float(v) for k, v in dict(self.axial_smoothing).items() if float(v) != 0.0}
+        for name, value in self.axial_smoothing.items():
+            if not (math.isfinite(value) and value > 0.0):
+                raise SDSegInputError(f"axial_smoothing of {name} must be a finite number >= 0, got {value}")
 
     def threshold(self, organ: str) -> float:
         return self.thresholds.get(organ, self.default_threshold)
+
+    def smoothing(self, organ: str) -> float:
+        return self.axial_smoothing.get(organ, 0.0)
 
 
 @dataclass
@@ -282,7 +294,8 @@ class SDSegConfig:
         labels = [int(o["label"]) for o in self.organs]
         check(len(set(names)) == len(names), f"organ names repeat: {names}")
         check(len(set(labels)) == len(labels) and min(labels) >= 1, f"organ labels must be distinct and >= 1: {labels}")
-        unknown = sorted((set(self.postprocessing.thresholds) | set(self.postprocessing.largest_component)) - set(names))
+        post = self.postprocessing
+        unknown = sorted((set(post.thresholds) | set(post.largest_component) | set(post.axial_smoothing)) - set(names))
         check(not unknown, f"postprocessing names organs this model does not have: {', '.join(unknown)}")
         latent = int(self.autoencoder.get("latent_channels", 4))
         check(

@@ -4,9 +4,9 @@
 into per-organ probability maps. :class:`VolumeSegmenter` loads a model once and segments many
 volumes: canonical reorientation and HU window (MONAI), streaming over axial slices in chunks
 (decoding only the (slice, organ) pairs the model's calibration does not mark empty), per-organ maps
-back to native in-plane resolution, fusion into one label map with the model's
-calibrated postprocessing (per-organ thresholds, largest components), and MONAI's ``Invertd`` back onto
-the input's exact grid.
+back to native in-plane resolution, fusion into one label map with the model's calibrated
+postprocessing (axial smoothing, per-organ thresholds, largest components), and MONAI's ``Invertd``
+back onto the input's exact grid.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from sdseg_monai.transforms import (
     fuse_probabilities,
     invert_to_input,
     keep_largest_component,
+    smooth_axially,
 )
 
 try:
@@ -130,9 +131,9 @@ class VolumeSegmenter:
         threshold: if set, every organ's threshold (an organ claims a voxel when its probability
             reaches its threshold and is the highest such).
         skip_decode: with the postprocessing, leave undecoded the (slice, organ) pairs that the
-            model's calibrated ``skip_decode_radius`` marks empty (same labels, less time). Off when
-            a threshold is at or below :data:`~sdseg_monai.config.SKIP_DECODE_PROBABILITY`, where
-            that calibration no longer guarantees the labels.
+            model's calibrated ``skip_decode_radius`` marks empty (the labels calibration measured,
+            less time). Off when a threshold is at or below
+            :data:`~sdseg_monai.config.SKIP_DECODE_PROBABILITY`, where that calibration no longer holds.
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class VolumeSegmenter:
             post = replace(post, default_threshold=float(threshold), thresholds={})
         names = [self.config.organ_names[k] for k in self.classes]
         self.thresholds = [post.threshold(name) for name in names]
+        self.axial_smoothing = [post.smoothing(name) for name in names]
         self.largest_component = [self.config.organ_labels[k] for k in self.classes if self.config.organ_names[k] in post.largest_component]
         skips = postprocess and skip_decode and min(self.thresholds) > SKIP_DECODE_PROBABILITY
         self.skip_decode_radius = post.skip_decode_radius if skips else 0.0
@@ -185,6 +187,7 @@ class VolumeSegmenter:
             "thresholds": dict(zip(self.organs.values(), self.thresholds)),
             "largest_component": [self.organs[label] for label in self.largest_component],
             "skip_decode_radius": self.skip_decode_radius,
+            "axial_smoothing": {name: w for name, w in zip(self.organs.values(), self.axial_smoothing) if w},
         }
 
     @property
@@ -246,13 +249,28 @@ class VolumeSegmenter:
             if progress is not None:
                 progress(len(indices))
 
+    def _smoothed(self, chunks):
+        """The chunks with the model's axial smoothing, each yielded once the next chunk's first slice
+        (its context) is known."""
+        if not any(self.axial_smoothing):
+            yield from chunks
+            return
+        before, pending = None, None
+        for start, maps in chunks:
+            if pending is not None:
+                yield pending[0], smooth_axially(pending[1], self.axial_smoothing, before, maps[:1])
+                before = pending[1][-1:]
+            pending = (start, maps)
+        if pending is not None:
+            yield pending[0], smooth_axially(pending[1], self.axial_smoothing, before, None)
+
     @torch.inference_mode()
     def segment_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk."""
         _, size_x, size_y, depth = image.shape
         labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8)
         label_values = [self.config.organ_labels[k] for k in self.classes]
-        for start, native in self._probability_chunks(image, progress):
+        for start, native in self._smoothed(self._probability_chunks(image, progress)):
             labels[..., start : start + native.shape[0]] = fuse_probabilities(native, label_values, self.thresholds).permute(1, 2, 0)
         if self.largest_component:
             labels = keep_largest_component(labels, self.largest_component)

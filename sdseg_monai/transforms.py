@@ -131,6 +131,34 @@ class SliceGeometry:
         return maps[..., x0 : x0 + self.shape[0], y0 : y0 + self.shape[1]]
 
 
+def smooth_axially(
+    maps: torch.Tensor,
+    weights: Sequence[float],
+    before: torch.Tensor | None = None,
+    after: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each organ's probability averaged with its neighbouring axial slices (3D context for a model
+    that sees one slice): (p_z + w (p_z-1 + p_z+1)) / (1 + 2w), over the slices there at the ends.
+
+    Args:
+        maps: (n, K, X, Y) consecutive slices' per-organ probabilities.
+        weights: K neighbour weights; an organ at 0 keeps its maps exactly.
+        before: (1, K, X, Y) the slice just before ``maps``, None at the volume's first slice.
+        after: (1, K, X, Y) the slice just after, None at the volume's last slice.
+    """
+    weight = torch.as_tensor([float(w) for w in weights], dtype=torch.float32).reshape(1, -1, 1, 1)
+    if not bool((weight > 0).any()):
+        return maps
+    maps = maps.float()
+    nothing = torch.zeros_like(maps[:1])
+    previous = torch.cat([nothing if before is None else before.float(), maps[:-1]])
+    following = torch.cat([maps[1:], nothing if after is None else after.float()])
+    neighbours = torch.full((maps.shape[0], 1, 1, 1), 2.0)
+    neighbours[0] -= float(before is None)
+    neighbours[-1] -= float(after is None)
+    return (maps + weight * (previous + following)) / (1 + weight * neighbours)
+
+
 def fuse_probabilities(
     probabilities: torch.Tensor, label_values: Sequence[int], threshold: float | Sequence[float] = 0.5
 ) -> torch.Tensor:

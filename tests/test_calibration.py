@@ -1,4 +1,5 @@
-"""Postprocessing (per-organ thresholds, largest components) and its calibration on a validation split."""
+"""Postprocessing (per-organ thresholds, axial smoothing, largest components) and its calibration on a
+validation split."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from sdseg_monai.config import Postprocessing, SDSegConfig
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.transforms import fuse_probabilities, keep_largest_component
+from sdseg_monai.transforms import fuse_probabilities, keep_largest_component, smooth_axially
 
 from conftest import micro_config
 from test_evaluation import IntensityOracle, dataset, micro_sdseg  # noqa: F401  (fixtures)
@@ -40,6 +41,19 @@ def test_keep_largest_component_removes_islands_of_the_named_organs_only():
     assert int((labels == 2).sum()) == 50  # the input is untouched
 
 
+def test_axial_smoothing_averages_each_organ_with_its_neighbouring_slices():
+    maps = torch.rand((7, 3, 4, 5), generator=torch.Generator().manual_seed(1))
+    out = smooth_axially(maps, [0.0, 0.5, 1.0])
+    assert torch.equal(out[:, 0], maps[:, 0])  # weight 0: the organ's maps exactly
+    assert torch.allclose(out[3, 2], (maps[2, 2] + maps[3, 2] + maps[4, 2]) / 3)
+    assert torch.allclose(out[3, 1], (maps[3, 1] + 0.5 * (maps[2, 1] + maps[4, 1])) / 2)
+    assert torch.allclose(out[0, 1], (maps[0, 1] + 0.5 * maps[1, 1]) / 1.5)  # the volume's ends: no slice beyond
+    assert torch.allclose(out[6, 2], (maps[5, 2] + maps[6, 2]) / 2)
+    # A block with the slices around it given is the same as the block cut from the whole volume.
+    assert torch.allclose(smooth_axially(maps[2:5], [0.0, 0.5, 1.0], maps[1:2], maps[5:6]), out[2:5])
+    assert smooth_axially(maps, [0.0, 0.0, 0.0]) is maps
+
+
 # -- config ----------------------------------------------------------------------------------------------
 def test_postprocessing_round_trips_with_the_model(tmp_path, micro_model):
     from sdseg_monai.model import SDSeg
@@ -62,6 +76,8 @@ def test_postprocessing_round_trips_with_the_model(tmp_path, micro_model):
         ({"thresholds": {"liver": 1.5}}, "threshold of liver must lie in (0, 1]"),
         ({"default_threshold": 0.0}, "threshold of default must lie in (0, 1]"),
         ({"skip_decode_radius": -0.5}, "skip_decode_radius must be a finite number >= 0"),
+        ({"axial_smoothing": {"liver": -1}}, "axial_smoothing of liver must be a finite number >= 0"),
+        ({"axial_smoothing": {"heart": 0.5}}, "does not have: heart"),
     ],
 )
 def test_bad_postprocessing_is_refused(postprocessing, fragment):
@@ -81,6 +97,7 @@ def test_segmenter_applies_thresholds_and_largest_components(micro_model):
         "thresholds": {"spleen": 0.5, "left_kidney": 0.5, "liver": 0.5},
         "largest_component": [],
         "skip_decode_radius": 0.0,
+        "axial_smoothing": {},
     }
 
     micro_model.config.postprocessing = Postprocessing(largest_component=["spleen", "left_kidney", "liver"])
@@ -124,6 +141,27 @@ def test_segmenter_skips_decodes_only_where_the_calibration_holds(micro_model):
     assert VolumeSegmenter(micro_model, device="cpu", threshold=0.3).skip_decode_radius == radius
 
 
+def test_segmenter_smooths_across_its_chunks_as_over_the_whole_volume(micro_model):
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image = torch.rand((1, 24, 20, 9), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    micro_model.config.postprocessing = Postprocessing()
+    plain = VolumeSegmenter(micro_model, device="cpu", batch_size=3)  # chunks of 4, 4 and 1 slices
+    with torch.inference_mode():
+        native = torch.cat([chunk for _, chunk in plain._probability_chunks(image)])  # (Z, K, X, Y)
+    weights = {"spleen": 1.0, "liver": 0.25}
+    micro_model.config.postprocessing = Postprocessing(axial_smoothing=weights, thresholds={"liver": 0.45})
+    smoothing = VolumeSegmenter(micro_model, device="cpu", batch_size=3)
+    assert smoothing.chunk_slices == 4 and smoothing.postprocessing["axial_smoothing"] == weights
+    names = list(plain.organs.values())
+    order = [weights.get(name, 0.0) for name in names], [0.45 if name == "liver" else 0.5 for name in names]
+    expected = fuse_probabilities(smooth_axially(native, order[0]), list(plain.organs), order[1])
+    labels = smoothing.segment_canonical(image)
+    assert torch.equal(labels, expected.permute(1, 2, 0))
+    assert not torch.equal(labels, plain.segment_canonical(image))  # it changed something to check
+    assert torch.equal(VolumeSegmenter(micro_model, device="cpu", batch_size=3, postprocess=False).segment_canonical(image), plain.segment_canonical(image))
+
+
 def test_skip_radius_is_a_margin_below_the_closest_visible_pair():
     from sdseg_monai.calibration import SKIP_DECODE_MARGIN, choose_skip_decode_radius
 
@@ -156,13 +194,32 @@ def test_search_finds_the_threshold_and_the_component_filter():
 
     cases = [_search_case(s) for s in range(3)]
     post, before, after = search_postprocessing(
-        [p for p, _ in cases], [r for _, r in cases], ["vein", "kidney", "other"], scored=["vein", "kidney"]
+        [p for p, _ in cases], [r for _, r in cases], ["vein", "kidney", "other"], scored=["vein", "kidney"], smoothing_grid=(0.0,)
     )
     assert post.thresholds["vein"] <= 0.3 and "kidney" not in post.thresholds and "other" not in post.thresholds
     assert post.largest_component == ["kidney"]
     assert set(before) == set(after) == {"vein", "kidney"}
     assert before["vein"] == 0.0 and after["vein"] == 1.0
     assert before["kidney"] == pytest.approx(2 * 288 / (290 + 288)) and after["kidney"] == 1.0
+
+
+def test_search_smooths_an_organ_that_a_threshold_alone_cannot_fix():
+    from sdseg_monai.calibration import search_postprocessing
+
+    # An organ in slices 0-4 of 8, confident except on slice 2 (0.2), and a confident (0.6) false
+    # positive touching it on slice 3 only: no threshold keeps slice 2 and drops the false positive,
+    # nor does a component filter (it is connected); averaging over neighbouring slices does.
+    reference = torch.zeros((12, 12, 8), dtype=torch.uint8)
+    reference[2:6, 2:6, 0:5] = 1
+    probs = (reference == 1).float()[None] * 0.9
+    probs[0, 2:6, 2:6, 2] = 0.2
+    probs[0, 6:8, 2:6, 3] = 0.6
+    post, before, after = search_postprocessing([probs.to(torch.float16)], [reference], ["liver"])
+    assert post.smoothing("liver") > 0 and after == {"liver": 1.0} and before["liver"] < 0.9
+    assert post.largest_component == []
+    unsmoothed, _, best_threshold = search_postprocessing([probs.to(torch.float16)], [reference], ["liver"], smoothing_grid=(0.0,))
+    assert best_threshold["liver"] < 0.95 and unsmoothed.axial_smoothing == {}
+    assert probs[0, 2, 2, 2] == pytest.approx(0.2)  # the input maps are not smoothed in place
 
 
 def test_search_keeps_defaults_when_nothing_helps():
