@@ -372,9 +372,9 @@ def calibrate(
     names = list(segmenter.organs.values())
     peaks = [p.amax(dim=(1, 2)) for p in probabilities]
     radius, closest, skipped = choose_skip_decode_radius(peaks, distances)
-    for maps, distance in zip(probabilities, distances):
+    for case, distance in enumerate(distances):
         # The search sees what segmenting will: the pairs the radius skips have empty maps.
-        maps.mul_((distance >= radius)[:, None, None, :].to(maps.dtype))
+        probabilities[case] = probabilities[case] * (distance >= radius)[:, None, None, :].to(torch.float16)
     postprocessing, before, after = search_postprocessing(probabilities, references, names, scored=[n for _, _, n in organs])
     return CalibrationResult(
         postprocessing=replace(postprocessing, skip_decode_radius=radius),
