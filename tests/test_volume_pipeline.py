@@ -205,6 +205,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "thresholds": {"spleen": 0.5, "right_kidney": 0.5, "left_kidney": 0.5, "liver": 0.5},
             "largest_component": [],
             "skip_decode_radius": 0.0,
+            "axial_smoothing": {},
         },
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
