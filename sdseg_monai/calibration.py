@@ -3,14 +3,15 @@
 SDSeg rounds each organ's decoded map at 0.5. Thin and small organs (veins, adrenal glands) come out
 under-confident, and a few organs gain stray islands. :func:`calibrate` segments the validation cases
 once, keeps their per-organ probability maps, and chooses, to maximise the mean per-organ Dice (the
-metric), each organ's probability threshold (coordinate ascent over :data:`THRESHOLD_GRID`) and then
-the weight of its neighbouring axial slices (:data:`SMOOTHING_GRID`, some 3D context for a model that
-sees one slice), and then which organs keep only their largest connected component (nnU-Net's
-postprocessing rule: only where it helps on validation). It also sets the radius around an empty mask's latent within which a (slice,
-organ) pair need not be decoded (:func:`choose_skip_decode_radius`): decoding is most of the inference
-cost, and most pairs are organs absent from the slice. The result is a
-:class:`~sdseg_monai.config.Postprocessing` that :func:`save_calibrated_model` stores in a copy of the
-model, so every later ``segment`` applies it.
+metric), each organ's probability threshold together with the weight of its neighbouring axial slices
+(coordinate ascent over :data:`THRESHOLD_GRID` x :data:`SMOOTHING_GRID`; some 3D context for a model
+that sees one slice), then which organs keep only their largest connected component (nnU-Net's
+postprocessing rule: only where it helps on validation). Before that search, it sets the radius around
+an empty mask's latent within which a (slice, organ) pair need not be decoded
+(:func:`choose_skip_decode_radius`: decoding is most of the inference cost, and most pairs are organs
+absent from the slice), and empties those pairs' maps, so the search sees what segmenting will. The
+result is a :class:`~sdseg_monai.config.Postprocessing` that :func:`save_calibrated_model` stores in a
+copy of the model, so every later ``segment`` applies it.
 
 Never calibrate on the test split: the thresholds would be selected on the cases that report the score.
 
@@ -123,10 +124,11 @@ class CalibrationResult:
             f"calibrated on {len(self.cases)} {self.split} cases",
             f"{'organ':<24} {'threshold':>9} {'smoothing':>9} {'largest':>7} {'Dice 0.5':>8} {'Dice':>7}",
         ]
+        post = self.postprocessing
         for name in self.organs:
-            largest = "yes" if name in self.postprocessing.largest_component else "-"
+            largest = "yes" if name in post.largest_component else "-"
             lines.append(
-                f"{name:<24} {self.postprocessing.threshold(name):>9.2f} {self.postprocessing.smoothing(name):>9.2f} {largest:>7} "
+                f"{name:<24} {post.threshold(name):>9.2f} {post.smoothing(name):>9.2f} {largest:>7} "
                 f"{text(self.before[name]):>8} {text(self.after[name]):>7}"
             )
         lines.append(f"{'mean Dice':<42} {text(self.mean_before):>8} {text(self.mean_after):>7}")
