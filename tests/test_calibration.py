@@ -154,8 +154,9 @@ def test_segmenter_smooths_across_its_chunks_as_over_the_whole_volume(micro_mode
     smoothing = VolumeSegmenter(micro_model, device="cpu", batch_size=3)
     assert smoothing.chunk_slices == 4 and smoothing.postprocessing["axial_smoothing"] == weights
     names = list(plain.organs.values())
-    order = [weights.get(name, 0.0) for name in names], [0.45 if name == "liver" else 0.5 for name in names]
-    expected = fuse_probabilities(smooth_axially(native, order[0]), list(plain.organs), order[1])
+    organ_weights = [weights.get(name, 0.0) for name in names]
+    organ_thresholds = [0.45 if name == "liver" else 0.5 for name in names]
+    expected = fuse_probabilities(smooth_axially(native, organ_weights), list(plain.organs), organ_thresholds)
     labels = smoothing.segment_canonical(image)
     assert torch.equal(labels, expected.permute(1, 2, 0))
     assert not torch.equal(labels, plain.segment_canonical(image))  # it changed something to check
