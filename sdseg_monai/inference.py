@@ -23,7 +23,7 @@ from sdseg_monai import _quiet  # noqa: F401
 from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing
 from sdseg_monai.data import Volume, check_writable, read_volume, write_label_volume
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, default_batch_size, resolve_device
+from sdseg_monai.model import SHIFT_OFFSETS, SDSeg, default_batch_size, resolve_device
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -53,6 +53,7 @@ class OneStepInferer(Inferer):
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         skip_decode_radius: pairs predicted this close to an empty mask are not decoded (0: decode all;
             a calibrated model's value is ``config.postprocessing.skip_decode_radius``).
+        num_shifts: test-time shifts by half a latent cell averaged (1, 2 or 4; each costs a pass).
 
     Keyword arguments given at call time override these (e.g. ``return_distances=True``).
     """
@@ -66,6 +67,7 @@ class OneStepInferer(Inferer):
         num_samples: int = 1,
         precision: str = "auto",
         skip_decode_radius: float = 0.0,
+        num_shifts: int = 1,
     ):
         self.organs = list(organs) if organs is not None else None
         self.seed = int(seed)
@@ -74,6 +76,7 @@ class OneStepInferer(Inferer):
         self.num_samples = int(num_samples)
         self.precision = precision
         self.skip_decode_radius = float(skip_decode_radius)
+        self.num_shifts = int(num_shifts)
 
     def __call__(self, inputs: torch.Tensor, network: SDSeg, *args, **kwargs):
         options = {
@@ -84,6 +87,7 @@ class OneStepInferer(Inferer):
             "num_samples": self.num_samples,
             "precision": self.precision,
             "skip_decode_radius": self.skip_decode_radius,
+            "num_shifts": self.num_shifts,
         }
         return network.predict(inputs, **{**options, **kwargs})
 
@@ -134,6 +138,8 @@ class VolumeSegmenter:
             model's calibrated ``skip_decode_radius`` marks empty (the labels calibration measured,
             less time). Off when a threshold is at or below
             :data:`~sdseg_monai.config.SKIP_DECODE_PROBABILITY`, where that calibration no longer holds.
+        num_shifts: test-time shifts averaged (1, 2 or 4): more accurate on small organs, each shift a
+            whole pass (see :meth:`SDSeg.predict`).
     """
 
     def __init__(
@@ -149,7 +155,10 @@ class VolumeSegmenter:
         postprocess: bool = True,
         threshold: float | None = None,
         skip_decode: bool = True,
+        num_shifts: int = 1,
     ):
+        if num_shifts not in SHIFT_OFFSETS:
+            raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         if not isinstance(model, SDSeg):
@@ -177,7 +186,9 @@ class VolumeSegmenter:
             num_samples=num_samples,
             precision=precision,
             skip_decode_radius=self.skip_decode_radius,
+            num_shifts=num_shifts,
         )
+        self.num_shifts = int(num_shifts)
         self.transforms = canonical_transforms(self.config.preprocessing)
 
     @property
@@ -188,6 +199,7 @@ class VolumeSegmenter:
             "largest_component": [self.organs[label] for label in self.largest_component],
             "skip_decode_radius": self.skip_decode_radius,
             "axial_smoothing": {name: w for name, w in zip(self.organs.values(), self.axial_smoothing) if w},
+            "num_shifts": self.num_shifts,
         }
 
     @property

@@ -27,6 +27,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+# Test-time shifts, in half latent cells (y, x): the first pass is the plain one, the second moves
+# diagonally by half a cell (most of the gain), four cover the half-cell grid.
+SHIFT_OFFSETS = {1: ((0, 0),), 2: ((0, 0), (1, 1)), 4: ((0, 0), (1, 1), (1, 0), (0, 1))}
+
+
 def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
     """Decoder output (B, C, H, W) -> foreground probabilities (B, H, W), SDSeg's inference mapping:
     clamp to [-1, 1], map to [0, 1], average the channels."""
@@ -351,12 +356,14 @@ class SDSeg(nn.Module):
         precision: str = "auto",
         skip_decode_radius: float = 0.0,
         return_distances: bool = False,
+        num_shifts: int = 1,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Probability maps for image slices, slices x organs batched together.
 
         The vision encoder runs once per slice; each (slice, organ) pair costs one UNet call (or
         ``num_steps`` with DDIM) and one decode, unless its predicted latent is within
-        ``skip_decode_radius`` of an empty mask's (:meth:`empty_distance`), for every noise draw.
+        ``skip_decode_radius`` of an empty mask's (:meth:`empty_distance`), for every noise draw
+        and every shift.
 
         Args:
             images: (S, 3, H, W) slices in [-1, 1] at the model's slice size.
@@ -369,7 +376,10 @@ class SDSeg(nn.Module):
             skip_decode_radius: pairs closer than this to an empty mask are not decoded; their maps
                 are zero (0 decodes every pair; see ``Postprocessing.skip_decode_radius``).
             return_distances: also return each pair's :meth:`empty_distance` (the largest over the
-                noise draws).
+                noise draws and shifts).
+            num_shifts: test-time shifts averaged (1, 2 or 4, see :data:`SHIFT_OFFSETS`): the slices
+                also go through moved by half a latent cell, so that the latent grid falls
+                differently on small organs; each shift costs a whole pass.
 
         Returns:
             (S, K, H, W) float32 probabilities on the images' device, and with ``return_distances``
@@ -381,6 +391,14 @@ class SDSeg(nn.Module):
             raise SDSegInputError("num_steps and num_samples must be >= 1")
         if not skip_decode_radius >= 0:
             raise SDSegInputError(f"skip_decode_radius must be >= 0, got {skip_decode_radius}")
+        if num_shifts not in SHIFT_OFFSETS:
+            raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+        if num_shifts > 1:
+            return self._predict_shifted(
+                images, organs, num_shifts, seed=seed, batch_size=batch_size, num_steps=num_steps,
+                num_samples=num_samples, precision=precision, skip_decode_radius=skip_decode_radius,
+                return_distances=return_distances,
+            )
         classes = self.class_indices(organs)
         n_slices, n_organs = images.shape[0], len(classes)
         batch = batch_size or default_batch_size(self.device)
@@ -410,6 +428,21 @@ class SDSeg(nn.Module):
                 prob = (prob / num_samples).float().to(out.device)
                 out[slice_idx.cpu(), organ_idx.cpu()] = prob
         return (out, distances) if return_distances else out
+
+    def _predict_shifted(self, images: torch.Tensor, organs, num_shifts: int, return_distances: bool, **options):
+        """:meth:`predict` averaged over the shifts of :data:`SHIFT_OFFSETS`: each pass rolls the
+        slices (their borders are background) and rolls its maps back."""
+        cell = images.shape[-1] // self.config.latent_size
+        total, distances = None, None
+        for dy, dx in SHIFT_OFFSETS[num_shifts]:
+            offset = (dy * cell // 2, dx * cell // 2)
+            shifted = torch.roll(images, offset, dims=(-2, -1))
+            maps, distance = self.predict(shifted, organs, return_distances=True, **options)
+            maps = torch.roll(maps, (-offset[0], -offset[1]), dims=(-2, -1))
+            total = maps if total is None else total.add_(maps)
+            distances = distance if distances is None else torch.maximum(distances, distance)
+        total /= num_shifts
+        return (total, distances) if return_distances else total
 
     # -- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

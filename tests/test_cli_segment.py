@@ -64,6 +64,14 @@ def test_organ_subset_and_unknown_organ(model_dir, scan, tmp_path):
     assert result.returncode == 2 and "unknown organ 'brain'" in result.stderr
 
 
+def test_shifts_are_recorded_and_a_bad_count_is_refused(model_dir, scan, tmp_path):
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "--shifts", "2", "-q"]) == 0
+    assert json.loads((tmp_path / "mask.json").read_text())["postprocessing"]["num_shifts"] == 2
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", model_dir, "--shifts", "3"),
+                    "num_shifts must be one of [1, 2, 4], got 3", leftover_dir=tmp_path)
+
+
 def _assert_refused(result, *fragments, leftover_dir=None):
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip()

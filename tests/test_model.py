@@ -112,6 +112,21 @@ def test_skipping_decodes_zeroes_the_near_empty_pairs_and_keeps_the_rest(micro_m
         micro_model.predict(slices, skip_decode_radius=-1.0)
 
 
+def test_shift_averaging_moves_the_slices_by_half_a_latent_cell_and_back(micro_model, slices):
+    plain, near = micro_model.predict(slices, seed=4, batch_size=5, return_distances=True)
+    assert torch.equal(micro_model.predict(slices, seed=4, batch_size=5, num_shifts=1), plain)
+    # 32-pixel slices, 4x4 latents: a latent cell is 8 pixels, the second pass moves by (4, 4).
+    moved, far = micro_model.predict(torch.roll(slices, (4, 4), dims=(-2, -1)), seed=4, batch_size=5, return_distances=True)
+    averaged, distances = micro_model.predict(slices, seed=4, batch_size=5, num_shifts=2, return_distances=True)
+    assert torch.allclose(averaged, (plain + torch.roll(moved, (-4, -4), dims=(-2, -1))) / 2, atol=1e-6)
+    assert torch.equal(distances, torch.maximum(near, far))  # a pair is skipped only when every pass is near empty
+    four = micro_model.predict(slices, seed=4, batch_size=5, num_shifts=4)
+    assert four.shape == plain.shape and not torch.equal(four, averaged)
+    assert torch.equal(four, micro_model.predict(slices, seed=4, batch_size=5, num_shifts=4))  # same run, same bits
+    with pytest.raises(SDSegInputError, match=r"num_shifts must be one of \[1, 2, 4\], got 3"):
+        micro_model.predict(slices, num_shifts=3)
+
+
 def test_predict_rejects_bad_shapes_and_unknown_organs(micro_model):
     with pytest.raises(SDSegInputError, match="shape"):
         micro_model.predict(torch.zeros(2, 1, 32, 32))

@@ -206,6 +206,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "largest_component": [],
             "skip_decode_radius": 0.0,
             "axial_smoothing": {},
+            "num_shifts": 1,
         },
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
