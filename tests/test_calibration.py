@@ -98,6 +98,7 @@ def test_segmenter_applies_thresholds_and_largest_components(micro_model):
         "largest_component": [],
         "skip_decode_radius": 0.0,
         "axial_smoothing": {},
+        "num_shifts": 1,
     }
 
     micro_model.config.postprocessing = Postprocessing(largest_component=["spleen", "left_kidney", "liver"])
