@@ -23,7 +23,7 @@ from sdseg_monai import _quiet  # noqa: F401
 from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing
 from sdseg_monai.data import Volume, check_writable, read_volume, write_label_volume
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SHIFT_OFFSETS, SDSeg, default_batch_size, resolve_device
+from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -157,8 +157,7 @@ class VolumeSegmenter:
         skip_decode: bool = True,
         num_shifts: int = 1,
     ):
-        if num_shifts not in SHIFT_OFFSETS:
-            raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+        check_num_shifts(num_shifts)
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         if not isinstance(model, SDSeg):

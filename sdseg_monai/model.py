@@ -32,6 +32,12 @@ WEIGHTS_NAME = "model.safetensors"
 SHIFT_OFFSETS = {1: ((0, 0),), 2: ((0, 0), (1, 1)), 4: ((0, 0), (1, 1), (1, 0), (0, 1))}
 
 
+def check_num_shifts(num_shifts: int) -> None:
+    """Refuse a shift count that :data:`SHIFT_OFFSETS` does not define."""
+    if num_shifts not in SHIFT_OFFSETS:
+        raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+
+
 def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
     """Decoder output (B, C, H, W) -> foreground probabilities (B, H, W), SDSeg's inference mapping:
     clamp to [-1, 1], map to [0, 1], average the channels."""
@@ -391,8 +397,7 @@ class SDSeg(nn.Module):
             raise SDSegInputError("num_steps and num_samples must be >= 1")
         if not skip_decode_radius >= 0:
             raise SDSegInputError(f"skip_decode_radius must be >= 0, got {skip_decode_radius}")
-        if num_shifts not in SHIFT_OFFSETS:
-            raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+        check_num_shifts(num_shifts)
         if num_shifts > 1:
             return self._predict_shifted(
                 images, organs, num_shifts, seed=seed, batch_size=batch_size, num_steps=num_steps,
