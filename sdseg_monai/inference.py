@@ -187,6 +187,7 @@ class VolumeSegmenter:
             skip_decode_radius=self.skip_decode_radius,
             num_shifts=num_shifts,
         )
+        self.num_shifts = int(num_shifts)
         self.transforms = canonical_transforms(self.config.preprocessing)
 
     @property
@@ -197,7 +198,7 @@ class VolumeSegmenter:
             "largest_component": [self.organs[label] for label in self.largest_component],
             "skip_decode_radius": self.skip_decode_radius,
             "axial_smoothing": {name: w for name, w in zip(self.organs.values(), self.axial_smoothing) if w},
-            "num_shifts": self.inferer.num_shifts,
+            "num_shifts": self.num_shifts,
         }
 
     @property
