@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -406,7 +407,7 @@ def export(args, summary: dict, model: Path | None = None) -> None:
 
     args.export.mkdir(parents=True, exist_ok=True)
     (args.export / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    for name in ("sdseg/log.jsonl", "eval/report.json", "eval/per_case.csv"):
+    for name in ("sdseg/log.jsonl", "eval/report.json", "eval/per_case.csv", "eval_uncalibrated/report.json"):
         if (args.out / name).is_file():
             shutil.copy(args.out / name, args.export / name.replace("/", "_"))
     if model is not None:
@@ -440,6 +441,14 @@ def main(argv=None) -> int:
     best, uncalibrated, packaged = args.out / "sdseg" / "model", args.out / "uncalibrated", args.out / "default_model"
     SDSeg.from_pretrained(best).save_pretrained(uncalibrated, dtype=torch.float16)
     export(args, summary, model=uncalibrated)
+    if importlib.util.find_spec("SimpleITK") is None:
+        # An offline GPU machine may lack it (its wheel alone is 52 MB): the component filters need it.
+        log(f"SimpleITK is not installed: calibration skipped; calibrate {uncalibrated} with `sdseg3d calibrate`")
+        summary["test_uncalibrated"] = evaluate_model(uncalibrated, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        export(args, summary)
+        return 0
     summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
     summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
     export(args, summary, model=packaged)
