@@ -445,21 +445,21 @@ def main(argv=None) -> int:
         # An offline GPU machine may lack it (its wheel alone is 52 MB): the component filters need it.
         log(f"SimpleITK is not installed: calibration skipped; calibrate {uncalibrated} with `sdseg3d calibrate`")
         summary["test_uncalibrated"] = evaluate_model(uncalibrated, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        done, result = f"test mean Dice {summary['test_uncalibrated']['summary']['mean_dice']:.4f} uncalibrated", uncalibrated
+    else:
+        summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
+        summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
+        export(args, summary, model=packaged)
+        summary["test"] = evaluate_model(packaged, folder, args.device, args.out / "eval")
         export(args, summary)
-        return 0
-    summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
-    summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
-    export(args, summary, model=packaged)
-    summary["test"] = evaluate_model(packaged, folder, args.device, args.out / "eval")
-    export(args, summary)
-    summary["test_uncalibrated"] = evaluate_model(packaged, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
-    summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32", postprocess=False)
+        summary["test_uncalibrated"] = evaluate_model(packaged, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
+        summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32", postprocess=False)
+        done = f"test mean Dice {summary['test']['summary']['mean_dice']:.4f}; package {summary['package_bytes'] / 1e6:.1f} MB"
+        result = packaged
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     export(args, summary)
-    log(f"done in {summary['seconds']:.0f}s: test mean Dice {summary['test']['summary']['mean_dice']:.4f}; package {summary['package_bytes'] / 1e6:.1f} MB -> {packaged}")
+    log(f"done in {summary['seconds']:.0f}s: {done} -> {result}")
     return 0
 
 
