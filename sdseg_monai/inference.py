@@ -187,6 +187,7 @@ class VolumeSegmenter:
             skip_decode_radius=self.skip_decode_radius,
             num_shifts=num_shifts,
         )
+        # Kept here, not read back from the inferer: callers may swap in any callable as the inferer.
         self.num_shifts = int(num_shifts)
         self.transforms = canonical_transforms(self.config.preprocessing)
 
