@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -441,25 +440,18 @@ def main(argv=None) -> int:
     best, uncalibrated, packaged = args.out / "sdseg" / "model", args.out / "uncalibrated", args.out / "default_model"
     SDSeg.from_pretrained(best).save_pretrained(uncalibrated, dtype=torch.float16)
     export(args, summary, model=uncalibrated)
-    if importlib.util.find_spec("SimpleITK") is None:
-        # An offline GPU machine may lack it (its wheel alone is 52 MB): the component filters need it.
-        log(f"SimpleITK is not installed: calibration skipped; calibrate {uncalibrated} with `sdseg3d calibrate`")
-        summary["test_uncalibrated"] = evaluate_model(uncalibrated, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
-        done, result = f"test mean Dice {summary['test_uncalibrated']['summary']['mean_dice']:.4f} uncalibrated", uncalibrated
-    else:
-        summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
-        summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
-        export(args, summary, model=packaged)
-        summary["test"] = evaluate_model(packaged, folder, args.device, args.out / "eval")
-        export(args, summary)
-        summary["test_uncalibrated"] = evaluate_model(packaged, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
-        summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32", postprocess=False)
-        done = f"test mean Dice {summary['test']['summary']['mean_dice']:.4f}; package {summary['package_bytes'] / 1e6:.1f} MB"
-        result = packaged
+    summary["calibration"] = calibrate_model(uncalibrated, folder, args.device, packaged)
+    summary["package_bytes"] = sum(f.stat().st_size for f in packaged.iterdir())
+    export(args, summary, model=packaged)
+    summary["test"] = evaluate_model(packaged, folder, args.device, args.out / "eval")
+    export(args, summary)
+    summary["test_uncalibrated"] = evaluate_model(packaged, folder, args.device, args.out / "eval_uncalibrated", postprocess=False)
+    summary["test_fp32"] = evaluate_model(best, folder, args.device, args.out / "eval_fp32", postprocess=False)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     export(args, summary)
-    log(f"done in {summary['seconds']:.0f}s: {done} -> {result}")
+    log(f"done in {summary['seconds']:.0f}s: test mean Dice {summary['test']['summary']['mean_dice']:.4f}; "
+        f"package {summary['package_bytes'] / 1e6:.1f} MB -> {packaged}")
     return 0
 
 

@@ -27,13 +27,15 @@ class Volume:
     """A loaded volume: a (1, X, Y, Z) ``MetaTensor`` (affine in RAS) plus where it came from.
 
     ``header`` is the NIfTI header for NIfTI input (its qform/sform are reused on output), else None.
-    ``shape`` is the input's own shape (a singleton 4th axis included).
+    ``shape`` is the input's own shape (a singleton 4th axis included). ``nonfinite_voxels`` counts
+    the NaN/Inf voxels of the input (segmenting treats them as the bottom of the HU window).
     """
 
     image: Any
     source: str
     header: Any = None
     shape: tuple[int, ...] = ()
+    nonfinite_voxels: int = 0
 
     @property
     def affine(self) -> np.ndarray:
@@ -52,14 +54,46 @@ def _nifti_header(path: Path, what: str):
     except Exception as e:  # noqa: BLE001
         raise SDSegInputError(f"not a readable NIfTI {what} ({_reason(e)})", path) from None
     shape = tuple(int(s) for s in image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        return image, shape
-    if len(shape) != 3:
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
         extra = f" with {shape[3]} volumes" if len(shape) == 4 else ""
         raise SDSegInputError(
             f"{len(shape)}D {what}{extra} (shape {'x'.join(map(str, shape))}); a 3D volume is required", path
         )
+    if 0 in shape[:3]:
+        raise SDSegInputError(f"{what} has a zero-length axis (shape {'x'.join(map(str, shape))})", path)
     return image, shape
+
+
+def usable_affine(affine: np.ndarray | None) -> bool:
+    """A voxel-to-world affine that places voxels: finite, with an invertible 3x3 part."""
+    if affine is None:
+        return False
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return False
+    linear = affine[:3, :3]
+    # Relative to the voxel sizes, so that micrometre voxels are not taken for a singular matrix.
+    scale = np.prod(np.linalg.norm(linear, axis=0))
+    return bool(scale > 0 and abs(np.linalg.det(linear)) > 1e-6 * scale)
+
+
+def _nifti_affine(nifti, path: Path, what: str) -> np.ndarray:
+    """The affine nibabel would use (sform, else qform, else the voxel sizes), or the next usable
+    one when that one is singular or not finite; refuses a file where none is usable."""
+    header = nifti.header
+    with np.errstate(all="ignore"):
+        candidates = [nifti.affine]
+        for getter in (header.get_sform, header.get_qform):
+            try:
+                form, code = getter(coded=True)
+            except Exception:  # noqa: BLE001  (a qform that cannot be decoded)
+                continue
+            if code:
+                candidates.append(form)
+        for affine in candidates:
+            if usable_affine(affine):
+                return np.asarray(affine, dtype=np.float64)
+    raise SDSegInputError(f"{what} has no usable affine: sform and qform are singular or not finite", path)
 
 
 def _reason(error: Exception) -> str:
@@ -97,16 +131,29 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
     except Exception as e:  # noqa: BLE001  (truncated or corrupt data block, bad gzip)
         raise SDSegInputError(f"cannot read the {what} data ({_reason(e)})", path) from None
     data = data.reshape(shape[:3])
+    affine = _nifti_affine(nifti, path, what)
+    nonfinite = count_nonfinite(data, path, what)
+    if nonfinite and what != "image":
+        raise SDSegInputError(f"{what} holds {nonfinite} NaN or Inf voxels", path)
     dtype = np.int16 if what != "image" else np.float32
     if what != "image" and not np.issubdtype(data.dtype, np.integer):
         rounded = np.rint(data)
         if not np.allclose(rounded, data):
             raise SDSegInputError(f"{what} holds non-integer values", path)
         data = rounded
-    affine = nifti.affine.astype(np.float64)
     meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS"}
     image = MetaTensor(np.ascontiguousarray(data, dtype=dtype)[None], affine=affine, meta=meta)
-    return Volume(image=image, source=str(path), header=nifti.header, shape=shape)
+    return Volume(image=image, source=str(path), header=nifti.header, shape=shape, nonfinite_voxels=nonfinite)
+
+
+def count_nonfinite(data: np.ndarray, path: str | os.PathLike, what: str = "image") -> int:
+    """NaN/Inf voxels in ``data``; refuses a volume with no finite voxel."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return 0
+    finite = int(np.count_nonzero(np.isfinite(data)))
+    if finite == 0:
+        raise SDSegInputError(f"{what} has no finite voxel (all {data.size} are NaN or Inf)", path)
+    return int(data.size - finite)
 
 
 def check_writable(output: str | os.PathLike) -> Path:
@@ -122,6 +169,25 @@ def check_writable(output: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK):
         raise SDSegInputError("cannot write output: permission denied on its folder", output)
     return output
+
+
+def check_output_spares_inputs(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuse an output (or its JSON sidecar) that is an input file, resolves to one (a symlink,
+    ``./``, a hard link), or lies inside an input folder (a DICOM series)."""
+    output = Path(output)
+    targets = [output, sidecar_path(output)]
+    for source in inputs:
+        if source is None or not Path(source).exists():
+            continue
+        source = Path(source)
+        resolved = source.resolve()
+        for target in targets:
+            place = target.resolve()
+            if source.is_dir():
+                if place == resolved or resolved in place.parents:
+                    raise SDSegInputError(f"output lies inside the input folder {source}; write it elsewhere", target)
+            elif place == resolved or (target.exists() and os.path.samefile(target, source)):
+                raise SDSegInputError(f"output would overwrite the input {source}; give another file name", target)
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from sdseg_monai.config import model_preset
-from sdseg_monai.metrics import OrganScore, organ_scores
+from sdseg_monai.metrics import OrganScore, mean_dice, organ_scores
 from sdseg_monai.model import SDSeg, default_model_path
 
 # Far from any seed used to train the default model.
@@ -44,10 +45,28 @@ class DemoResult:
     files: list[Path] = field(default_factory=list)
 
 
-def overlay_png(image_hu: np.ndarray, labels: np.ndarray, reference: np.ndarray, z: int, path: Path, window=(-175.0, 250.0)) -> Path:
-    """Axial slice ``z``: CT with the predicted labels (left) and the reference (right), as a PNG.
-    Arrays are RAS (X, Y, Z); the picture shows the patient's right on the left (radiological view)."""
-    from PIL import Image
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: no system fonts needed
+
+
+def overlay_png(
+    image_hu: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    z: int,
+    path: Path,
+    scores: Sequence[OrganScore] = (),
+    window=(-175.0, 250.0),
+    zoom: int = 3,
+) -> Path:
+    """Axial slice ``z`` as a PNG that explains itself: the CT with the predicted labels (left) and
+    the reference (right), each panel titled, and a legend of every organ's colour, name and Dice.
+
+    Arrays are RAS (X, Y, Z); the panels show the patient's right on the left (radiological view).
+    """
+    from PIL import Image, ImageDraw
 
     low, high = window
     grey = np.clip((image_hu[:, :, z] - low) / (high - low), 0, 1) * 255
@@ -58,11 +77,37 @@ def overlay_png(image_hu: np.ndarray, labels: np.ndarray, reference: np.ndarray,
         mask = (label_slice > 0)[..., None]
         mixed = np.where(mask, 0.45 * grey + 0.55 * colour, grey)
         # (X, Y) -> rows from anterior (top) to posterior, columns from the patient's right to left.
-        return mixed.transpose(1, 0, 2)[::-1, ::-1]
+        panel = Image.fromarray(mixed.transpose(1, 0, 2)[::-1, ::-1].astype(np.uint8))
+        return panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST)
 
-    panel = np.concatenate([draw(labels[:, :, z]), np.zeros((labels.shape[1], 4, 3)), draw(reference[:, :, z])], axis=1)
-    image = Image.fromarray(panel.astype(np.uint8)).resize((panel.shape[1] * 3, panel.shape[0] * 3), Image.NEAREST)
-    image.save(path)
+    prediction, truth = draw(labels[:, :, z]), draw(reference[:, :, z])
+    title, text, small = _font(22), _font(18), _font(15)
+    margin, gap, header, row = 16, 12, 64, 26
+    legend_width = 330
+    panel_w, panel_h = prediction.size
+    width = margin * 2 + panel_w * 2 + gap * 2 + legend_width
+    height = max(header + panel_h, header + row * (len(scores) + 2)) + margin
+    canvas = Image.new("RGB", (width, height), (24, 24, 24))
+    pen = ImageDraw.Draw(canvas)
+    x_pred, x_ref, x_legend = margin, margin + panel_w + gap, margin + 2 * (panel_w + gap)
+    mean = mean_dice(scores)
+    summary = f"axial slice {z}" + ("" if mean is None else f"  -  mean Dice {mean:.3f} over the volume")
+    pen.text((margin, 8), summary, font=small, fill=(200, 200, 200))
+    pen.text((x_pred, 30), "Prediction (sdseg3d)", font=title, fill=(255, 255, 255))
+    pen.text((x_ref, 30), "Reference (phantom labels)", font=title, fill=(255, 255, 255))
+    canvas.paste(prediction, (x_pred, header))
+    canvas.paste(truth, (x_ref, header))
+    pen.text((x_pred + 4, header + panel_h - 22), "R", font=small, fill=(255, 255, 0))
+    pen.text((x_legend, 30), "organ", font=title, fill=(255, 255, 255))
+    pen.text((x_legend + legend_width - 70, 30), "Dice", font=title, fill=(255, 255, 255))
+    for k, score in enumerate(scores):
+        y = header + k * row
+        colour = tuple(int(c) for c in PALETTE[min(score.label, len(PALETTE) - 1)])
+        pen.rectangle((x_legend, y + 3, x_legend + 16, y + 19), fill=colour)
+        pen.text((x_legend + 24, y), score.name.replace("_", " "), font=text, fill=(235, 235, 235))
+        dice = "absent" if score.dice is None else f"{score.dice:.3f}"
+        pen.text((x_legend + legend_width - 70, y), dice, font=text, fill=(235, 235, 235))
+    canvas.save(path)
     return path
 
 
@@ -115,5 +160,5 @@ def run_demo(
     present = np.nonzero(reference.any(axis=(0, 1)))[0]
     if len(present) and pictures > 0:
         for k, z in enumerate(np.linspace(present[0], present[-1], pictures + 2)[1:-1].round().astype(int)):
-            files.append(overlay_png(image_hu, result.labels, reference, int(z), out / f"overlay_{k}_z{int(z)}.png"))
+            files.append(overlay_png(image_hu, result.labels, reference, int(z), out / f"overlay_{k}_z{int(z)}.png", scores))
     return DemoResult(model=name, trained=trained, scores=scores, seconds=result.seconds, slices=reference.shape[2], files=files)

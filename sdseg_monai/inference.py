@@ -21,7 +21,15 @@ import torch
 
 from sdseg_monai import _quiet  # noqa: F401
 from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing
-from sdseg_monai.data import Volume, check_writable, read_volume, write_label_volume
+from sdseg_monai.data import (
+    Volume,
+    check_output_spares_inputs,
+    check_writable,
+    count_nonfinite,
+    read_volume,
+    usable_affine,
+    write_label_volume,
+)
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device
 from sdseg_monai.transforms import (
@@ -112,6 +120,8 @@ class Segmentation:
             "input": self.volume.source,
             "seed": self.seed,
             "postprocessing": self.postprocessing,
+            # NaN/Inf input voxels, segmented as the bottom of the HU window.
+            "nonfinite_input_voxels": int(self.volume.nonfinite_voxels),
         }
 
     def save(self, output: str | os.PathLike) -> tuple[Path, Path]:
@@ -241,11 +251,14 @@ class VolumeSegmenter:
         from monai.data import MetaTensor
 
         array = np.asarray(array)
-        if array.ndim != 3:
-            raise SDSegInputError(f"expected a 3D array, got shape {array.shape}")
+        if array.ndim != 3 or 0 in array.shape:
+            raise SDSegInputError(f"expected a non-empty 3D array, got shape {array.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if not usable_affine(affine):
+            raise SDSegInputError("affine is singular or not finite")
+        nonfinite = count_nonfinite(array, "<array>")
         image = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=affine, meta={"space": "RAS"})
-        return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape))
+        return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape, nonfinite_voxels=nonfinite))
 
     def _probability_chunks(self, image: torch.Tensor, progress: Callable[[int], None] | None = None, **options):
         """Per-organ probabilities of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk:
@@ -317,6 +330,7 @@ def segment_file(
 ) -> tuple[Segmentation, Path, Path]:
     """One-shot convenience: segment ``input_path`` and write ``output`` and its sidecar."""
     check_writable(output)
+    check_output_spares_inputs(output, input_path)
     segmenter = VolumeSegmenter(model, **options)
     result = segmenter.segment(input_path)
     image_path, sidecar_path = result.save(output)

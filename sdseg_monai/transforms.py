@@ -31,9 +31,39 @@ PAD_VALUE = -1.0
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
+class FillNonFinite:
+    """Array transform: NaN and +/-Inf voxels (e.g. the fill of a resampling) become ``value``.
+
+    For CT, ``value`` is the bottom of the HU window: such voxels count as air, never as tissue.
+    """
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not torch.is_floating_point(image) or bool(torch.isfinite(image).all()):
+            return image
+        return torch.nan_to_num(image, nan=self.value, posinf=self.value, neginf=self.value)
+
+
+class FillNonFinited:
+    """Dictionary version of :class:`FillNonFinite` on ``keys``."""
+
+    def __init__(self, keys: Sequence[str], value: float):
+        self.keys = list(keys)
+        self.fill = FillNonFinite(value)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for key in self.keys:
+            out[key] = self.fill(out[key])
+        return out
+
+
 def canonical_transforms(preprocessing: Preprocessing, keys: Sequence[str] = (IMAGE_KEY,), label_keys: Sequence[str] = ()):
     """MONAI dictionary transforms on loaded (1, X, Y, Z) ``MetaTensor``s: reorient to the canonical
-    orientation (axial slices along the last axis) and window the image keys' HU to [-1, 1].
+    orientation (axial slices along the last axis) and window the image keys' HU to [-1, 1], NaN/Inf
+    voxels counting as the bottom of the window.
 
     Invert the reorientation of an output with ``Invertd`` (see :func:`invert_to_input`).
     """
@@ -43,6 +73,7 @@ def canonical_transforms(preprocessing: Preprocessing, keys: Sequence[str] = (IM
     return Compose(
         [
             Orientationd(list(keys) + list(label_keys), axcodes=preprocessing.orientation, labels=AXIS_LABELS),
+            FillNonFinited(list(keys), value=low),
             ScaleIntensityRanged(list(keys), a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True),
         ]
     )
@@ -176,17 +207,22 @@ def fuse_probabilities(
 
 def keep_largest_component(labels: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
     """Label map (X, Y, Z) with each of ``label_values`` cut to its largest 3D connected component
-    (26-connected, SimpleITK); the voxels removed become background. Returns a new tensor."""
-    import SimpleITK as sitk
+    (26-connected; the first in array order on a tie); the voxels removed become background.
+    Returns a new tensor."""
+    from scipy import ndimage
 
     out = labels.clone()
     array = out.numpy()
+    connectivity = np.ones((3, 3, 3), dtype=bool)
     for value in label_values:
         mask = array == int(value)
         if not mask.any():
             continue
-        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
-        array[mask & (sitk.GetArrayViewFromImage(components) != 1)] = 0
+        components, count = ndimage.label(mask, structure=connectivity)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            array[mask & (components != int(np.argmax(sizes)))] = 0
     return out
 
 

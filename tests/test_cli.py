@@ -66,11 +66,12 @@ def test_unknown_option_is_a_usage_error():
 
 
 def test_demo_segments_a_phantom_and_draws_overlays(tmp_path):
+    import numpy as np
     import torch
     from PIL import Image
 
     from conftest import micro_config
-    from sdseg_monai.demo import run_demo
+    from sdseg_monai.demo import PALETTE, run_demo
     from sdseg_monai.model import SDSeg
 
     torch.manual_seed(0)
@@ -81,8 +82,14 @@ def test_demo_segments_a_phantom_and_draws_overlays(tmp_path):
     assert len([n for n in names if n.endswith(".png")]) == 2
     assert [s.name for s in result.scores] == ["spleen", "liver"]
     assert all(s.reference_voxels > 0 for s in result.scores)  # the phantom holds both organs
-    picture = Image.open(next((tmp_path / "demo").glob("*.png")))
-    assert picture.size == ((48 * 2 + 4) * 3, 48 * 3)
+    picture = np.asarray(Image.open(next((tmp_path / "demo").glob("*.png"))).convert("RGB"))
+    panel = 48 * 3
+    assert picture.shape[1] > 2 * panel + 200 and picture.shape[0] > panel  # two panels and a legend
+    titles = picture[25:60, : 2 * panel]
+    assert (titles == 255).all(-1).sum() > 100  # white title text over the panels
+    legend = picture[:, 2 * panel + 40 :]
+    for score in result.scores:  # each organ's colour swatch stands in the legend
+        assert (legend == PALETTE[score.label]).all(-1).sum() >= 100
 
 
 def test_demo_without_a_default_model_says_it_is_untrained(tmp_path, capsys, monkeypatch, no_default_model):

@@ -208,6 +208,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "axial_smoothing": {},
             "num_shifts": 1,
         },
+        "nonfinite_input_voxels": 0,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
 

@@ -1,0 +1,342 @@
+"""Inputs are never harmed, bad ones are refused before any compute, and outputs are never half-written.
+
+Every refusal: exit 2, one line on stderr naming the file and the problem, no traceback, no file
+written, and every byte of the inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import micro_config
+from sdseg_monai.cli import main
+from sdseg_monai.model import SDSeg
+
+HU_WINDOW = (-175, 250)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": HU_WINDOW, "slice_size": 32}))
+    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
+
+
+def _scan_arrays(shape=(24, 20, 4)):
+    rng = np.random.default_rng(0)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[4:14, 3:12] = 6
+    labels[15:21, 12:18] = 1
+    image = np.where(labels > 0, 60.0, -100.0) + rng.normal(0, 5, labels.shape)
+    affine = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    return image, labels, affine
+
+
+def _save(path: Path, data: np.ndarray, affine=np.eye(4)) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _save_with_header(path: Path, data: np.ndarray, mutate) -> Path:
+    """A NIfTI whose header fields are set by ``mutate`` and written verbatim (nibabel would
+    otherwise recompute the forms from an affine, and refuses to build a singular one)."""
+    header = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])).header
+    mutate(header)
+    nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+    return path
+
+
+def _zero_forms(header):
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    header["pixdim"][1:4] = 0
+
+
+def _nan_forms(header):
+    header["srow_x"][0] = np.nan
+    header["pixdim"][1] = np.nan
+
+
+def _dicom_folder(folder: Path) -> Path:
+    import pydicom
+
+    source = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    shutil.copytree(source, folder)
+    return folder
+
+
+# Each case: (id, build(tmp) -> (args after "segment", fragments of the message)). The model is added
+# unless the case gives its own. Paths are relative to tmp (the working directory).
+def _case_same_file(tmp):
+    return ["scan.nii.gz", "-o", "scan.nii.gz"], ["scan.nii.gz", "would overwrite the input"]
+
+
+def _case_dot_path(tmp):
+    (tmp / "sub").mkdir()
+    return ["./scan.nii.gz", "-o", "./sub/../scan.nii.gz"], ["would overwrite the input"]
+
+
+def _case_symlink(tmp):
+    (tmp / "link.nii.gz").symlink_to(tmp / "scan.nii.gz")
+    return ["scan.nii.gz", "-o", "link.nii.gz"], ["link.nii.gz", "would overwrite the input"]
+
+
+def _case_hard_link(tmp):
+    os.link(tmp / "scan.nii.gz", tmp / "hard.nii.gz")
+    return ["scan.nii.gz", "-o", "hard.nii.gz"], ["hard.nii.gz", "would overwrite the input"]
+
+
+def _case_inside_dicom_folder(tmp):
+    _dicom_folder(tmp / "series")
+    return ["series", "-o", "series/mask.nii.gz"], ["series/mask.nii.gz", "inside the input folder"]
+
+
+def _case_output_is_label(tmp):
+    return ["scan.nii.gz", "-o", "ref.nii.gz", "-l", "ref.nii.gz"], ["ref.nii.gz", "would overwrite the input"]
+
+
+def _case_all_nan(tmp):
+    _save(tmp / "nan.nii.gz", np.full((8, 8, 4), np.nan, dtype=np.float32))
+    return ["nan.nii.gz", "-o", "out.nii.gz"], ["nan.nii.gz", "no finite voxel"]
+
+
+def _case_all_inf(tmp):
+    data = np.full((8, 8, 4), np.inf, dtype=np.float32)
+    data[0] = -np.inf
+    _save(tmp / "inf.nii.gz", data)
+    return ["inf.nii.gz", "-o", "out.nii.gz"], ["inf.nii.gz", "no finite voxel"]
+
+
+def _case_zero_length_axis(tmp):
+    _save_with_header(tmp / "flat.nii.gz", np.zeros((8, 0, 4), dtype=np.int16), lambda h: None)
+    return ["flat.nii.gz", "-o", "out.nii.gz"], ["flat.nii.gz", "zero-length axis"]
+
+
+def _case_singular_affine(tmp):
+    _save_with_header(tmp / "singular.nii.gz", np.zeros((8, 8, 4), dtype=np.int16), _zero_forms)
+    return ["singular.nii.gz", "-o", "out.nii.gz"], ["singular.nii.gz", "no usable affine"]
+
+
+def _case_nan_affine(tmp):
+    _save_with_header(tmp / "nanaffine.nii.gz", np.zeros((8, 8, 4), dtype=np.int16), _nan_forms)
+    return ["nanaffine.nii.gz", "-o", "out.nii.gz"], ["nanaffine.nii.gz", "no usable affine"]
+
+
+def _case_missing(tmp):
+    return ["nope.nii.gz", "-o", "out.nii.gz"], ["nope.nii.gz", "no such file"]
+
+
+def _case_empty_file(tmp):
+    (tmp / "empty.nii.gz").write_bytes(b"")
+    return ["empty.nii.gz", "-o", "out.nii.gz"], ["empty.nii.gz", "not a readable NIfTI"]
+
+
+def _case_truncated(tmp):
+    data = (tmp / "scan.nii.gz").read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    return ["cut.nii.gz", "-o", "out.nii.gz"], ["cut.nii.gz"]
+
+
+def _case_corrupt(tmp):
+    (tmp / "junk.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 30))
+    return ["junk.nii.gz", "-o", "out.nii.gz"], ["junk.nii.gz", "not a readable NIfTI"]
+
+
+def _case_2d(tmp):
+    _save(tmp / "flat2d.nii.gz", np.zeros((8, 8), dtype=np.int16))
+    return ["flat2d.nii.gz", "-o", "out.nii.gz"], ["flat2d.nii.gz", "2D image"]
+
+
+def _case_5d(tmp):
+    _save(tmp / "five.nii.gz", np.zeros((8, 8, 4, 1, 2), dtype=np.int16))
+    return ["five.nii.gz", "-o", "out.nii.gz"], ["five.nii.gz", "5D image"]
+
+
+def _case_4d(tmp):
+    _save(tmp / "four.nii.gz", np.zeros((8, 8, 4, 3), dtype=np.int16))
+    return ["four.nii.gz", "-o", "out.nii.gz"], ["four.nii.gz", "4D image with 3 volumes"]
+
+
+def _case_unknown_organ(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "--organs", "brain"], ["unknown organ 'brain'"]
+
+
+def _case_bad_model(tmp):
+    (tmp / "notamodel").mkdir()
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-m", "notamodel"], ["notamodel", "not an SDSeg model folder"]
+
+
+def _case_unwritable_output(tmp):
+    return ["scan.nii.gz", "-o", "missing/out.nii.gz"], ["missing/out.nii.gz", "folder does not exist"]
+
+
+def _case_label_nan(tmp):
+    _, labels, affine = _scan_arrays()
+    bad = labels.astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    _save(tmp / "nanref.nii.gz", bad, affine)
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-l", "nanref.nii.gz"], ["nanref.nii.gz", "NaN or Inf"]
+
+
+BAD_INPUTS = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (links as links) with its bytes."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            out[str(path.relative_to(folder))] = ("link", os.readlink(path))
+        elif path.is_file():
+            out[str(path.relative_to(folder))] = path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_nothing_is_touched(case, model_dir, tmp_path, monkeypatch, capfd):
+    image, labels, affine = _scan_arrays()
+    _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
+    _save(tmp_path / "ref.nii.gz", labels, affine)
+    args, fragments = BAD_INPUTS[case](tmp_path)
+    if "-m" not in args:
+        args += ["-m", str(model_dir)]
+    before = _snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    code = main(["segment", *args, "-q"])
+    err = capfd.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("sdseg3d: error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert _snapshot(tmp_path) == before  # no input changed, nothing written, no temporary left
+
+
+def test_refusal_through_the_console_script_is_one_line(model_dir, tmp_path):
+    """The same guarantee end to end in a fresh process (no test-runner capture or warning filters)."""
+    image, _, affine = _scan_arrays()
+    scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
+    _save_with_header(tmp_path / "singular.nii.gz", np.zeros((8, 8, 4), dtype=np.int16), _zero_forms)
+    before = _snapshot(tmp_path)
+    for args, fragment in [([scan, "-o", scan], "would overwrite the input"), ([tmp_path / "singular.nii.gz", "-o", tmp_path / "o.nii.gz"], "no usable affine")]:
+        result = subprocess.run([sys.executable, "-m", "sdseg_monai.cli", "segment", *map(str, args), "-m", str(model_dir)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_sform_unusable_but_qform_usable_is_read_with_the_qform(tmp_path):
+    from sdseg_monai.data import read_volume
+
+    def sform_zero_qform_set(header):
+        for row in ("srow_x", "srow_y", "srow_z"):
+            header[row] = 0
+        header.set_qform(np.diag([2.0, 2.0, 3.0, 1.0]), code=1)
+
+    path = _save_with_header(tmp_path / "q.nii.gz", np.zeros((6, 5, 4), dtype=np.int16), sform_zero_qform_set)
+    assert nib.load(str(path)).header["sform_code"] > 0  # nibabel alone would use the zero sform
+    assert np.allclose(read_volume(path).affine, np.diag([2.0, 2.0, 3.0, 1.0]))
+
+
+def test_partial_nan_volume_segments_as_window_bottom_and_is_counted(model_dir, tmp_path):
+    image, _, affine = _scan_arrays()
+    image = image.astype(np.float32)
+    image[2:5, 2:4, 1] = np.nan
+    image[10, 10, 2] = np.inf
+    image[11, 11, 3] = -np.inf
+    filled = np.where(np.isfinite(image), image, np.float32(HU_WINDOW[0]))
+    _save(tmp_path / "holes.nii.gz", image, affine)
+    _save(tmp_path / "filled.nii.gz", filled, affine)
+    for name in ("holes", "filled"):
+        assert main(["segment", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / f"{name}_mask.nii.gz"), "-m", str(model_dir), "-q"]) == 0
+    holes = np.asanyarray(nib.load(str(tmp_path / "holes_mask.nii.gz")).dataobj)
+    filled_labels = np.asanyarray(nib.load(str(tmp_path / "filled_mask.nii.gz")).dataobj)
+    assert np.array_equal(holes, filled_labels)  # NaN/Inf voxels are exactly the bottom of the window
+    assert json.loads((tmp_path / "holes_mask.json").read_text())["nonfinite_input_voxels"] == 3 * 2 + 2
+    assert json.loads((tmp_path / "filled_mask.json").read_text())["nonfinite_input_voxels"] == 0
+
+
+# Runs `sdseg3d segment` with nibabel's save slowed down after the bytes are written: the test
+# kills the process while the result sits, complete, in its temporary file, before the rename.
+_SLOW_WRITER = """
+import sys, time, pathlib, nibabel
+real_save = nibabel.save
+def slow_save(image, path):
+    real_save(image, path)
+    pathlib.Path(sys.argv[1]).write_text(str(path))
+    time.sleep(120)
+nibabel.save = slow_save
+from sdseg_monai.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _wait_for(path: Path, process, seconds: float = 240.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_the_write_leaves_the_old_output_or_none(model_dir, tmp_path):
+    image, _, affine = _scan_arrays()
+    scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
+    scan_bytes = scan.read_bytes()
+    for previous in (None, b"previous result"):
+        out = tmp_path / "mask.nii.gz"
+        out.unlink(missing_ok=True)
+        if previous is not None:
+            out.write_bytes(previous)
+        marker = tmp_path / "writing"
+        marker.unlink(missing_ok=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_WRITER, str(marker), "segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for(marker, process)
+            temporary = Path(marker.read_text())
+            assert temporary.parent == tmp_path and temporary.name.startswith(".mask.nii.gz.") and temporary.stat().st_size > 0
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        if previous is None:
+            assert not out.exists()
+        else:
+            assert out.read_bytes() == previous
+        assert scan.read_bytes() == scan_bytes
+    # Uninterrupted, the same command replaces the old output whole.
+    assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q"]) == 0
+    assert nib.load(str(out)).get_fdata().shape == image.shape
+
+
+def test_sigkill_at_any_moment_leaves_output_absent_or_complete(model_dir, tmp_path):
+    image, _, affine = _scan_arrays()
+    scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
+    out = tmp_path / "mask.nii.gz"
+    for delay in (1.0, 3.0, 6.0):
+        out.unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, "-m", "sdseg_monai.cli", "segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.kill()
+        process.wait(timeout=60)
+        if out.exists():
+            written = nib.load(str(out))
+            assert written.shape == image.shape and np.asanyarray(written.dataobj).shape == image.shape
