@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
             report[f"network_{preset}_random"] = {"slice_size": size, "organs": big.config.num_classes, "runs": rows}
             print(preset, json.dumps(report[f"network_{preset}_random"]), flush=True)
             del big
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         except Exception as error:  # a bench of record: report what failed, keep the rest
             report[f"network_{preset}_random"] = {"error": f"{type(error).__name__}: {error}"}
             print(preset, "failed:", error, flush=True)
