@@ -120,7 +120,7 @@ def _split_names(value: Optional[str]) -> Optional[list[str]]:
 
 
 def _resolve_model(model: Optional[Path]) -> Path:
-    from sdseg_monai.model import CONFIG_NAME, default_model_path
+    from sdseg_monai.model import default_model_path, model_files
 
     if model is None:
         model = default_model_path()
@@ -128,10 +128,7 @@ def _resolve_model(model: Optional[Path]) -> Path:
             raise SDSegInputError(
                 "no packaged default model in this version yet; pass --model PATH (a saved SDSeg model folder)"
             )
-    if not model.exists():
-        raise SDSegInputError("no such model folder", model)
-    if not (model / CONFIG_NAME).is_file():
-        raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME})", model)
+    model_files(model)  # a saved model folder or a bundle, else a one-line refusal
     return model
 
 
@@ -303,6 +300,19 @@ def calibrate(
     typer.echo(result.format_table())
     if not quiet:
         typer.echo(f"wrote {saved} ({result.seconds:.1f} s)")
+
+
+@app.command("export-bundle")
+def export_bundle(
+    model: Optional[Path] = typer.Argument(None, metavar="MODEL", help="Saved SDSeg model folder (default: the built-in model)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write (replaced whole if it exists)."),
+    version: str = typer.Option("0.1.0", "--version", help="Bundle version recorded in configs/metadata.json."),
+):
+    """Write a saved model as a MONAI bundle (configs, models/model.pt, docs) that runs offline."""
+    from sdseg_monai.bundle import export_bundle as write_bundle
+
+    written = write_bundle(_resolve_model(model), output, version=version)
+    typer.echo(f"wrote MONAI bundle {written}")
 
 
 def _volume_pairs(values: list[str], option: str) -> list[tuple[Path, Path]]:

@@ -25,6 +25,9 @@ from sdseg_monai.errors import SDSegInputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# In a MONAI bundle (see sdseg_monai.bundle): the weights as MONAI loads them, the config beside them.
+BUNDLE_CONFIG_NAME = "models/sdseg_config.json"
+BUNDLE_WEIGHTS_NAME = "models/model.pt"
 
 
 # Test-time shifts, in half latent cells (y, x): the first pass is the plain one, the second moves
@@ -479,19 +482,16 @@ class SDSeg(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SDSeg:
-        """Load a model folder written by :meth:`save_pretrained`."""
+        """Load a model folder written by :meth:`save_pretrained`, or a MONAI bundle folder written by
+        :func:`sdseg_monai.bundle.export_bundle`."""
         from sdseg_monai.weights import load_state_into, read_state_dict
 
-        path = Path(path)
-        if not path.exists():
-            raise SDSegInputError("no such model folder", path)
-        if not path.is_dir() or not (path / CONFIG_NAME).is_file():
-            raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME})", path)
-        config = SDSegConfig.from_json_file(path / CONFIG_NAME)
+        config_path, weights_path = model_files(path)
+        config = SDSegConfig.from_json_file(config_path)
         if config.latent_scale is None:
-            raise SDSegInputError("model config has no latent_scale", path / CONFIG_NAME)
+            raise SDSegInputError("model config has no latent_scale", config_path)
         model = cls(config)
-        load_state_into(model, read_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME, what="SDSeg model")
+        load_state_into(model, read_state_dict(weights_path), weights_path, what="SDSeg model")
         return model.to(device).eval()
 
     def describe(self) -> dict:
@@ -509,6 +509,18 @@ class SDSeg(nn.Module):
 
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def model_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) of a saved model folder, or of a MONAI bundle folder; refuses anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise SDSegInputError("no such model folder", path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return path / CONFIG_NAME, path / WEIGHTS_NAME
+    if path.is_dir() and (path / BUNDLE_CONFIG_NAME).is_file():
+        return path / BUNDLE_CONFIG_NAME, path / BUNDLE_WEIGHTS_NAME
+    raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME}) nor an SDSeg MONAI bundle (no {BUNDLE_CONFIG_NAME})", path)
 
 
 def default_model_path() -> Path | None:

@@ -49,8 +49,8 @@ class FillNonFinite:
 class FillNonFinited:
     """Dictionary version of :class:`FillNonFinite` on ``keys``."""
 
-    def __init__(self, keys: Sequence[str], value: float):
-        self.keys = list(keys)
+    def __init__(self, keys: str | Sequence[str], value: float):
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
         self.fill = FillNonFinite(value)
 
     def __call__(self, data: dict) -> dict:

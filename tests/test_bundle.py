@@ -1,0 +1,228 @@
+"""MONAI bundles: layout, MONAI's own verifiers (each with a negative control), the infer workflow,
+`monai.bundle run` (single process and 2-process torchrun on CPU) identical to `sdseg3d segment`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import micro_config
+from sdseg_monai.bundle import EXPRESSIONS, SCHEMA_PATH, export_bundle, nifti_inputs
+from sdseg_monai.cli import main
+from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.model import SDSeg
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "bundles" / "sdseg_btcv"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir, tmp_path_factory):
+    return export_bundle(model_dir, tmp_path_factory.mktemp("bundles") / "micro_bundle")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    affines = [np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]]), np.diag([1.0, 2.0, 3.0, 1.0])]
+    for k, affine in enumerate(affines):
+        image = (rng.normal(0, 100, (24, 20, 5)) + np.where(np.arange(24)[:, None, None] > 12, 60, -80)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), str(folder / f"case{k}.nii.gz"))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _monai_bundle(*args, cwd, torchrun=False):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", *args] if torchrun \
+        else [sys.executable, "-m", "monai.bundle", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _segment_reference(model_dir, dataset, out_dir) -> dict:
+    masks = {}
+    for case in sorted(dataset.glob("*.nii.gz")):
+        out = out_dir / case.name.replace(".nii.gz", "_ref.nii.gz")
+        assert main(["segment", str(case), "-o", str(out), "-m", str(model_dir), "-q"]) == 0
+        masks[case.name.replace(".nii.gz", "")] = nib.load(str(out))
+    return masks
+
+
+def _assert_same_masks(out_dir: Path, reference: dict):
+    written = sorted(p.name for p in out_dir.glob("*_seg.nii.gz"))
+    assert written == sorted(f"{name}_seg.nii.gz" for name in reference)
+    for name, expected in reference.items():
+        got = nib.load(str(out_dir / f"{name}_seg.nii.gz"))
+        assert got.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asanyarray(got.dataobj).reshape(expected.shape), np.asanyarray(expected.dataobj))
+        assert np.allclose(got.affine, expected.affine, atol=1e-5)
+    assert any(np.asanyarray(e.dataobj).any() for e in reference.values())  # labels, not an empty map
+
+
+def test_layout_weights_and_config_format(bundle, model_dir):
+    files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    assert files == sorted([
+        "LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
+        "configs/multi_gpu_inference.json", "docs/README.md", "docs/data_license.txt", "models/model.pt",
+        "models/sdseg_config.json",
+    ])
+    assert all((bundle / f).stat().st_size < 25 * 2**20 for f in files)
+    from safetensors.torch import load_file
+
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    saved = load_file(str(model_dir / "model.safetensors"))
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) and weights[k].dtype == saved[k].dtype for k in saved)
+    import hashlib
+
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["sdseg3d"]["weights_sha256"] == hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
+    for name in ("metadata.json", "inference.json", "multi_gpu_inference.json"):
+        text = (bundle / "configs" / name).read_text()
+        assert text == json.dumps(json.loads(text), indent=4) + "\n"  # the model zoo's 4-space format
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def _targets(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value)
+
+
+def test_configs_use_only_monai_and_sdseg_targets_and_pinned_expressions(bundle):
+    from monai.utils import look_up_option  # noqa: F401  (monai importable)
+    from monai.bundle import ConfigComponent
+
+    for name in ("inference.json", "multi_gpu_inference.json"):
+        config = json.loads((bundle / "configs" / name).read_text())
+        assert {s for s in _strings(config) if s.startswith("$")} <= set(EXPRESSIONS)
+        for target in _targets(config):
+            located = ConfigComponent({"_target_": target}).resolve_module_name()
+            module = located if isinstance(located, str) else getattr(located, "__module__", "")
+            assert target.startswith("sdseg_monai.") or module.startswith("monai."), (target, module)
+    assert not list(bundle.rglob("*.pkl")) and not (bundle / "scripts").exists()
+
+
+def test_verify_metadata_passes_and_fails_without_a_required_field(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA_PATH))
+    broken = json.loads((bundle / "configs" / "metadata.json").read_text())
+    del broken["authors"]
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="authors"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA_PATH))
+
+
+def test_verify_net_in_out_passes_and_fails_on_a_wrong_output_dtype(bundle, monkeypatch):
+    from monai.bundle import verify_net_in_out
+
+    monkeypatch.chdir(bundle)
+    args = dict(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json", device="cpu", any=8)
+    verify_net_in_out(**args, bundle_root=str(bundle))
+    with pytest.raises(ValueError, match="dtype"):
+        verify_net_in_out(**args, bundle_root=str(bundle), **{"_meta_#network_data_format#outputs#pred#dtype": "float32"})
+
+
+def test_infer_workflow_properties_runs_and_an_empty_dataset_folder(bundle, dataset, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    def workflow(dataset_dir, out):
+        flow = ConfigWorkflow(
+            config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+            logging_file=str(bundle / "configs" / "logging.conf"), workflow_type="infer",
+            bundle_root=str(bundle), dataset_dir=str(dataset_dir), output_dir=str(out),
+        )
+        flow.initialize()
+        return flow
+
+    flow = workflow(dataset, tmp_path / "out")
+    assert not flow.check_properties()  # None or [] when every required property is there
+    flow.run()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0_seg.nii.gz", "case1_seg.nii.gz"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError) as failure:  # MONAI wraps what a component raises
+        workflow(empty, tmp_path / "out2").run()
+    assert isinstance(failure.value.__cause__, SDSegInputError)
+    assert "no NIfTI (.nii/.nii.gz) files in the dataset folder" in str(failure.value.__cause__)
+    with pytest.raises(SDSegInputError, match="no such dataset folder"):
+        nifti_inputs(tmp_path / "missing")
+
+
+def test_bundle_run_from_another_directory_equals_sdseg3d_segment(bundle, model_dir, dataset, tmp_path):
+    reference = _segment_reference(model_dir, dataset, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    result = _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--dataset_dir", str(dataset), "--output_dir", str(out), cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_masks(out, reference)
+    # A bundle folder is a --model like any saved model.
+    via_bundle = tmp_path / "via_bundle.nii.gz"
+    assert main(["segment", str(dataset / "case0.nii.gz"), "-o", str(via_bundle), "-m", str(bundle), "-q"]) == 0
+    assert np.array_equal(np.asanyarray(nib.load(str(via_bundle)).dataobj), np.asanyarray(reference["case0"].dataobj))
+
+
+def test_two_process_torchrun_on_cpu_equals_one_process(bundle, model_dir, dataset, tmp_path):
+    reference = _segment_reference(model_dir, dataset, tmp_path)
+    out = tmp_path / "out"
+    configs = f"['{bundle / 'configs' / 'inference.json'}','{bundle / 'configs' / 'multi_gpu_inference.json'}']"
+    result = _monai_bundle("run", "--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(dataset),
+                           "--output_dir", str(out), cwd=tmp_path, torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_masks(out, reference)
+
+
+def test_export_refuses_bad_models_and_writes_nothing(tmp_path, model_dir):
+    with pytest.raises(SDSegInputError, match="not an SDSeg model folder"):
+        export_bundle(tmp_path, tmp_path / "b")
+    with pytest.raises(SDSegInputError, match="outside the model folder"):
+        export_bundle(model_dir, model_dir / "b")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped bundle in this checkout")
+def test_shipped_bundle_is_the_packaged_default_model(tmp_path):
+    from sdseg_monai.model import default_model_path
+
+    fresh = export_bundle(default_model_path(), tmp_path / "fresh")
+    for name in ("configs/inference.json", "configs/multi_gpu_inference.json", "models/sdseg_config.json", "LICENSE", "docs/data_license.txt"):
+        assert (SHIPPED / name).read_text() == (fresh / name).read_text(), name
+    shipped = torch.load(SHIPPED / "models" / "model.pt", weights_only=True)
+    again = torch.load(fresh / "models" / "model.pt", weights_only=True)
+    assert shipped.keys() == again.keys() and all(torch.equal(shipped[k], again[k]) for k in again)
+    meta = json.loads((SHIPPED / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["13"] == "left_adrenal_gland"
+    assert meta["eval_metrics"], "the shipped bundle carries the model card's test metrics"
