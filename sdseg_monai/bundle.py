@@ -32,7 +32,7 @@ import torch
 from sdseg_monai.config import SDSegConfig
 from sdseg_monai.data import NIFTI_SUFFIXES
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import BUNDLE_CONFIG_NAME, BUNDLE_WEIGHTS_NAME, SDSeg, model_files, replace_dir
+from sdseg_monai.model import BUNDLE_CONFIG_NAME, BUNDLE_WEIGHTS_NAME, EVALUATION_NAME, SDSeg, model_files, replace_dir
 from sdseg_monai.transforms import AXIS_LABELS
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -395,8 +395,8 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
         raise SDSegInputError("cannot write the bundle: its parent folder does not exist", output)
     SDSeg.from_pretrained(model_dir)  # refuses weights that do not fit the config, before writing
     state = load_file(str(weights_path)) if weights_path.suffix == ".safetensors" else read_state_dict(weights_path)
-    if eval_metrics is None and (model_dir / "evaluation.json").is_file():
-        eval_metrics = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8")).get("metrics", {})
+    if eval_metrics is None and (model_dir / EVALUATION_NAME).is_file():
+        eval_metrics = json.loads((model_dir / EVALUATION_NAME).read_text(encoding="utf-8")).get("metrics", {})
     card_path = model_dir / "MODEL_CARD.md"
     model_card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
 

@@ -396,7 +396,7 @@ def save_calibrated_model(model_dir: str | os.PathLike, result: CalibrationResul
     and the calibration report as ``calibration.json``; the weights are copied byte for byte. Written
     atomically; ``model_dir`` is never modified.
     """
-    from sdseg_monai.model import CONFIG_NAME, replace_dir
+    from sdseg_monai.model import CONFIG_NAME, EVALUATION_NAME, replace_dir
 
     source, target = Path(model_dir), check_calibration_output(model_dir, output_dir)
     config = SDSegConfig.from_json_file(source / CONFIG_NAME)
@@ -406,7 +406,8 @@ def save_calibrated_model(model_dir: str | os.PathLike, result: CalibrationResul
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for item in source.iterdir():
-            if item.is_file() and item.name not in (CONFIG_NAME, CALIBRATION_NAME):
+            # The old test metrics (evaluation.json) describe the old postprocessing: not copied.
+            if item.is_file() and item.name not in (CONFIG_NAME, CALIBRATION_NAME, EVALUATION_NAME):
                 shutil.copy2(item, tmp / item.name)
         (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         (tmp / CALIBRATION_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -25,6 +25,8 @@ from sdseg_monai.errors import SDSegInputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Test metrics of a released model (e.g. the packaged default), recorded in its bundle's metadata.
+EVALUATION_NAME = "evaluation.json"
 # In a MONAI bundle (see sdseg_monai.bundle): the weights as MONAI loads them, the config beside them.
 BUNDLE_CONFIG_NAME = "models/sdseg_config.json"
 BUNDLE_WEIGHTS_NAME = "models/model.pt"
@@ -530,6 +532,9 @@ def default_model_path() -> Path | None:
 
 def replace_dir(new: Path, target: Path) -> None:
     """Move folder ``new`` to ``target``; an existing ``target`` is swapped out, never half-overwritten."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder gets ordinary permissions
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         old.rmdir()
