@@ -226,3 +226,21 @@ def test_shipped_bundle_is_the_packaged_default_model(tmp_path):
     meta = json.loads((SHIPPED / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["13"] == "left_adrenal_gland"
     assert meta["eval_metrics"], "the shipped bundle carries the model card's test metrics"
+
+
+def test_zipped_bundle_installs_with_monai_bundle_download_and_runs(bundle, model_dir, dataset, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "micro_bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(bundle.rglob("*")):
+            zipped.write(path, Path("micro_bundle") / path.relative_to(bundle))
+    installed = tmp_path / "installed"
+    result = _monai_bundle("download", "--name", "micro_bundle", "--url", archive.as_uri(), "--bundle_dir", str(installed), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = installed / "micro_bundle"
+    out = tmp_path / "out"
+    result = _monai_bundle("run", "--config_file", str(root / "configs" / "inference.json"), "--bundle_root", str(root),
+                           "--dataset_dir", str(dataset), "--output_dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_masks(out, _segment_reference(model_dir, dataset, tmp_path))
