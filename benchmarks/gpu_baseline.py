@@ -30,7 +30,7 @@ from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import SDSeg, default_model_path, resolve_device
 from sdseg_monai.phantoms import abdominal_phantom
-from sdseg_monai.transforms import IMAGE_KEY, SliceGeometry, axial_slices
+from sdseg_monai.transforms import IMAGE_KEY, SliceGeometry, axial_slices, canonical_transforms
 
 
 def sync(device: torch.device) -> None:
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         path = write_phantom(args.shape, Path(tmp))
         report["phantom_seconds"] = time.perf_counter() - start
-        model = SDSeg.from_pretrained(default_model_path())
+        model = SDSeg.from_pretrained(default_model_path(), device=device)
         end_to_end = []
         for batch in args.batch_sizes:
             segmenter = VolumeSegmenter(model, device=device, batch_size=batch)
@@ -109,17 +109,17 @@ def main(argv=None) -> dict:
             print("end to end", json.dumps(row), flush=True)
         report["end_to_end_default_13_organs"] = end_to_end
 
-        canonical = segmenter.transforms({IMAGE_KEY: read_volume(path).image})[IMAGE_KEY]
+        canonical = canonical_transforms(model.config.preprocessing)({IMAGE_KEY: read_volume(path).image})[IMAGE_KEY]
         geometry = SliceGeometry(tuple(canonical.shape[1:3]), model.config.preprocessing.slice_size)
         slices = geometry.to_model(axial_slices(canonical, range(canonical.shape[-1]), model.config.preprocessing.channels)).to(device)
         radius = model.config.postprocessing.skip_decode_radius
         report["network_default"] = [
-            {**network_slices_per_second(segmenter.model, slices, batch, r, device), "skip_decode_radius": r}
+            {**network_slices_per_second(model, slices, batch, r, device), "skip_decode_radius": r}
             for batch in (256, 1024)
             for r in (radius, 0.0)
         ]
         print("network", json.dumps(report["network_default"]), flush=True)
-        del segmenter, model
+        del model
 
     for preset in ("paper", "sd-v1"):
         try:

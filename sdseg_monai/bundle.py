@@ -43,20 +43,22 @@ PAPER = ("Lin T, Chen Z, Yan Z, Yu W, Zheng F. Stable Diffusion Segmentation for
 TOTALSEGMENTATOR = ("Wasserthal J, et al. TotalSegmentator: Robust Segmentation of 104 Anatomic Structures in "
                     "CT Images. Radiology: Artificial Intelligence 2023")
 # Every `$` expression the configs hold (a test pins this set): the usual model-zoo idioms, nothing else.
+OUTPUT_DIR = "$@bundle_root + '/eval'"
+DEVICE = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
+CONFIG_FILE = f"$@bundle_root + '/{BUNDLE_CONFIG_NAME}'"
+WEIGHTS_FILE = f"$@bundle_root + '/{BUNDLE_WEIGHTS_NAME}'"
+NETWORK = "$@network_def.to(@device)"
+RUN = "$@evaluator.run()"
+IMPORT_OS = "$import os"
+IMPORT_DIST = "$import torch.distributed as dist"
+LOCAL_DEVICE = "$torch.device('cuda:' + os.environ.get('LOCAL_RANK', '0') if torch.cuda.is_available() else 'cpu')"
+INIT_PROCESS_GROUP = "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')"
+SET_CUDA_DEVICE = "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None"
+RANK_ZERO_HANDLERS = "$@handlers[: 1 if dist.get_rank() > 0 else None]"  # rank > 0 keeps the CheckpointLoader only
+DESTROY_PROCESS_GROUP = "$dist.is_initialized() and dist.destroy_process_group()"
 EXPRESSIONS = (
-    "$@bundle_root + '/eval'",
-    "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-    f"$@bundle_root + '/{BUNDLE_CONFIG_NAME}'",
-    f"$@bundle_root + '/{BUNDLE_WEIGHTS_NAME}'",
-    "$@network_def.to(@device)",
-    "$@evaluator.run()",
-    "$import os",
-    "$import torch.distributed as dist",
-    "$torch.device('cuda:' + os.environ.get('LOCAL_RANK', '0') if torch.cuda.is_available() else 'cpu')",
-    "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
-    "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-    "$@handlers[: 1 if dist.get_rank() > 0 else None]",
-    "$dist.is_initialized() and dist.destroy_process_group()",
+    OUTPUT_DIR, DEVICE, CONFIG_FILE, WEIGHTS_FILE, NETWORK, RUN, IMPORT_OS, IMPORT_DIST, LOCAL_DEVICE,
+    INIT_PROCESS_GROUP, SET_CUDA_DEVICE, RANK_ZERO_HANDLERS, DESTROY_PROCESS_GROUP,
 )
 
 
@@ -95,7 +97,7 @@ class SDSegVolumeNetwork(SDSeg):
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise SDSegInputError(f"expected a (B, 1, X, Y, Z) volume, got shape {tuple(volume.shape)}")
         segmenter = VolumeSegmenter(self, device=self.device, **self.options)
-        labels = torch.stack([segmenter.segment_canonical(item.as_tensor() if isinstance(item, MetaTensor) else item) for item in volume])
+        labels = torch.stack([segmenter.segment_canonical(item) for item in volume])
         labels = labels[:, None].to(volume.device)
         if isinstance(volume, MetaTensor):
             return MetaTensor(labels, meta=volume.meta, applied_operations=volume.applied_operations)
@@ -129,12 +131,12 @@ def inference_config(config: SDSegConfig) -> dict[str, Any]:
     ]
     return {
         "bundle_root": ".",
-        "output_dir": EXPRESSIONS[0],
+        "output_dir": OUTPUT_DIR,
         "dataset_dir": "/workspace/data",
-        "device": EXPRESSIONS[1],
+        "device": DEVICE,
         "seed": 0,
-        "network_def": {"_target_": "sdseg_monai.bundle.SDSegVolumeNetwork", "config_file": EXPRESSIONS[2], "seed": "@seed"},
-        "network": EXPRESSIONS[4],
+        "network_def": {"_target_": "sdseg_monai.bundle.SDSegVolumeNetwork", "config_file": CONFIG_FILE, "seed": "@seed"},
+        "network": NETWORK,
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
         "datalist": {"_target_": "sdseg_monai.bundle.nifti_inputs", "dataset_dir": "@dataset_dir"},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -142,7 +144,7 @@ def inference_config(config: SDSegConfig) -> dict[str, Any]:
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": EXPRESSIONS[3], "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "CheckpointLoader", "load_path": WEIGHTS_FILE, "load_dict": {"model": "@network"}, "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {
@@ -156,7 +158,7 @@ def inference_config(config: SDSegConfig) -> dict[str, Any]:
             "amp": False,
         },
         "initialize": [],
-        "run": [EXPRESSIONS[5]],
+        "run": [RUN],
     }
 
 
@@ -165,14 +167,14 @@ def multi_gpu_config() -> dict[str, Any]:
     takes its own cases (a sampler that neither pads nor shuffles) on its local GPU, or the CPU with
     gloo; only rank 0 logs."""
     return {
-        "imports": [EXPRESSIONS[6], EXPRESSIONS[7]],
-        "device": EXPRESSIONS[8],
+        "imports": [IMPORT_OS, IMPORT_DIST],
+        "device": LOCAL_DEVICE,
         "sampler": {"_target_": "DistributedSampler", "dataset": "@dataset", "even_divisible": False, "shuffle": False},
         "dataloader#sampler": "@sampler",
-        "evaluator#val_handlers": EXPRESSIONS[11],
-        "initialize": [EXPRESSIONS[9], EXPRESSIONS[10]],
-        "run": [EXPRESSIONS[5]],
-        "finalize": [EXPRESSIONS[12]],
+        "evaluator#val_handlers": RANK_ZERO_HANDLERS,
+        "initialize": [INIT_PROCESS_GROUP, SET_CUDA_DEVICE],
+        "run": [RUN],
+        "finalize": [DESTROY_PROCESS_GROUP],
     }
 
 
@@ -257,6 +259,7 @@ def metadata(config: SDSegConfig, weights_sha256: str, eval_metrics: dict[str, A
     import monai
 
     labels = {str(label): name for label, name in zip(config.organ_labels, config.organ_names)}
+    classes = f"0 background, {', '.join(f'{k} {v}' for k, v in labels.items())}"
     low, high = config.preprocessing.hu_window
     names = ", ".join(config.organ_names)
     return {
@@ -282,8 +285,8 @@ def metadata(config: SDSegConfig, weights_sha256: str, eval_metrics: dict[str, A
         "data_source": "Synthetic abdominal CT phantoms (sdseg3d phantom) and one public CT of the TotalSegmentator test data (CC BY 4.0)",
         "data_type": "nibabel",
         "image_classes": f"single channel CT in Hounsfield units, windowed to [{low:g}, {high:g}] HU and scaled to [-1, 1]",
-        "label_classes": f"label map: 0 background, {', '.join(f'{k} {v}' for k, v in labels.items())}",
-        "pred_classes": f"label map on the input's grid: 0 background, {', '.join(f'{k} {v}' for k, v in labels.items())}",
+        "label_classes": f"label map: {classes}",
+        "pred_classes": f"label map on the input's grid: {classes}",
         "eval_metrics": dict(eval_metrics or {}),
         "intended_use": f"Research and pipeline testing only; not for clinical use. Segments {names}.",
         "references": [PAPER],
@@ -380,8 +383,6 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
             ``metrics`` if present, else empty).
         version: the bundle version.
     """
-    from safetensors.torch import load_file
-
     from sdseg_monai.weights import read_state_dict
 
     model_dir, output = Path(model_dir), Path(output)
@@ -394,7 +395,7 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
     if not output.parent.is_dir():
         raise SDSegInputError("cannot write the bundle: its parent folder does not exist", output)
     SDSeg.from_pretrained(model_dir)  # refuses weights that do not fit the config, before writing
-    state = load_file(str(weights_path)) if weights_path.suffix == ".safetensors" else read_state_dict(weights_path)
+    state = read_state_dict(weights_path)  # as stored (float16 for the packaged model)
     if eval_metrics is None and (model_dir / EVALUATION_NAME).is_file():
         eval_metrics = json.loads((model_dir / EVALUATION_NAME).read_text(encoding="utf-8")).get("metrics", {})
     card_path = model_dir / "MODEL_CARD.md"

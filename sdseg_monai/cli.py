@@ -175,11 +175,10 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
-    from sdseg_monai.data import check_output_spares_inputs, check_writable, read_volume
+    from sdseg_monai.data import check_writable, read_volume
     from sdseg_monai.inference import VolumeSegmenter
 
-    check_writable(output)
-    check_output_spares_inputs(output, input_path, label)
+    check_writable(output, input_path, label)
     model_dir = _resolve_model(model)
     volume = read_volume(input_path)
     reference = read_volume(label, what="label map") if label is not None else None

@@ -82,15 +82,16 @@ def _nifti_affine(nifti, path: Path, what: str) -> np.ndarray:
     one when that one is singular or not finite; refuses a file where none is usable."""
     header = nifti.header
     with np.errstate(all="ignore"):
-        candidates = [nifti.affine]
+        coded = []
         for getter in (header.get_sform, header.get_qform):
             try:
                 form, code = getter(coded=True)
             except Exception:  # noqa: BLE001  (a qform that cannot be decoded)
                 continue
             if code:
-                candidates.append(form)
-        for affine in candidates:
+                coded.append(form)
+        # With neither form coded, nibabel's affine is the one from the voxel sizes.
+        for affine in coded or [nifti.affine]:
             if usable_affine(affine):
                 return np.asarray(affine, dtype=np.float64)
     raise SDSegInputError(f"{what} has no usable affine: sform and qform are singular or not finite", path)
@@ -156,8 +157,9 @@ def count_nonfinite(data: np.ndarray, path: str | os.PathLike, what: str = "imag
     return int(data.size - finite)
 
 
-def check_writable(output: str | os.PathLike) -> Path:
-    """Fail early (before any compute) when ``output`` cannot be written."""
+def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Fail early (before any compute) when ``output`` cannot be written, or would overwrite one of
+    ``inputs`` (see :func:`_check_output_spares_inputs`)."""
     output = Path(output)
     folder = output.parent if str(output.parent) else Path(".")
     if output.is_dir():
@@ -168,18 +170,17 @@ def check_writable(output: str | os.PathLike) -> Path:
         raise SDSegInputError("cannot write output: its folder does not exist", output)
     if not os.access(folder, os.W_OK):
         raise SDSegInputError("cannot write output: permission denied on its folder", output)
+    _check_output_spares_inputs(output, inputs)
     return output
 
 
-def check_output_spares_inputs(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+def _check_output_spares_inputs(output: Path, inputs) -> None:
     """Refuse an output (or its JSON sidecar) that is an input file, resolves to one (a symlink,
     ``./``, a hard link), or lies inside an input folder (a DICOM series)."""
-    output = Path(output)
     targets = [output, sidecar_path(output)]
-    for source in inputs:
-        if source is None or not Path(source).exists():
+    for source in map(Path, filter(None, inputs)):
+        if not source.exists():
             continue
-        source = Path(source)
         resolved = source.resolve()
         for target in targets:
             place = target.resolve()

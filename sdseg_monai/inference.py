@@ -23,7 +23,6 @@ from sdseg_monai import _quiet  # noqa: F401
 from sdseg_monai.config import SKIP_DECODE_PROBABILITY, Postprocessing
 from sdseg_monai.data import (
     Volume,
-    check_output_spares_inputs,
     check_writable,
     count_nonfinite,
     read_volume,
@@ -329,8 +328,7 @@ def segment_file(
     **options,
 ) -> tuple[Segmentation, Path, Path]:
     """One-shot convenience: segment ``input_path`` and write ``output`` and its sidecar."""
-    check_writable(output)
-    check_output_spares_inputs(output, input_path)
+    check_writable(output, input_path)
     segmenter = VolumeSegmenter(model, **options)
     result = segmenter.segment(input_path)
     image_path, sidecar_path = result.save(output)

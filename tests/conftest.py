@@ -68,6 +68,29 @@ def micro_config(organs=("liver", "spleen", "left_kidney"), backbone="unet2d", *
     return SDSegConfig(**settings)
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A saved 2-organ (spleen, liver) micro model with seeded random weights (read-only)."""
+    from sdseg_monai.model import SDSeg
+
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
+
+
+def labelled_scan(shape=(24, 20, 4)):
+    """A small CT-like volume (HU, X Y Z) with spleen (1) and liver (6) blocks, its labels and affine."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[4:14, 3:12] = 6
+    labels[15:21, 12:18] = 1
+    image = np.where(labels > 0, 60.0, -100.0) + rng.normal(0, 5, labels.shape)
+    affine = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    return image, labels, affine
+
+
 @pytest.fixture
 def micro_model():
     """A 3-organ SDSeg model with seeded random weights, in eval mode."""

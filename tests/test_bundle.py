@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import micro_config
 from sdseg_monai.bundle import EXPRESSIONS, SCHEMA_PATH, export_bundle, nifti_inputs
 from sdseg_monai.cli import main
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "bundles" / "sdseg_btcv"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
-    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +109,6 @@ def _targets(node):
 
 
 def test_configs_use_only_monai_and_sdseg_targets_and_pinned_expressions(bundle):
-    from monai.utils import look_up_option  # noqa: F401  (monai importable)
     from monai.bundle import ConfigComponent
 
     for name in ("inference.json", "multi_gpu_inference.json"):

@@ -11,29 +11,14 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from conftest import micro_config
+from conftest import labelled_scan
 from sdseg_monai.cli import main
-from sdseg_monai.model import SDSeg
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    organs = ("spleen", "liver")
-    model = SDSeg(micro_config(organs=organs, preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
-    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
 
 
 @pytest.fixture
 def scan(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.zeros((24, 20, 4), dtype=np.uint8)
-    labels[4:14, 3:12] = 6
-    labels[15:21, 12:18] = 1
-    image = np.where(labels > 0, 60.0, -100.0) + rng.normal(0, 5, labels.shape)
-    affine = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    image, labels, affine = labelled_scan()
     nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(tmp_path / "scan.nii.gz"))
     nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "ref.nii.gz"))
     return tmp_path / "scan.nii.gz"

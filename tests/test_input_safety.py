@@ -19,30 +19,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from conftest import micro_config
+from conftest import labelled_scan
 from sdseg_monai.cli import main
-from sdseg_monai.model import SDSeg
 
 HU_WINDOW = (-175, 250)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": HU_WINDOW, "slice_size": 32}))
-    return model.save_pretrained(tmp_path_factory.mktemp("models") / "micro")
-
-
-def _scan_arrays(shape=(24, 20, 4)):
-    rng = np.random.default_rng(0)
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[4:14, 3:12] = 6
-    labels[15:21, 12:18] = 1
-    image = np.where(labels > 0, 60.0, -100.0) + rng.normal(0, 5, labels.shape)
-    affine = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, -4], [0, 0, 3.0, 7], [0, 0, 0, 1]])
-    return image, labels, affine
 
 
 def _save(path: Path, data: np.ndarray, affine=np.eye(4)) -> Path:
@@ -184,7 +165,7 @@ def _case_unwritable_output(tmp):
 
 
 def _case_label_nan(tmp):
-    _, labels, affine = _scan_arrays()
+    _, labels, affine = labelled_scan()
     bad = labels.astype(np.float32)
     bad[0, 0, 0] = np.nan
     _save(tmp / "nanref.nii.gz", bad, affine)
@@ -207,7 +188,7 @@ def _snapshot(folder: Path) -> dict:
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_refused_and_nothing_is_touched(case, model_dir, tmp_path, monkeypatch, capfd):
-    image, labels, affine = _scan_arrays()
+    image, labels, affine = labelled_scan()
     _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
     _save(tmp_path / "ref.nii.gz", labels, affine)
     args, fragments = BAD_INPUTS[case](tmp_path)
@@ -227,7 +208,7 @@ def test_bad_input_is_refused_and_nothing_is_touched(case, model_dir, tmp_path, 
 
 def test_refusal_through_the_console_script_is_one_line(model_dir, tmp_path):
     """The same guarantee end to end in a fresh process (no test-runner capture or warning filters)."""
-    image, _, affine = _scan_arrays()
+    image, _, affine = labelled_scan()
     scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
     _save_with_header(tmp_path / "singular.nii.gz", np.zeros((8, 8, 4), dtype=np.int16), _zero_forms)
     before = _snapshot(tmp_path)
@@ -252,7 +233,7 @@ def test_sform_unusable_but_qform_usable_is_read_with_the_qform(tmp_path):
 
 
 def test_partial_nan_volume_segments_as_window_bottom_and_is_counted(model_dir, tmp_path):
-    image, _, affine = _scan_arrays()
+    image, _, affine = labelled_scan()
     image = image.astype(np.float32)
     image[2:5, 2:4, 1] = np.nan
     image[10, 10, 2] = np.inf
@@ -293,7 +274,7 @@ def _wait_for(path: Path, process, seconds: float = 240.0) -> None:
 
 
 def test_sigkill_during_the_write_leaves_the_old_output_or_none(model_dir, tmp_path):
-    image, _, affine = _scan_arrays()
+    image, _, affine = labelled_scan()
     scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
     scan_bytes = scan.read_bytes()
     for previous in (None, b"previous result"):
@@ -327,7 +308,7 @@ def test_sigkill_during_the_write_leaves_the_old_output_or_none(model_dir, tmp_p
 
 
 def test_sigkill_at_any_moment_leaves_output_absent_or_complete(model_dir, tmp_path):
-    image, _, affine = _scan_arrays()
+    image, _, affine = labelled_scan()
     scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
     out = tmp_path / "mask.nii.gz"
     for delay in (1.0, 3.0, 6.0):
