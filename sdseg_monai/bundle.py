@@ -37,6 +37,7 @@ from sdseg_monai.transforms import AXIS_LABELS
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "meta_schema_20240725.json"
+LICENSE_FILE = Path(__file__).resolve().parent / "LICENSE"  # the project's Apache-2.0 licence, whole
 BUNDLE_VERSION = "0.1.0"
 PAPER = ("Lin T, Chen Z, Yan Z, Yu W, Zheng F. Stable Diffusion Segmentation for Biomedical Images with "
          "Single-step Reverse Process. MICCAI 2024. arXiv:2406.18361")
@@ -201,21 +202,6 @@ args=(sys.stdout,)
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
-LICENSE_TEXT = """Copyright (c) sdseg3d contributors
-
-Licensed under the Apache License, Version 2.0 (the "License");
-you may not use this file except in compliance with the License.
-You may obtain a copy of the License at
-
-    http://www.apache.org/licenses/LICENSE-2.0
-
-Unless required by applicable law or agreed to in writing, software
-distributed under the License is distributed on an "AS IS" BASIS,
-WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-See the License for the specific language governing permissions and
-limitations under the License.
-"""
-
 DATA_LICENSE = f"""Data used to train the packaged default model
 ==============================================
 
@@ -367,7 +353,9 @@ torchrun --nproc_per_node N -m monai.bundle run \\
 calibrated postprocessing.
 
 TorchScript export is not possible: the network is built from diffusers modules and runs a Python
-loop over slices and organs, which `torch.jit.script` does not support.
+loop over slices and organs, which `torch.jit.script` does not support. For the model zoo's
+`ci/verify_bundle.py`, list this bundle in `exclude_verify_torchscript_list`; its other checks
+(files, version and changelog, metadata schema, properties, network input and output) pass.
 {card}"""
 
 
@@ -413,7 +401,7 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
         write("configs/inference.json", inference_config(config))
         write("configs/multi_gpu_inference.json", multi_gpu_config())
         (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
-        (tmp / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
+        shutil.copyfile(LICENSE_FILE, tmp / "LICENSE")
         (tmp / "docs" / "README.md").write_text(bundle_readme(config, sha, model_card), encoding="utf-8")
         (tmp / "docs" / "data_license.txt").write_text(DATA_LICENSE, encoding="utf-8")
         replace_dir(tmp, output)

@@ -394,21 +394,31 @@ def calibrate(
 def save_calibrated_model(model_dir: str | os.PathLike, result: CalibrationResult, output_dir: str | os.PathLike) -> Path:
     """Copy model folder ``model_dir`` to ``output_dir`` with ``result``'s postprocessing in its config
     and the calibration report as ``calibration.json``; the weights are copied byte for byte. Written
-    atomically; ``model_dir`` is never modified.
+    atomically; ``model_dir`` is never modified. From a MONAI bundle, the result is a model folder
+    (its weights as safetensors, the same tensors), which ``export_bundle`` can package again.
     """
-    from sdseg_monai.model import CONFIG_NAME, EVALUATION_NAME, replace_dir
+    from sdseg_monai.model import CONFIG_NAME, EVALUATION_NAME, WEIGHTS_NAME, model_files, replace_dir
 
     source, target = Path(model_dir), check_calibration_output(model_dir, output_dir)
-    config = SDSegConfig.from_json_file(source / CONFIG_NAME)
+    config_path, weights_path = model_files(source)
+    from_bundle = config_path.name != CONFIG_NAME
+    config = SDSegConfig.from_json_file(config_path)
     config.postprocessing = result.postprocessing
     config.validate()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        for item in source.iterdir():
-            # The old test metrics (evaluation.json) describe the old postprocessing: not copied.
-            if item.is_file() and item.name not in (CONFIG_NAME, CALIBRATION_NAME, EVALUATION_NAME):
-                shutil.copy2(item, tmp / item.name)
+        if from_bundle:
+            from safetensors.torch import save_file
+
+            from sdseg_monai.weights import read_state_dict
+
+            save_file(read_state_dict(weights_path), str(tmp / WEIGHTS_NAME))
+        else:
+            for item in source.iterdir():
+                # The old test metrics (evaluation.json) describe the old postprocessing: not copied.
+                if item.is_file() and item.name not in (CONFIG_NAME, CALIBRATION_NAME, EVALUATION_NAME):
+                    shutil.copy2(item, tmp / item.name)
         (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         (tmp / CALIBRATION_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, target)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +234,48 @@ def test_zipped_bundle_installs_with_monai_bundle_download_and_runs(bundle, mode
                            "--dataset_dir", str(dataset), "--output_dir", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_masks(out, _segment_reference(model_dir, dataset, tmp_path))
+
+
+# The model zoo's own checker is not on PyPI and its code stays out of this repository: point
+# SDSEG_MODEL_ZOO at a checkout of Project-MONAI/model-zoo to run it (README: "MONAI bundle").
+MODEL_ZOO = Path(os.environ.get("SDSEG_MODEL_ZOO", "/nonexistent"))
+ZOO_VERIFY = ("import sys; sys.path.insert(0, sys.argv[1] + '/ci'); import bundle_custom_data as custom; "
+              "custom.exclude_verify_torchscript_list += sys.argv[3:]; from verify_bundle import verify; "
+              "verify(sys.argv[2], 'models', 'full')")
+
+
+def _zoo_verify(models: Path, name: str, *exclude_torchscript: str):
+    return subprocess.run([sys.executable, "-c", ZOO_VERIFY, str(MODEL_ZOO), name, *exclude_torchscript],
+                          capture_output=True, text=True, cwd=models.parent, timeout=600)
+
+
+@pytest.mark.skipif(not (MODEL_ZOO / "ci" / "verify_bundle.py").is_file() or not SHIPPED.is_dir(),
+                    reason="SDSEG_MODEL_ZOO names no model-zoo checkout")
+def test_model_zoo_verify_bundle_full_mode(tmp_path):
+    """The zoo's `verify(bundle, 'models', mode='full')`, set up the way its CI does (an empty
+    model_info.json, the schema as eval/schema.json), with this bundle in its TorchScript exclusions."""
+    models = tmp_path / "models"
+    root = models / "sdseg_btcv"
+    shutil.copytree(SHIPPED, root)
+    (models / "model_info.json").write_text("{}")
+    (root / "eval").mkdir()
+    shutil.copyfile(SCHEMA_PATH, root / "eval" / "schema.json")
+
+    result = _zoo_verify(models, "sdseg_btcv", "sdseg_btcv")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for step in ("directory is verified correctly", "version and changelog are verified correctly",
+                 "metadata format is verified correctly", "data shape is verified correctly",
+                 "does not support torchscript, skip verifying"):
+        assert step in result.stdout
+    # Negative controls: TorchScript is really impossible (as docs/README.md says), and the zoo
+    # refuses a bundle without its LICENSE or with a version missing from the changelog.
+    result = _zoo_verify(models, "sdseg_btcv")
+    assert result.returncode != 0 and "torch.jit" in result.stderr
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    (root / "configs" / "metadata.json").write_text(json.dumps({**meta, "version": "9.9.9"}, indent=4))
+    result = _zoo_verify(models, "sdseg_btcv", "sdseg_btcv")
+    assert result.returncode != 0 and "is missing in 'changelog'" in result.stderr
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
+    (root / "LICENSE").unlink()
+    result = _zoo_verify(models, "sdseg_btcv", "sdseg_btcv")
+    assert result.returncode != 0 and "necessary file LICENSE is not existing" in result.stderr

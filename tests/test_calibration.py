@@ -332,3 +332,15 @@ def test_cli_calibrate(dataset, micro_sdseg, tmp_path, capsys):  # noqa: F811
     report = json.loads((tmp_path / "out" / "calibration.json").read_text())
     assert config["postprocessing"] == report["postprocessing"] and report["cases"] == ["a"]
     assert np.all([0.1 <= t <= 0.9 for t in report["postprocessing"]["thresholds"].values()])
+
+    # A MONAI bundle is a --model here too: same calibration, written as a model folder with the same tensors.
+    from safetensors.torch import load_file
+
+    from sdseg_monai.bundle import export_bundle
+
+    bundle = export_bundle(model_dir, tmp_path / "bundle")
+    assert main([*base[:1], "-m", str(bundle), *base[3:], "-o", str(tmp_path / "from_bundle"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "from_bundle" / "calibration.json").read_text())["postprocessing"] == report["postprocessing"]
+    ours, theirs = load_file(str(tmp_path / "from_bundle" / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
