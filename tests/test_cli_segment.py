@@ -138,15 +138,21 @@ def test_dicom_folders_non_ct_and_several_series_are_refused(model_dir, tmp_path
     mr = tmp_path / "mr"
     mr.mkdir()
     shutil.copy(_pydicom_file("MR_small.dcm"), mr / "1.dcm")
-    _assert_refused(cli("segment", mr, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "modality MR, not CT")
-    mixed = tmp_path / "mixed"
-    shutil.copytree(_pydicom_file("dicomdirtests", "98892001", "CT5N"), mixed)
-    shutil.copy(_pydicom_file("MR_small.dcm"), mixed / "mr.dcm")
-    _assert_refused(cli("segment", mixed, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "2 DICOM series", "expected one")
+    _assert_refused(cli("segment", mr, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "not_ct", "modality MR, not CT")
+    two = tmp_path / "two"
+    from dicom_series import ct_slices, phantom_ct, uid, write
+
+    image, _ = phantom_ct((16, 16, 4))
+    write(ct_slices(image, series=uid(1, 1)), two / "a")
+    write(ct_slices(image, series=uid(1, 2)), two / "b")
+    _assert_refused(cli("segment", two, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "2 CT series", "expected one", "sdseg3d batch")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not dicom")
     _assert_refused(cli("segment", empty, "-o", tmp_path / "out.nii.gz", "-m", model_dir), "no DICOM image series")
+    # An MR beside a CT is skipped, as batch skips it: the CT is the one series to segment.
+    shutil.copy(_pydicom_file("MR_small.dcm"), two / "a" / "mr.dcm")
+    assert main(["segment", str(two / "a"), "-o", str(tmp_path / "ct.nii.gz"), "-m", str(model_dir), "-q"]) == 0
 
 
 def test_small_real_dicom_ct_series_segments_on_its_grid(model_dir, tmp_path):
