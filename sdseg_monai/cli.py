@@ -214,6 +214,75 @@ def segment(
 
 
 @app.command()
+def batch(
+    input_dir: Optional[Path] = typer.Argument(None, metavar="INPUT_DIR", help="A tree of DICOM files and/or NIfTI files."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: <study>/<series>/label.nii.gz, seg.dcm, summary.csv."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder or bundle."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (under torchrun: this rank's GPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    dicom_seg: Optional[bool] = typer.Option(None, "--dicom-seg/--no-dicom-seg", help="Write seg.dcm for DICOM series (default: when the dicom extra is installed)."),
+    seg_type: str = typer.Option("binary", "--seg-type", help="DICOM SEG type: binary (what viewers show) or labelmap."),
+    save_image: bool = typer.Option(False, "--save-image", help="Also write the image read, as image.nii.gz."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute series already done with this model and these options."),
+    include_derived: bool = typer.Option(False, "--include-derived", help="Segment derived and secondary series (MPR, MIP) too."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: this run's share of the series (array jobs)."),
+    merge: Optional[Path] = typer.Option(None, "--merge", help="Only merge the summary parts of a sharded run in this folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no closing line."),
+):
+    """Segment every CT series (and NIfTI file) in a tree: labels, DICOM SEG and a summary, resumable."""
+    from sdseg_monai.batch import BatchRunner, merge_summaries, parse_shard
+
+    if merge is not None:
+        written = merge_summaries(merge)
+        if not quiet:
+            typer.echo(f"wrote {written}")
+        return
+    if input_dir is None or output is None:
+        raise SDSegInputError("batch needs INPUT_DIR and --output (or --merge OUTPUT_DIR)")
+    if shard is not None:
+        part = parse_shard(shard)
+    else:  # under torchrun, one shard per process
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        part = (int(os.environ.get("RANK", "0") or 0), world)
+        if world > 1 and device == "auto":
+            import torch
+
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    runner = BatchRunner(_resolve_model(model), output, device=device, batch_size=batch_size, organs=_split_names(organs_),
+                         seed=seed, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
+                         include_derived=include_derived, shard=part)
+    bar = None
+    if not quiet:
+        from monai.utils import optional_import
+
+        tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+        if has_tqdm:
+            bar = tqdm(unit="series", desc="batch", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int, row: dict) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        report = runner.run(input_dir, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        statuses = [r["status"] for r in report.rows]
+        typer.echo(f"{statuses.count('ok')} ok, {statuses.count('skipped')} skipped, {statuses.count('failed')} failed"
+                   + (f"; summary {report.summary}" if report.summary else "; summary parts await the other shards"))
+    if report.exit_code:
+        if report.exit_code == 2:
+            typer.echo(f"sdseg3d: error: {input_dir}: nothing to segment (no CT series passed QC, no NIfTI file)", err=True)
+        raise typer.Exit(report.exit_code)
+
+
+@app.command()
 def evaluate(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder."),
     manifest: Path = typer.Option(..., "--manifest", help="Dataset manifest, e.g. data_manifests/btcv.json."),

@@ -1,0 +1,376 @@
+"""Batch runs over a tree of DICOM series and NIfTI files: one model, every series, a summary.
+
+``OUTPUT_DIR/<StudyInstanceUID>/<SeriesInstanceUID>[#k]/`` receives ``label.nii.gz``, ``label.json``,
+optionally ``seg.dcm`` and ``image.nii.gz``, and last ``done.json``: a series is done when its
+done-record exists and its key (series, sorted SOP instance UIDs, model hash, options) matches, so a
+killed run resumes and a changed model or option recomputes. NIfTI cases go to
+``OUTPUT_DIR/nifti/<relative path>/``. Only validated UIDs and the tree's own relative paths become
+path parts; no header free text reaches a path or a log line.
+
+Reading the next series overlaps with inference on the current one (a bounded queue). Under
+``torchrun`` or with ``shard=(i, n)`` a case belongs to the rank where sha256(key) mod n equals it;
+each rank writes its summary part and the last to finish merges them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdseg_monai._version import __version__
+from sdseg_monai.errors import SDSegInputError
+
+DONE_NAME = "done.json"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_JSONL = "summary.jsonl"
+PART_PREFIX = "summary.part-"
+SEG_TYPES = ("binary", "labelmap")
+SUMMARY_FIELDS = ("case", "study_uid", "series_uid", "status", "reason", "message", "images_used", "images_dropped",
+                  "plane", "spacing_mm", "seconds", "model_hash", "sdseg3d_version")
+PREFETCH = 2  # series read ahead of inference
+# Outcomes of the run itself, beside the reader's QC codes (sdseg_monai.dicom.REASONS).
+RUN_REASONS = {
+    "read_error": ("failed", "the image could not be read"),
+    "inference_error": ("failed", "segmenting or writing failed (the error type is given)"),
+}
+
+
+@dataclass
+class BatchCase:
+    """One row of the summary: a DICOM stack or a NIfTI file, and where its outputs go."""
+
+    key: str
+    study_uid: str = ""
+    series_uid: str = ""
+    stack: object = None
+    nifti: Path | None = None
+    out_dir: Path | None = None
+    row: dict = field(default_factory=dict)
+
+    @property
+    def segmentable(self) -> bool:
+        return self.out_dir is not None
+
+
+@dataclass
+class BatchReport:
+    rows: list[dict]
+    exit_code: int
+    summary: Path | None
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (rank) a case belongs to: sha256 of its key, mod ``count``."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SDSegInputError(f"--shard must be I/N, e.g. 0/4, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise SDSegInputError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def dicom_seg_available() -> bool:
+    from monai.utils import optional_import
+
+    return optional_import("highdicom")[1]
+
+
+def collect_cases(index, output_dir: Path) -> list[BatchCase]:
+    """Summary rows for every stack and NIfTI file of ``index``, with output folders for those to segment."""
+    cases = []
+    for stack in index.stacks:
+        case = BatchCase(stack.key, stack.study_uid, stack.series_uid, stack=stack)
+        case.row = _row(case, stack.status, stack.reason, stack.message)
+        case.row.update(images_used=len(stack.frames) if stack.ok else 0, images_dropped=sum(stack.dropped.values()),
+                        plane=stack.plane, spacing_mm=[round(v, 4) for v in stack.spacing] if stack.ok else None)
+        if stack.ok:
+            case.out_dir = output_dir / stack.study_uid / stack.key
+        cases.append(case)
+    root = index.root if index.root.is_dir() else index.root.parent
+    for path in index.nifti:
+        relative = path.relative_to(root)
+        stem = relative.name[: -len(".nii.gz")] if relative.name.lower().endswith(".nii.gz") else relative.stem
+        case = BatchCase(relative.as_posix(), nifti=path, out_dir=output_dir / "nifti" / relative.parent / stem)
+        case.row = _row(case, "ok", "ok", "")
+        cases.append(case)
+    for case in cases:  # belt and braces: nothing is written outside the output folder
+        if case.out_dir is not None and output_dir.resolve() not in case.out_dir.resolve().parents:
+            raise SDSegInputError("a case's output folder would leave the output folder", case.out_dir)
+    return cases
+
+
+def _row(case: BatchCase, status: str, reason: str, message: str) -> dict:
+    return {"case": case.key, "study_uid": case.study_uid, "series_uid": case.series_uid, "status": status,
+            "reason": reason, "message": message, "images_used": 0, "images_dropped": 0, "plane": "",
+            "spacing_mm": None, "seconds": 0.0, "model_hash": "", "sdseg3d_version": __version__, "volume_ml": {}}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(model_dir: Path) -> str:
+    """Short fingerprint of a saved model (its config and weights)."""
+    from sdseg_monai.model import model_files
+
+    config, weights = model_files(model_dir)
+    return hashlib.sha256((_sha256_file(config) + _sha256_file(weights)).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from sdseg_monai.data import atomic_paths
+
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+
+
+class BatchRunner:
+    """Initialise once (the model loads once), then :meth:`run` over a tree.
+
+    Args:
+        model: a saved model folder or bundle.
+        output_dir: the output tree.
+        device, batch_size, organs, seed: as :class:`~sdseg_monai.inference.VolumeSegmenter`.
+        dicom_seg: write ``seg.dcm`` for DICOM cases (None: when the dicom extra is installed).
+        seg_type: ``"binary"`` or ``"labelmap"``.
+        save_image: also write the image read, as ``image.nii.gz``.
+        overwrite: recompute cases whose done-record matches.
+        include_derived: segment derived / secondary series too.
+        shard: (index, count): this run's share of the cases.
+    """
+
+    def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, dicom_seg=None,
+                 seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1)):
+        from sdseg_monai.inference import VolumeSegmenter
+
+        if seg_type not in SEG_TYPES:
+            raise SDSegInputError(f"--seg-type must be one of {', '.join(SEG_TYPES)}, got {seg_type!r}")
+        if dicom_seg and not dicom_seg_available():
+            raise SDSegInputError('DICOM SEG output needs the dicom extra: pip install "sdseg3d[dicom]"')
+        self.output_dir = Path(output_dir)
+        self.model_dir = Path(model)
+        self.model_hash = model_hash(self.model_dir)
+        self.segmenter = VolumeSegmenter(self.model_dir, device=device, organs=organs, batch_size=batch_size, seed=seed)
+        self.dicom_seg = dicom_seg_available() if dicom_seg is None else bool(dicom_seg)
+        self.seg_type, self.save_image, self.overwrite = seg_type, save_image, overwrite
+        self.include_derived, self.shard = include_derived, shard
+        self.options = {"organs": sorted(self.segmenter.organs.values()), "seed": self.segmenter.seed,
+                        "dicom_seg": self.dicom_seg, "seg_type": seg_type, "save_image": save_image,
+                        "include_derived": include_derived}
+
+    # -- planning ---------------------------------------------------------------------------------
+    def plan(self, input_dir) -> list[BatchCase]:
+        from sdseg_monai.data import _check_output_spares_inputs
+        from sdseg_monai.dicom import index_tree
+
+        input_dir = Path(input_dir)
+        if not input_dir.exists():
+            raise SDSegInputError("no such file or folder", input_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise SDSegInputError("the output must be a folder", self.output_dir)
+        _check_output_spares_inputs(self.output_dir / SUMMARY_CSV, [input_dir])
+        if input_dir.is_dir() and self.output_dir.resolve() in input_dir.resolve().parents:
+            raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
+        index = index_tree(input_dir, include_derived=self.include_derived)
+        self.counts = dict(index.counts)
+        cases = collect_cases(index, self.output_dir)
+        index_, count = self.shard
+        return [c for c in cases if shard_of(c.key, count) == index_]
+
+    def done_key(self, case: BatchCase) -> str:
+        content = case.stack.sop_uids if case.stack is not None else [_sha256_file(case.nifti)]
+        record = {"case": case.key, "instances": content, "model_hash": self.model_hash, "options": self.options}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+    def finished_row(self, case: BatchCase) -> dict | None:
+        """The stored summary row when ``case`` is already done with this model and these options."""
+        path = case.out_dir / DONE_NAME
+        if self.overwrite or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record.get("row") if record.get("key") == self.done_key(case) else None
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, input_dir, progress: Callable[[int, int, dict], None] | None = None) -> BatchReport:
+        """Segment every case of this shard; write outputs, done-records and the summary."""
+        cases = self.plan(input_dir)
+        todo = []
+        for case in cases:
+            if case.segmentable:
+                stored = self.finished_row(case)
+                if stored is not None:
+                    case.row = stored
+                    continue
+                todo.append(case)
+        done = len(cases) - len(todo)
+        if progress:
+            progress(done, len(cases), {})
+        for case, loaded, error in self._prefetch(todo):
+            start = time.perf_counter()
+            try:
+                if error is not None:
+                    raise error
+                self._segment_and_write(case, loaded, start)
+            except SDSegInputError as e:
+                stack_reason = case.stack.reason if case.stack is not None else "ok"
+                case.row.update(status="failed", reason=stack_reason if stack_reason != "ok" else "read_error", message=str(e))
+            except Exception as e:  # noqa: BLE001  (one bad series never stops the run)
+                case.row.update(status="failed", reason="inference_error", message=type(e).__name__)
+            case.row["seconds"] = round(time.perf_counter() - start, 3)
+            done += 1
+            if progress:
+                progress(done, len(cases), case.row)
+        rows = [c.row for c in cases]
+        summary = self.write_summary(rows)
+        return BatchReport(rows, exit_code(rows, cases), summary)
+
+    def _prefetch(self, cases: list[BatchCase]):
+        """(case, volume, error) in order; a reader thread stays up to PREFETCH cases ahead."""
+        slots: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        stop = threading.Event()
+
+        def reader():
+            for case in cases:
+                if stop.is_set():
+                    break
+                try:
+                    item = (case, self._read(case), None)
+                except Exception as e:  # noqa: BLE001  (reported in the case's row)
+                    item = (case, None, e if isinstance(e, SDSegInputError) else SDSegInputError(f"cannot read ({type(e).__name__})"))
+                slots.put(item)
+            slots.put(None)
+
+        thread = threading.Thread(target=reader, name="sdseg3d-reader", daemon=True)
+        thread.start()
+        try:
+            while (item := slots.get()) is not None:
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    slots.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    def _read(self, case: BatchCase):
+        from sdseg_monai.data import Volume, read_volume
+        from sdseg_monai.dicom import read_stack
+
+        if case.nifti is not None:
+            return read_volume(case.nifti)
+        image = read_stack(case.stack)
+        return Volume(image=image, source=case.key, header=None, shape=tuple(image.shape[1:]))
+
+    def _segment_and_write(self, case: BatchCase, volume, start: float) -> None:
+        from sdseg_monai.data import atomic_paths
+
+        result = self.segmenter.segment(volume)
+        case.out_dir.mkdir(parents=True, exist_ok=True)
+        voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        counts = np.bincount(result.labels.reshape(-1), minlength=256)
+        case.row["volume_ml"] = {name: round(float(counts[label]) * voxel_ml, 3) for label, name in sorted(result.organs.items())}
+        case.row.update(model_hash=self.model_hash, status="ok", reason="ok", message="")
+        sidecar = {**result.sidecar(), "model_hash": self.model_hash, "case": case.key, "study_uid": case.study_uid,
+                   "series_uid": case.series_uid, "sdseg3d_version": __version__}
+        if case.stack is not None:
+            sidecar["images"] = case.row["images_used"]
+        from sdseg_monai.data import write_label_volume
+
+        write_label_volume(result.labels, volume, case.out_dir / "label.nii.gz", sidecar)
+        if self.save_image:
+            import nibabel as nib
+
+            with atomic_paths(case.out_dir / "image.nii.gz") as (tmp,):
+                nib.save(nib.Nifti1Image(np.asarray(volume.image[0], dtype=np.float32), volume.affine), str(tmp))
+        if self.dicom_seg and case.stack is not None:
+            self._write_seg(case, result)
+        case.row["seconds"] = round(time.perf_counter() - start, 3)
+        record = {"key": self.done_key(case), "row": case.row}
+        atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")  # last: marks the case done
+
+    def _write_seg(self, case: BatchCase, result) -> None:
+        from sdseg_monai.dicom import source_headers
+        from sdseg_monai.dicom_seg import write_dicom_seg
+
+        stack = case.stack
+        multiframe = stack.frames[0].number is not None
+        config = self.segmenter.config
+        organs = [o for o in config.organs if int(o["label"]) in result.organs]
+        write_dicom_seg(result.labels, source_headers(stack), case.out_dir / "seg.dcm", organs=organs,
+                        dataset=config.dataset, seg_type=self.seg_type,
+                        frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.model_hash)
+
+    # -- summary ----------------------------------------------------------------------------------
+    def write_summary(self, rows: list[dict]) -> Path | None:
+        index, count = self.shard
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if count == 1:
+            return write_summary(self.output_dir, rows)
+        part = self.output_dir / f"{PART_PREFIX}{index}-of-{count}.jsonl"
+        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
+        parts = sorted(self.output_dir.glob(f"{PART_PREFIX}*-of-{count}.jsonl"))
+        return merge_summaries(self.output_dir) if len(parts) == count else None
+
+
+def exit_code(rows: list[dict], cases: list[BatchCase]) -> int:
+    """0 when every case is ok or skipped, 3 when any failed, 2 when nothing segmentable was found."""
+    if not any(c.segmentable for c in cases) and not any(r["status"] == "failed" for r in rows):
+        return 2
+    return 3 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _organ_columns(rows: list[dict]) -> list[str]:
+    return sorted({name for r in rows for name in r.get("volume_ml", {})})
+
+
+def write_summary(output_dir: Path, rows: list[dict]) -> Path:
+    """``summary.jsonl`` (one JSON row per case) and ``summary.csv`` (organ volumes as ``<organ>_ml``)."""
+    rows = sorted(rows, key=lambda r: (r["study_uid"], r["case"]))
+    organs = _organ_columns(rows)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*SUMMARY_FIELDS, *(f"{o}_ml" for o in organs)])
+    for r in rows:
+        spacing = "x".join(f"{v:g}" for v in r["spacing_mm"]) if r.get("spacing_mm") else ""
+        writer.writerow([*(spacing if f == "spacing_mm" else r.get(f, "") for f in SUMMARY_FIELDS),
+                         *(r.get("volume_ml", {}).get(o, "") for o in organs)])
+    atomic_write_text(output_dir / SUMMARY_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(output_dir / SUMMARY_CSV, text.getvalue())
+    return output_dir / SUMMARY_CSV
+
+
+def merge_summaries(output_dir) -> Path:
+    """Combine every rank's summary part into ``summary.csv`` / ``summary.jsonl``."""
+    output_dir = Path(output_dir)
+    parts = sorted(output_dir.glob(f"{PART_PREFIX}*.jsonl"))
+    if not parts:
+        raise SDSegInputError("no summary parts (summary.part-*.jsonl) to merge", output_dir)
+    counts = {p.name.rsplit("-of-", 1)[1].split(".")[0] for p in parts}
+    if len(counts) != 1 or len(parts) != int(next(iter(counts))):
+        raise SDSegInputError(f"summary parts incomplete or from different shard counts: {len(parts)} found", output_dir)
+    rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return write_summary(output_dir, rows)

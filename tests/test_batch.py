@@ -1,0 +1,161 @@
+"""`sdseg3d batch`: a PACS-export tree in, labels + summary out; resume, shards, exit codes, and no
+header free text in any path or summary line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dicom_series import ct_slices, phantom_ct, uid, write
+from sdseg_monai.batch import shard_of
+from sdseg_monai.cli import main
+
+HOSTILE = "../../escape/x"
+IMAGE, _ = phantom_ct((24, 20, 6))
+
+
+def _tree(root: Path) -> Path:
+    """Two studies; a CT split across folders; a CT with a missing slice; an MR; junk; a NIfTI file."""
+    a = ct_slices(IMAGE, study=uid(1), series=uid(1, 1), patient_name=HOSTILE, description="/etc/passwd")
+    write(a[:3], root / "export" / HOSTILE.replace("../", "up_") / "p1")
+    write(a[3:], root / "export" / "p2")
+    write(ct_slices(IMAGE + 30, study=uid(2), series=uid(2, 1), row_dir=(1, 0, 0), col_dir=(0, 0, -1)), root / "export" / "b" / "coronal")
+    gap = ct_slices(IMAGE, study=uid(2), series=uid(2, 2))
+    write(gap[:2] + gap[3:], root / "export" / "b" / "gap")
+    write(ct_slices(IMAGE, study=uid(2), series=uid(2, 3), modality="MR"), root / "export" / "b" / "mr")
+    (root / "export" / "notes.txt").write_text("junk")
+    nib.save(nib.Nifti1Image(IMAGE.astype(np.float32), np.diag([0.8, 0.7, 3.0, 1.0])), str(root / "export" / "scan.nii.gz"))
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return _tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tree, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "run"
+    code = main(["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"])
+    return code, out
+
+
+def _rows(out: Path) -> dict:
+    return {r["case"]: r for r in map(json.loads, (out / "summary.jsonl").read_text().splitlines())}
+
+
+def test_tree_layout_summary_and_exit_code(first_run, tree, model_dir, tmp_path):
+    code, out = first_run
+    assert code == 3  # the series with a missing slice failed; the others ran
+    rows = _rows(out)
+    assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        uid(1, 1): ("ok", "ok"), uid(2, 1): ("ok", "ok"), uid(2, 2): ("failed", "nonuniform_spacing"),
+        uid(2, 3): ("skipped", "not_ct"), "scan.nii.gz": ("ok", "ok")}
+    assert rows[uid(2, 1)]["plane"] == "coronal" and rows[uid(1, 1)]["images_used"] == 6
+    assert "between slices 2 and 3" in rows[uid(2, 2)]["message"]
+    for case, folder in ((uid(1, 1), out / uid(1) / uid(1, 1)), (uid(2, 1), out / uid(2) / uid(2, 1)), ("scan.nii.gz", out / "nifti" / "scan")):
+        assert sorted(p.name for p in folder.iterdir()) == ["done.json", "label.json", "label.nii.gz"], case
+        label = nib.load(str(folder / "label.nii.gz"))
+        voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        data = np.asarray(label.dataobj)
+        sidecar = json.loads((folder / "label.json").read_text())
+        for value, organ in sidecar["labels"].items():  # mL = voxel count x voxel volume
+            assert rows[case]["volume_ml"][organ] == pytest.approx(np.count_nonzero(data == int(value)) * voxel_ml, abs=1e-3)
+    assert not (out / uid(2) / uid(2, 2)).exists() and not (out / uid(2) / uid(2, 3)).exists()
+    with open(out / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5 and {"spleen_ml", "liver_ml", "model_hash", "sdseg3d_version"} <= set(table[0])
+    # No header free text anywhere: paths, summary, sidecars.
+    everything = "\n".join([*(str(p.relative_to(out)) for p in out.rglob("*")), *(p.read_text() for p in out.rglob("*.json*")),
+                            (out / "summary.csv").read_text()])
+    assert "escape" not in everything and "passwd" not in everything
+    # The labels equal `sdseg3d segment` on the same series (same model, seed).
+    single = tmp_path / "coronal.nii.gz"
+    assert main(["segment", str(tree / "b" / "coronal"), "-o", str(single), "-m", str(model_dir), "-q"]) == 0
+    batch_label = nib.load(str(out / uid(2) / uid(2, 1) / "label.nii.gz"))
+    assert np.array_equal(np.asarray(batch_label.dataobj), np.asarray(nib.load(str(single)).dataobj))
+    assert np.allclose(batch_label.affine, nib.load(str(single)).affine)
+
+
+def test_rerun_does_no_inference_and_a_changed_option_recomputes(first_run, tree, model_dir, monkeypatch):
+    code, out = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("label.nii.gz")}
+    calls = []
+    from sdseg_monai.inference import VolumeSegmenter
+
+    original = VolumeSegmenter.segment
+    monkeypatch.setattr(VolumeSegmenter, "segment", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert main(["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]) == 3
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in out.rglob("label.nii.gz")} == before
+    # A done-record missing (a kill before it was written): only that case is recomputed.
+    (out / uid(2) / uid(2, 1) / "done.json").unlink()
+    assert main(["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]) == 3
+    assert len(calls) == 1
+    # Another seed is another result: everything recomputes.
+    calls.clear()
+    assert main(["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg", "--seed", "1"]) == 3
+    assert len(calls) == 3
+
+
+def test_killed_run_resumes(tree, model_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sdseg_monai.cli", "batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("done.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert main(command[3:]) == 3
+    rows = _rows(out)
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3
+    for done in out.rglob("done.json"):  # every case done, its files complete
+        assert nib.load(str(done.parent / "label.nii.gz")).get_fdata().shape[2] == 6
+        assert json.loads((done.parent / "label.json").read_text())["labels"]
+
+
+def test_shards_are_disjoint_and_merge(tree, model_dir, tmp_path):
+    out = tmp_path / "out"
+    base = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
+    assert main([*base, "--shard", "0/2"]) in (0, 3)
+    assert not (out / "summary.csv").exists()  # waits for the other shard
+    assert main([*base, "--shard", "1/2"]) in (0, 3)
+    parts = [[json.loads(line)["case"] for line in (out / f"summary.part-{i}-of-2.jsonl").read_text().splitlines()] for i in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and len(parts[0]) + len(parts[1]) == 5
+    assert all(shard_of(case, 2) == i for i in range(2) for case in parts[i])
+    assert len(_rows(out)) == 5
+    (out / "summary.csv").unlink()
+    assert main(["batch", "--merge", str(out), "-q"]) == 0 and len(_rows(out)) == 5
+
+
+def test_torchrun_two_processes_share_the_tree(tree, model_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sdseg_monai.cli", "batch",
+               str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0  # one series fails: exit 3 on the rank that had it
+    assert sorted(p.name for p in out.glob("summary.part-*")) == ["summary.part-0-of-2.jsonl", "summary.part-1-of-2.jsonl"]
+    assert len(_rows(out)) == 5 and (out / "summary.csv").is_file()
+
+
+def test_nothing_to_segment_and_bad_arguments(model_dir, tmp_path, capsys):
+    write(ct_slices(IMAGE, modality="MR"), tmp_path / "mr")
+    assert main(["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "out"), "-m", str(model_dir), "-q"]) == 2
+    assert "nothing to segment" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "mr" / "out"), "-m", str(model_dir)]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "o2"), "-m", str(model_dir), "--shard", "2/2"]) == 2
+    assert "0 <= I < N" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "mr")
+    assert main(["batch", "--merge", str(tmp_path / "o2")]) == 2
