@@ -59,7 +59,6 @@ REASONS = {
     "nonuniform_spacing": ("failed", "slice spacing not uniform (a missing slice?)"),
     "gantry_tilt": ("failed", "gantry tilt: slices not stacked along their normal"),
     "unreadable_slices": ("failed", "images that cannot be read or decoded"),
-    "several_sizes": ("failed", "images of several sizes in one stack"),
 }
 
 # Decoders pydicom may lack, by transfer syntax, and the package that brings one.
