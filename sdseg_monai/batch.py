@@ -29,6 +29,7 @@ import numpy as np
 
 from sdseg_monai._version import __version__
 from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.model import file_sha256, model_hash
 
 DONE_NAME = "done.json"
 SUMMARY_CSV = "summary.csv"
@@ -121,22 +122,6 @@ def _row(case: BatchCase, status: str, reason: str, message: str) -> dict:
             "spacing_mm": None, "seconds": 0.0, "model_hash": "", "sdseg3d_version": __version__, "volume_ml": {}}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_hash(model_dir: Path) -> str:
-    """Short fingerprint of a saved model (its config and weights)."""
-    from sdseg_monai.model import model_files
-
-    config, weights = model_files(model_dir)
-    return hashlib.sha256((_sha256_file(config) + _sha256_file(weights)).encode()).hexdigest()[:16]
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     from sdseg_monai.data import atomic_paths
 
@@ -198,7 +183,7 @@ class BatchRunner:
         return [c for c in cases if shard_of(c.key, count) == index_]
 
     def done_key(self, case: BatchCase) -> str:
-        content = case.stack.sop_uids if case.stack is not None else [_sha256_file(case.nifti)]
+        content = case.stack.sop_uids if case.stack is not None else [file_sha256(case.nifti)]
         record = {"case": case.key, "instances": content, "model_hash": self.model_hash, "options": self.options}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 

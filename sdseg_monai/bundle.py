@@ -18,7 +18,6 @@ Config files name only ``monai.*`` and ``sdseg_monai.*`` targets and a few ``$``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import torch
 from sdseg_monai.config import SDSegConfig
 from sdseg_monai.data import NIFTI_SUFFIXES
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import BUNDLE_CONFIG_NAME, BUNDLE_WEIGHTS_NAME, EVALUATION_NAME, SDSeg, model_files, replace_dir
+from sdseg_monai.model import BUNDLE_CONFIG_NAME, BUNDLE_WEIGHTS_NAME, EVALUATION_NAME, SDSeg, file_sha256, model_files, replace_dir
 from sdseg_monai.transforms import AXIS_LABELS
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -217,14 +216,6 @@ A model exported from other training data carries that data's licence instead: e
 """
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -394,7 +385,7 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
         for folder in ("configs", "models", "docs"):
             (tmp / folder).mkdir()
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp / BUNDLE_WEIGHTS_NAME)
-        sha = _sha256(tmp / BUNDLE_WEIGHTS_NAME)
+        sha = file_sha256(tmp / BUNDLE_WEIGHTS_NAME)
         (tmp / BUNDLE_CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         write = lambda name, data: (tmp / name).write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")  # noqa: E731
         write("configs/metadata.json", metadata(config, sha, eval_metrics, version))

@@ -6,6 +6,7 @@ UNet call at t = T - 1 on seeded noise, then z0_hat is decoded into a probabilit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -523,6 +524,21 @@ def model_files(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.is_dir() and (path / BUNDLE_CONFIG_NAME).is_file():
         return path / BUNDLE_CONFIG_NAME, path / BUNDLE_WEIGHTS_NAME
     raise SDSegInputError(f"not an SDSeg model folder (no {CONFIG_NAME}) nor an SDSeg MONAI bundle (no {BUNDLE_CONFIG_NAME})", path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """Short fingerprint of a saved model or bundle: its config and weights (recorded with outputs)."""
+    config, weights = model_files(path)
+    return hashlib.sha256((file_sha256(config) + file_sha256(weights)).encode()).hexdigest()[:16]
 
 
 def default_model_path() -> Path | None:
