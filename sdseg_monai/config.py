@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.labels import BTCV, Organ, dataset_preset
+from sdseg_monai.labels import BTCV, Organ, dataset_preset, organ_code
 
 BACKBONES = ("unet2d", "unet2d_condition")
 PREDICTION_TYPES = ("epsilon", "sample")
@@ -213,8 +213,10 @@ class SDSegConfig:
         autoencoder: diffusers ``AutoencoderKL`` config of the frozen mask autoencoder.
         unet: diffusers config of the denoiser; ``in_channels`` is the mask latent's channels plus the
             image latent's (twice the latent channels, as in the paper, unless ``condition_channels``).
-        organs: foreground classes, ``{"label": value in label maps, "name": ...}``. One binary mask
-            latent per organ; more than one organ adds a class embedding to the time embedding.
+        organs: foreground classes, ``{"label": value in label maps, "name": ...}``, optionally with
+            ``"snomed": {"code", "meaning", "laterality"}`` for DICOM SEG output (see
+            :func:`sdseg_monai.labels.organ_code`). One binary mask latent per organ; more than one
+            organ adds a class embedding to the time embedding.
         latent_scale: multiplies autoencoder latents. ``None`` until measured on training masks.
         latent_scale_source: ``"std"`` (1/std of training-mask latents, the official code) or
             ``"autoencoder"`` (the autoencoder's ``scaling_factor``).
@@ -266,7 +268,7 @@ class SDSegConfig:
             self.preprocessing = Preprocessing(**self.preprocessing)
         if isinstance(self.postprocessing, dict):
             self.postprocessing = Postprocessing(**self.postprocessing)
-        self.organs = [o if isinstance(o, dict) else {"label": o.label, "name": o.name} for o in self.organs]
+        self.organs = [o if isinstance(o, dict) else _organ_dict(o) for o in self.organs]
         self.autoencoder = _plain_config(self.autoencoder)
         self.unet = _plain_config(self.unet)
         self.validate()
@@ -294,6 +296,12 @@ class SDSegConfig:
         labels = [int(o["label"]) for o in self.organs]
         check(len(set(names)) == len(names), f"organ names repeat: {names}")
         check(len(set(labels)) == len(labels) and min(labels) >= 1, f"organ labels must be distinct and >= 1: {labels}")
+        for organ in self.organs:
+            if "snomed" in organ:
+                try:  # a malformed code fails at load, not when a DICOM SEG is written
+                    organ_code(organ)
+                except SDSegInputError as e:
+                    check(False, str(e))
         post = self.postprocessing
         unknown = sorted((set(post.thresholds) | set(post.largest_component) | set(post.axial_smoothing)) - set(names))
         check(not unknown, f"postprocessing names organs this model does not have: {', '.join(unknown)}")
@@ -381,6 +389,14 @@ class SDSegConfig:
             raise SDSegInputError(str(e), path) from None
         except TypeError as e:
             raise SDSegInputError(f"invalid SDSeg config ({e})", path) from None
+
+
+def _organ_dict(organ: Organ) -> dict[str, Any]:
+    """A config's organ entry; ``"snomed"`` only when the organ has a code (older configs have none)."""
+    entry: dict[str, Any] = {"label": organ.label, "name": organ.name}
+    if organ.snomed() is not None:
+        entry["snomed"] = organ.snomed()
+    return entry
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

@@ -159,3 +159,33 @@ def test_nothing_to_segment_and_bad_arguments(model_dir, tmp_path, capsys):
     assert "0 <= I < N" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "mr")
     assert main(["batch", "--merge", str(tmp_path / "o2")]) == 2
+
+
+def test_dicom_seg_per_series_equals_the_label_volume(model_dir, tmp_path):
+    pytest.importorskip("highdicom")
+    from dicom_series import enhanced_ct
+    from test_dicom_seg import _highdicom_labels
+
+    ct = ct_slices(IMAGE, study=uid(3), series=uid(3, 1))
+    write(ct, tmp_path / "in" / "ct")
+    frames = ct_slices(IMAGE[::-1], study=uid(3), series=uid(3, 2))
+    write([enhanced_ct(frames, uid(3, 2))], tmp_path / "in" / "mf", names=["mf.dcm"])
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "-m", str(model_dir), "-q", "--seg-type", "labelmap"]) == 0
+    from sdseg_monai.dicom import index_tree, source_headers
+
+    for stack in index_tree(tmp_path / "in").stacks:
+        folder = out / stack.study_uid / stack.key
+        label = np.asarray(nib.load(str(folder / "label.nii.gz")).dataobj)
+        assert label.any()  # something to compare
+        multiframe = stack.frames[0].number is not None
+        sources = source_headers(stack)
+        got = _highdicom_labels(folder / "seg.dcm", sources, [f.number for f in stack.frames] if multiframe else None)
+        assert np.array_equal(got, label), stack.key
+        assert pydicom_seg_type(folder / "seg.dcm") == "LABELMAP"
+
+
+def pydicom_seg_type(path):
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).SegmentationType
