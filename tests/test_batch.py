@@ -171,7 +171,7 @@ def test_dicom_seg_per_series_equals_the_label_volume(model_dir, tmp_path):
     frames = ct_slices(IMAGE[::-1], study=uid(3), series=uid(3, 2))
     write([enhanced_ct(frames, uid(3, 2))], tmp_path / "in" / "mf", names=["mf.dcm"])
     out = tmp_path / "out"
-    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "-m", str(model_dir), "-q", "--seg-type", "labelmap"]) == 0
+    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "-m", str(model_dir), "-q", "--seg-type", "labelmap", "--save-image"]) == 0
     from sdseg_monai.dicom import index_tree, source_headers
 
     for stack in index_tree(tmp_path / "in").stacks:
@@ -183,6 +183,9 @@ def test_dicom_seg_per_series_equals_the_label_volume(model_dir, tmp_path):
         got = _highdicom_labels(folder / "seg.dcm", sources, [f.number for f in stack.frames] if multiframe else None)
         assert np.array_equal(got, label), stack.key
         assert pydicom_seg_type(folder / "seg.dcm") == "LABELMAP"
+        image = nib.load(str(folder / "image.nii.gz"))  # --save-image: the HU volume read, on the labels' grid
+        assert np.allclose(image.affine, nib.load(str(folder / "label.nii.gz")).affine)
+        assert np.array_equal(np.asarray(image.dataobj), IMAGE[::-1] if multiframe else IMAGE)
 
 
 def pydicom_seg_type(path):
