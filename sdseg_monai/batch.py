@@ -135,7 +135,7 @@ class BatchRunner:
     Args:
         model: a saved model folder or bundle.
         output_dir: the output tree.
-        device, batch_size, organs, seed: as :class:`~sdseg_monai.inference.VolumeSegmenter`.
+        device, batch_size, organs, seed, precision: as :class:`~sdseg_monai.inference.VolumeSegmenter`.
         dicom_seg: write ``seg.dcm`` for DICOM cases (None: when the dicom extra is installed).
         seg_type: ``"binary"`` or ``"labelmap"``.
         save_image: also write the image read, as ``image.nii.gz``.
@@ -144,7 +144,7 @@ class BatchRunner:
         shard: (index, count): this run's share of the cases.
     """
 
-    def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, dicom_seg=None,
+    def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, precision="auto", dicom_seg=None,
                  seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1)):
         from sdseg_monai.inference import VolumeSegmenter
 
@@ -155,11 +155,13 @@ class BatchRunner:
         self.output_dir = Path(output_dir)
         self.model_dir = Path(model)
         self.model_hash = model_hash(self.model_dir)
-        self.segmenter = VolumeSegmenter(self.model_dir, device=device, organs=organs, batch_size=batch_size, seed=seed)
+        self.segmenter = VolumeSegmenter(self.model_dir, device=device, organs=organs, batch_size=batch_size, seed=seed,
+                                         precision=precision)
         self.dicom_seg = dicom_seg_available() if dicom_seg is None else bool(dicom_seg)
         self.seg_type, self.save_image, self.overwrite = seg_type, save_image, overwrite
         self.include_derived, self.shard = include_derived, shard
         self.options = {"organs": sorted(self.segmenter.organs.values()), "seed": self.segmenter.seed,
+                        "precision": self.segmenter.precision,
                         "dicom_seg": self.dicom_seg, "seg_type": seg_type, "save_image": save_image,
                         "include_derived": include_derived}
 

@@ -119,6 +119,9 @@ def _split_names(value: Optional[str]) -> Optional[list[str]]:
     return names
 
 
+PRECISION_HELP = "auto (bf16 on a GPU or on a CPU with AMX / AVX-512 BF16, else fp32), fp32, bf16 or fp16."
+
+
 def _resolve_model(model: Optional[Path]) -> Path:
     from sdseg_monai.model import default_model_path, model_files
 
@@ -172,6 +175,7 @@ def segment(
     shifts: int = typer.Option(
         1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass)."
     ),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
@@ -197,6 +201,7 @@ def segment(
         postprocess=not no_postprocess,
         skip_decode=not decode_all,
         num_shifts=shifts,
+        precision=precision,
     )
     bar = _SliceBar(volume.shape[2], enabled=not quiet)
     try:
@@ -222,6 +227,7 @@ def batch(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     dicom_seg: Optional[bool] = typer.Option(None, "--dicom-seg/--no-dicom-seg", help="Write seg.dcm for DICOM series (default: when the dicom extra is installed)."),
     seg_type: str = typer.Option("binary", "--seg-type", help="DICOM SEG type: binary (what viewers show) or labelmap."),
     save_image: bool = typer.Option(False, "--save-image", help="Also write the image read, as image.nii.gz."),
@@ -251,7 +257,7 @@ def batch(
 
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     runner = BatchRunner(_resolve_model(model), output, device=device, batch_size=batch_size, organs=_split_names(organs_),
-                         seed=seed, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
+                         seed=seed, precision=precision, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
                          include_derived=include_derived, shard=part)
     bar = None
     if not quiet:

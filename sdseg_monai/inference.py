@@ -30,7 +30,7 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device
+from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device, resolve_precision
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -111,6 +111,7 @@ class Segmentation:
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
     postprocessing: dict = field(default_factory=dict)
+    precision: str = "fp32"
 
     def sidecar(self) -> dict:
         return {
@@ -119,6 +120,7 @@ class Segmentation:
             "input": self.volume.source,
             "seed": self.seed,
             "postprocessing": self.postprocessing,
+            "precision": self.precision,
             # NaN/Inf input voxels, segmented as the bottom of the HU window.
             "nonfinite_input_voxels": int(self.volume.nonfinite_voxels),
         }
@@ -137,7 +139,8 @@ class VolumeSegmenter:
         organs: organ names to segment (default: all the model's organs).
         batch_size: (slice, organ) pairs per forward pass (default: automatic).
         seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
-        precision: inference precision (``"auto"``: bf16/fp16 autocast on CUDA, fp32 on CPU).
+        precision: inference precision (``"auto"``: bf16/fp16 autocast on CUDA, bf16 on a CPU with
+            AMX or AVX-512 BF16, fp32 on other CPUs; see :func:`~sdseg_monai.model.resolve_precision`).
         num_steps, num_samples: see :class:`OneStepInferer`.
         postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
             largest-component organs); False gives SDSeg's plain rounding at 0.5.
@@ -177,6 +180,7 @@ class VolumeSegmenter:
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
         self.batch_size = batch_size or default_batch_size(self.device)
         self.seed = int(seed)
+        self.precision = resolve_precision(self.device, precision)
         post = self.config.postprocessing if postprocess else Postprocessing()
         if threshold is not None:
             post = replace(post, default_threshold=float(threshold), thresholds={})
@@ -192,7 +196,7 @@ class VolumeSegmenter:
             batch_size=self.batch_size,
             num_steps=num_steps,
             num_samples=num_samples,
-            precision=precision,
+            precision=self.precision,
             skip_decode_radius=self.skip_decode_radius,
             num_shifts=num_shifts,
         )
@@ -243,6 +247,7 @@ class VolumeSegmenter:
             model=self.model_name,
             seconds=time.perf_counter() - start,
             postprocessing=self.postprocessing,
+            precision=self.precision,
         )
 
     def segment_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Segmentation:

@@ -384,7 +384,7 @@ class SDSeg(nn.Module):
             batch_size: (slice, organ) pairs per forward pass (default: automatic).
             num_steps: 1 is SDSeg's one-step reverse process; more runs a DDIM chain.
             num_samples: averages the probability maps of this many noise draws.
-            precision: ``"auto"`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+            precision: ``"auto"`` (see :func:`resolve_precision`), ``"fp32"``, ``"bf16"``, ``"fp16"``.
             skip_decode_radius: pairs closer than this to an empty mask are not decoded; their maps
                 are zero (0 decodes every pair; see ``Postprocessing.skip_decode_radius``).
             return_distances: also return each pair's :meth:`empty_distance` (the largest over the
@@ -579,15 +579,39 @@ def default_batch_size(device: torch.device) -> int:
     return 8
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated, slower."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision ``"auto"`` means on ``device``: bf16 (else fp16) on CUDA; bf16 on a CPU with
+    AMX or AVX-512 BF16, fp32 on other CPUs. Explicit choices are returned as given."""
+    if precision not in PRECISIONS:
+        raise SDSegInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """Mixed precision for inference: bf16 (else fp16) on CUDA under ``"auto"``, none on CPU."""
+    """Mixed precision for inference, as :func:`resolve_precision` decides; none for fp32."""
     import contextlib
 
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise SDSegInputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

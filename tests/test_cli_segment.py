@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import labelled_scan
+from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.cli import main
 
 
@@ -165,3 +166,24 @@ def test_small_real_dicom_ct_series_segments_on_its_grid(model_dir, tmp_path):
     assert main(["segment", series, "-o", str(out), "-m", str(model_dir), "-q"]) == 0
     written = nib.load(str(out))
     assert written.shape == (16, 16, 5) and np.allclose(written.affine, volume.affine, atol=1e-4)
+
+
+def test_auto_precision_follows_the_cpu_and_the_sidecar_records_it(model_dir, scan, tmp_path, monkeypatch):
+    import torch
+
+    from sdseg_monai.model import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_precision(cpu) == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve_precision(cpu) == "bf16" and resolve_precision(cpu, "fp32") == "fp32"
+    with pytest.raises(SDSegInputError, match="precision must be one of"):
+        resolve_precision(cpu, "int8")
+    for precision in ("auto", "fp32"):  # auto is bf16 here (patched CPU): the sidecar says what ran
+        out = tmp_path / f"{precision}.nii.gz"
+        assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q", "--precision", precision]) == 0
+        recorded = json.loads(out.with_name(f"{precision}.json").read_text())["precision"]
+        assert recorded == {"auto": "bf16", "fp32": "fp32"}[precision]
+    _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", model_dir, "--precision", "fp8"), "precision must be one of")
