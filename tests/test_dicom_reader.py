@@ -79,9 +79,12 @@ def test_per_slice_rescale_is_applied(tmp_path):
     assert np.array_equal(volume[:, :, 1], IMAGE[:, :, 1])
 
 
-def test_legacy_converted_enhanced_ct_reads_like_its_single_frames(tmp_path):
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.2.2", "1.2.840.10008.5.1.4.1.1.2.1"])  # Legacy Converted, Enhanced
+def test_multiframe_ct_reads_like_its_single_frames(tmp_path, sop_class):
     datasets = ct_slices(IMAGE)
-    write([enhanced_ct(datasets, uid(1, 5))], tmp_path / "mf", names=["mf.dcm"])
+    multiframe = enhanced_ct(datasets, uid(1, 5))
+    multiframe.SOPClassUID = multiframe.file_meta.MediaStorageSOPClassUID = sop_class  # the same functional groups
+    write([multiframe], tmp_path / "mf", names=["mf.dcm"])
     stack = _only(tmp_path)
     assert stack.ok and stack.key == uid(1, 5) and len(stack.frames) == 8 and {f.number for f in stack.frames} == set(range(1, 9))
     _check_geometry(stack, datasets)
