@@ -277,6 +277,7 @@ class BatchRunner:
 
         result = self.segmenter.segment(volume)
         case.out_dir.mkdir(parents=True, exist_ok=True)
+        (case.out_dir / DONE_NAME).unlink(missing_ok=True)  # recomputing: not done until the new record
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         counts = np.bincount(result.labels.reshape(-1), minlength=256)
         case.row["volume_ml"] = {name: round(float(counts[label]) * voxel_ml, 3) for label, name in sorted(result.organs.items())}
@@ -295,6 +296,10 @@ class BatchRunner:
                 nib.save(nib.Nifti1Image(np.asarray(volume.image[0], dtype=np.float32), volume.affine), str(tmp))
         if self.dicom_seg and case.stack is not None:
             self._write_seg(case, result)
+        else:
+            (case.out_dir / "seg.dcm").unlink(missing_ok=True)  # a previous run's, with other options
+        if not self.save_image:
+            (case.out_dir / "image.nii.gz").unlink(missing_ok=True)
         case.row["seconds"] = round(time.perf_counter() - start, 3)
         record = {"key": self.done_key(case), "row": case.row}
         atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")  # last: marks the case done

@@ -186,6 +186,9 @@ def test_dicom_seg_per_series_equals_the_label_volume(model_dir, tmp_path):
         image = nib.load(str(folder / "image.nii.gz"))  # --save-image: the HU volume read, on the labels' grid
         assert np.allclose(image.affine, nib.load(str(folder / "label.nii.gz")).affine)
         assert np.array_equal(np.asarray(image.dataobj), IMAGE[::-1] if multiframe else IMAGE)
+    # Other options recompute, and leave no output of the old ones behind.
+    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]) == 0
+    assert sorted(p.name for p in (out / uid(3) / uid(3, 1)).iterdir()) == ["done.json", "label.json", "label.nii.gz"]
 
 
 def pydicom_seg_type(path):
