@@ -13,7 +13,7 @@ from conftest import SHARED_DATA, micro_config
 from sdseg_monai.data import Volume, read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.metrics import organ_scores
-from sdseg_monai.model import SDSeg
+from sdseg_monai.model import SDSeg, resolve_precision
 from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry, canonical_transforms
 
 ORGANS = ("spleen", "right_kidney", "left_kidney", "liver")  # BTCV labels 1, 2, 3, 6
@@ -208,6 +208,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "axial_smoothing": {},
             "num_shifts": 1,
         },
+        "precision": resolve_precision(torch.device("cpu")),  # what "auto" ran on this CPU
         "nonfinite_input_voxels": 0,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
