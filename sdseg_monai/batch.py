@@ -98,7 +98,7 @@ def collect_cases(index, output_dir: Path) -> list[BatchCase]:
     for stack in index.stacks:
         case = BatchCase(stack.key, stack.study_uid, stack.series_uid, stack=stack)
         case.row = _row(case, stack.status, stack.reason, stack.message)
-        case.row.update(images_used=len(stack.frames) if stack.ok else 0, images_dropped=sum(stack.dropped.values()),
+        case.row.update(images_used=stack.images_used, images_dropped=sum(stack.dropped.values()),
                         plane=stack.plane, spacing_mm=[round(v, 4) for v in stack.spacing] if stack.ok else None)
         if stack.ok:
             case.out_dir = output_dir / stack.study_uid / stack.key
@@ -179,7 +179,6 @@ class BatchRunner:
         if input_dir.is_dir() and self.output_dir.resolve() in input_dir.resolve().parents:
             raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
         index = index_tree(input_dir, include_derived=self.include_derived)
-        self.counts = dict(index.counts)
         cases = collect_cases(index, self.output_dir)
         index_, count = self.shard
         return [c for c in cases if shard_of(c.key, count) == index_]
@@ -273,7 +272,7 @@ class BatchRunner:
         return Volume(image=image, source=case.key, header=None, shape=tuple(image.shape[1:]))
 
     def _segment_and_write(self, case: BatchCase, volume, start: float) -> None:
-        from sdseg_monai.data import atomic_paths
+        from sdseg_monai.data import atomic_paths, write_label_volume
 
         result = self.segmenter.segment(volume)
         case.out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +285,6 @@ class BatchRunner:
                    "series_uid": case.series_uid, "sdseg3d_version": __version__}
         if case.stack is not None:
             sidecar["images"] = case.row["images_used"]
-        from sdseg_monai.data import write_label_volume
-
         write_label_volume(result.labels, volume, case.out_dir / "label.nii.gz", sidecar)
         if self.save_image:
             import nibabel as nib

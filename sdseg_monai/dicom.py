@@ -203,7 +203,9 @@ def _is_derived(header, sop_class: str) -> bool:
         return True
     if image_type and image_type[0] == "DERIVED":
         return True
-    return len(image_type) > 1 and image_type[1] == "SECONDARY" or bool({"MPR", "MIP", "MINIP", "REFORMATTED", "PROJECTION IMAGE", "SCREEN SAVE"} & set(image_type))
+    if len(image_type) > 1 and image_type[1] == "SECONDARY":
+        return True
+    return bool({"MPR", "MIP", "MINIP", "REFORMATTED", "PROJECTION IMAGE", "SCREEN SAVE"} & set(image_type))
 
 
 def _single_frame(header, path: Path) -> list[Frame] | None:
@@ -399,14 +401,17 @@ def _split_acquisitions(entry: Series, group: list[Frame]) -> list[Stack]:
         stack.frames = frames
         return [stack]
     kept: list[Frame] = []
+    kept_digest = None  # of kept[-1], read once however many copies follow it
     try:
         for i, f in enumerate(frames):
             if i and repeated[i - 1]:
-                if _pixel_digest(f) == _pixel_digest(kept[-1]):
+                kept_digest = kept_digest or _pixel_digest(kept[-1])
+                if _pixel_digest(f) == kept_digest:
                     continue
                 return [stack.fail("ambiguous_duplicates", f"images at {s[i]:.2f} mm along the normal differ in their "
                                    "pixels, and AcquisitionNumber gives no clean split")]
             kept.append(f)
+            kept_digest = None
     except _UnreadableFrame as e:
         return [stack.fail("unreadable_slices", str(e))]
     stack.frames = kept
