@@ -178,7 +178,7 @@ class VolumeSegmenter:
         self.config = self.model.config
         self.classes = self.model.class_indices(organs)
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
-        self.batch_size = batch_size or default_batch_size(self.device)
+        self.batch_size = batch_size or default_batch_size(self.device, self.config)
         self.seed = int(seed)
         self.precision = resolve_precision(self.device, precision)
         post = self.config.postprocessing if postprocess else Postprocessing()
@@ -265,16 +265,28 @@ class VolumeSegmenter:
         return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape, nonfinite_voxels=nonfinite))
 
     def _probability_chunks(self, image: torch.Tensor, progress: Callable[[int], None] | None = None, **options):
-        """Per-organ probabilities of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk:
-        yields (first slice, (n, K, X, Y) float32 maps at native in-plane resolution, and the
-        inferer's other outputs). ``options`` override the inferer's."""
+        """Per-organ probabilities of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk, as
+        :class:`ProbabilityChunk` on the segmenter's device. ``options`` override the inferer's.
+
+        Only the decoded pairs are resized back to native resolution: the others are exactly zero."""
         _, size_x, size_y, depth = image.shape
+        radius = float(options.get("skip_decode_radius", self.skip_decode_radius))
+        measure = bool(options.get("return_distances")) or radius > 0
+        if measure:
+            options = {**options, "return_distances": True}
+        volume = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(self.device)
         geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
         for start in range(0, depth, self.chunk_slices):
             indices = range(start, min(start + self.chunk_slices, depth))
-            slices = geometry.to_model(axial_slices(image, indices, self.config.preprocessing.channels))
-            maps, *extra = _as_tuple(self.inferer(slices, self.model, **options))
-            yield start, geometry.from_model(maps.cpu()), *extra
+            slices = geometry.to_model(axial_slices(volume, indices, self.config.preprocessing.channels))
+            output = _as_tuple(self.inferer(slices, self.model, **options))
+            maps = output[0].to(self.device)  # a stand-in inferer may answer on another device
+            distances = output[1] if measure else None
+            if radius > 0:
+                decoded = (distances >= radius).to(self.device)
+            else:
+                decoded = torch.ones(maps.shape[:2], dtype=torch.bool, device=self.device)
+            yield ProbabilityChunk(start, _to_native(geometry, maps, decoded), decoded, distances)
             if progress is not None:
                 progress(len(indices))
 
@@ -285,22 +297,55 @@ class VolumeSegmenter:
             yield from chunks
             return
         before, pending = None, None
-        for start, maps in chunks:
+        for chunk in chunks:
             if pending is not None:
-                yield pending[0], smooth_axially(pending[1], self.axial_smoothing, before, maps[:1])
-                before = pending[1][-1:]
-            pending = (start, maps)
+                last = (pending.maps[-1:].clone(), pending.decoded[-1])  # before it is smoothed in place
+                yield self._smooth(pending, before, chunk)
+                before = last
+            pending = chunk
         if pending is not None:
-            yield pending[0], smooth_axially(pending[1], self.axial_smoothing, before, None)
+            yield self._smooth(pending, before, None)
+
+    def _smooth(self, chunk: ProbabilityChunk, before, after: ProbabilityChunk | None) -> ProbabilityChunk:
+        """``chunk`` smoothed in place, given the raw slice before it (maps, decoded) and the chunk after
+        it (None at the volume's ends). Organs with no decoded pair within reach are zero and stay so:
+        they are not computed."""
+        reach = chunk.decoded.any(dim=0)
+        if before is not None:
+            reach = reach | before[1]
+        if after is not None:
+            reach = reach | after.decoded[0]
+        weighted = torch.tensor([w > 0 for w in self.axial_smoothing], device=reach.device)
+        organs = (reach & weighted).nonzero()[:, 0]
+        if not len(organs):
+            return chunk
+        weights = [self.axial_smoothing[k] for k in organs.tolist()]
+        chunk.maps[:, organs] = smooth_axially(
+            chunk.maps[:, organs],
+            weights,
+            None if before is None else before[0][:, organs],
+            None if after is None else after.maps[:1, organs],
+        )
+        decoded = chunk.decoded.clone()
+        decoded[:, organs] = True  # smoothing spreads an organ into its undecoded neighbours
+        return replace(chunk, decoded=decoded)
 
     @torch.inference_mode()
     def segment_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk."""
+        """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk.
+        Maps stay on the segmenter's device; only the labels come back."""
         _, size_x, size_y, depth = image.shape
         labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8)
         label_values = [self.config.organ_labels[k] for k in self.classes]
-        for start, native in self._smoothed(self._probability_chunks(image, progress)):
-            labels[..., start : start + native.shape[0]] = fuse_probabilities(native, label_values, self.thresholds).permute(1, 2, 0)
+        for chunk in self._smoothed(self._probability_chunks(image, progress)):
+            # An organ with no decoded pair in the chunk is all zero there: it claims no voxel (skipping
+            # only runs with thresholds above SKIP_DECODE_PROBABILITY), so fusion leaves it out.
+            organs = chunk.decoded.any(dim=0).nonzero()[:, 0].tolist()
+            if not organs:
+                continue
+            maps = chunk.maps if len(organs) == len(label_values) else chunk.maps[:, organs]
+            fused = fuse_probabilities(maps, [label_values[k] for k in organs], [self.thresholds[k] for k in organs])
+            labels[..., chunk.start : chunk.start + fused.shape[0]] = fused.permute(1, 2, 0).cpu()
         if self.largest_component:
             labels = keep_largest_component(labels, self.largest_component)
         return labels
@@ -315,11 +360,41 @@ class VolumeSegmenter:
         _, size_x, size_y, depth = image.shape
         maps = torch.zeros((len(self.classes), size_x, size_y, depth), dtype=torch.float16)
         distances = torch.zeros((len(self.classes), depth), dtype=torch.float32)
-        chunks = self._probability_chunks(image, progress, skip_decode_radius=0.0, return_distances=True)
-        for start, native, distance in chunks:
-            maps[..., start : start + native.shape[0]] = native.permute(1, 2, 3, 0).to(torch.float16)
-            distances[:, start : start + native.shape[0]] = distance.T
+        for chunk in self._probability_chunks(image, progress, skip_decode_radius=0.0, return_distances=True):
+            end = chunk.start + chunk.maps.shape[0]
+            maps[..., chunk.start : end] = chunk.maps.permute(1, 2, 3, 0).to(torch.float16).cpu()
+            distances[:, chunk.start : end] = chunk.distances.T.cpu()
         return maps, distances
+
+
+@dataclass
+class ProbabilityChunk:
+    """Per-organ probabilities of consecutive axial slices at native in-plane resolution.
+
+    Attributes:
+        start: index of the first slice in the volume.
+        maps: (n, K, X, Y) float32 on the segmenter's device.
+        decoded: (n, K) bool, the pairs whose maps may be non-zero; the others' are exactly zero (their
+            decode was skipped).
+        distances: (n, K) each pair's distance from an empty mask, when it was measured.
+    """
+
+    start: int
+    maps: torch.Tensor
+    decoded: torch.Tensor
+    distances: torch.Tensor | None = None
+
+
+def _to_native(geometry: SliceGeometry, maps: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """Model-space maps (n, K, S, S) -> native (n, K, X, Y), resizing only the ``decoded`` pairs (the
+    others are zero, and a resized zero map is zero)."""
+    if bool(decoded.all()):
+        return geometry.from_model(maps)
+    native = maps.new_zeros((*maps.shape[:2], *geometry.shape))
+    pairs = decoded.nonzero(as_tuple=True)
+    if len(pairs[0]):
+        native[pairs] = geometry.from_model(maps[pairs][:, None])[:, 0]
+    return native
 
 
 def _as_tuple(output) -> tuple:

@@ -126,6 +126,64 @@ def build_unet(config: SDSegConfig) -> nn.Module:
     return unet
 
 
+def _plain_resnet_block_class():
+    """A ``ResnetBlock2D`` subclass whose forward skips the division by ``output_scale_factor`` 1.0 (a
+    whole pass over every activation, about 4 % of the decoder's time). Built on first use, so that
+    importing this module does not import diffusers."""
+    global _PLAIN_RESNET_BLOCK
+    if _PLAIN_RESNET_BLOCK is None:
+        from diffusers.models.resnet import ResnetBlock2D
+
+        class PlainResnetBlock2D(ResnetBlock2D):
+            """diffusers' forward for a block without time embedding, resampling or output scale: the
+            same operations in the same order, without ``/ 1.0`` (exact: x / 1.0 == x)."""
+
+            def forward(self, input_tensor, temb=None, *args, **kwargs):
+                hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+                hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states))))
+                if self.conv_shortcut is not None:
+                    input_tensor = self.conv_shortcut(input_tensor)
+                if torch.is_grad_enabled():
+                    return input_tensor + hidden_states
+                return hidden_states.add_(input_tensor)  # the same sum (addition commutes), one buffer fewer
+
+        PlainResnetBlock2D.__module__ = __name__
+        PlainResnetBlock2D.__qualname__ = "PlainResnetBlock2D"
+        _PLAIN_RESNET_BLOCK = PlainResnetBlock2D
+    return _PLAIN_RESNET_BLOCK
+
+
+_PLAIN_RESNET_BLOCK = None
+
+
+def __getattr__(name: str):
+    # Pickles and copies find the class by its module attribute.
+    if name == "PlainResnetBlock2D":
+        return _plain_resnet_block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def drop_unit_output_scale(module: nn.Module) -> int:
+    """Make every plain ``ResnetBlock2D`` of ``module`` (no time embedding, no up/downsampling, output
+    scale 1) a :func:`_plain_resnet_block_class` block. Returns how many."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    plain_class = _plain_resnet_block_class()
+    count = 0
+    for block in module.modules():
+        plain = (
+            type(block) is ResnetBlock2D
+            and block.output_scale_factor == 1.0
+            and block.time_emb_proj is None
+            and block.upsample is None
+            and block.downsample is None
+        )
+        if plain:
+            block.__class__ = plain_class
+            count += 1
+    return count
+
+
 def set_attention_heads(module: nn.Module, heads: int) -> None:
     """Give every attention layer ``heads`` heads, whatever its width (the LDM UNet's convention)."""
     from diffusers.models.attention_processor import Attention
@@ -162,6 +220,8 @@ class SDSeg(nn.Module):
         self.vision_encoder = VisionEncoder(
             config.autoencoder, dropout=config.vision_encoder_dropout, channels=config.condition_latent_channels
         )
+        drop_unit_output_scale(self.autoencoder)
+        drop_unit_output_scale(self.vision_encoder)
         self.unet = build_unet(config)
         if config.backbone == "unet2d_condition":
             dim = int(config.unet.get("cross_attention_dim", 768))
@@ -412,7 +472,7 @@ class SDSeg(nn.Module):
             )
         classes = self.class_indices(organs)
         n_slices, n_organs = images.shape[0], len(classes)
-        batch = batch_size or default_batch_size(self.device)
+        batch = batch_size or default_batch_size(self.device, self.config)
         device = self.device
         out = torch.zeros((n_slices, n_organs, *images.shape[-2:]), dtype=torch.float32, device=images.device)
         distances = torch.zeros((n_slices, n_organs), dtype=torch.float32)
@@ -437,7 +497,7 @@ class SDSeg(nn.Module):
                         latents, slice_idx, organ_idx = [z[decode] for z in latents], slice_idx[decode], organ_idx[decode]
                 prob = sum(self.decode_probabilities(z) for z in latents)
                 prob = (prob / num_samples).float().to(out.device)
-                out[slice_idx.cpu(), organ_idx.cpu()] = prob
+                out[slice_idx.to(out.device), organ_idx.to(out.device)] = prob
         return (out, distances) if return_distances else out
 
     def _predict_shifted(self, images: torch.Tensor, organs, num_shifts: int, return_distances: bool, **options):
@@ -571,11 +631,27 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def default_batch_size(device: torch.device) -> int:
-    """(slice, organ) pairs per forward when the caller gives none."""
+MAX_CUDA_BATCH = 1024
+
+
+def decoder_bytes_per_pair(config: SDSegConfig) -> int:
+    """A generous estimate of the decoder's peak activation memory for one (slice, organ) pair, in
+    bytes: six fp32 copies of its largest feature map (normalised, activated, convolved, upsampled).
+    The decoder dominates inference memory (its widest maps are at the full slice size)."""
+    size = int(config.preprocessing.slice_size)
+    channels = [int(c) for c in config.autoencoder["block_out_channels"]]
+    largest = max(c * (size >> level) ** 2 for level, c in enumerate(channels))
+    return 6 * 4 * largest
+
+
+def default_batch_size(device: torch.device, config: SDSegConfig | None = None) -> int:
+    """(slice, organ) pairs per forward when the caller gives none: 8 on a CPU (larger batches do not
+    run faster there); on a GPU, as many as half its free memory holds (by
+    :func:`decoder_bytes_per_pair`), 4 to :data:`MAX_CUDA_BATCH`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(max(4, min(64, free // (1 << 30))))
+        per_pair = decoder_bytes_per_pair(config) if config is not None else 1 << 30
+        return int(max(4, min(MAX_CUDA_BATCH, free // 2 // per_pair)))
     return 8
 
 

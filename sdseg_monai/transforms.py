@@ -181,10 +181,11 @@ def smooth_axially(
     if not bool((weight > 0).any()):
         return maps
     maps = maps.float()
+    weight = weight.to(maps.device)
     nothing = torch.zeros_like(maps[:1])
     previous = torch.cat([nothing if before is None else before.float(), maps[:-1]])
     following = torch.cat([maps[1:], nothing if after is None else after.float()])
-    neighbours = torch.full((maps.shape[0], 1, 1, 1), 2.0)
+    neighbours = torch.full((maps.shape[0], 1, 1, 1), 2.0, device=maps.device)
     neighbours[0] -= float(before is None)
     neighbours[-1] -= float(after is None)
     return (maps + weight * (previous + following)) / (1 + weight * neighbours)

@@ -127,7 +127,7 @@ def test_segmenter_skips_decodes_only_where_the_calibration_holds(micro_model):
     assert skipping.postprocessing["skip_decode_radius"] == radius
     # The radius skips exactly those pairs: their maps are empty, the other maps as before.
     with torch.inference_mode():
-        native = torch.cat([chunk for _, chunk in exact._probability_chunks(image)])  # (Z, K, X, Y)
+        native = torch.cat([chunk.maps for chunk in exact._probability_chunks(image)])  # (Z, K, X, Y)
     native = native.clone()
     near = distances < radius
     native[near.T] = 0
@@ -149,7 +149,7 @@ def test_segmenter_smooths_across_its_chunks_as_over_the_whole_volume(micro_mode
     micro_model.config.postprocessing = Postprocessing()
     plain = VolumeSegmenter(micro_model, device="cpu", batch_size=3)  # chunks of 4, 4 and 1 slices
     with torch.inference_mode():
-        native = torch.cat([chunk for _, chunk in plain._probability_chunks(image)])  # (Z, K, X, Y)
+        native = torch.cat([chunk.maps for chunk in plain._probability_chunks(image)])  # (Z, K, X, Y)
     weights = {"spleen": 1.0, "liver": 0.25}
     micro_model.config.postprocessing = Postprocessing(axial_smoothing=weights, thresholds={"liver": 0.45})
     smoothing = VolumeSegmenter(micro_model, device="cpu", batch_size=3)
