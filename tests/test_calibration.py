@@ -164,6 +164,40 @@ def test_segmenter_smooths_across_its_chunks_as_over_the_whole_volume(micro_mode
     assert torch.equal(VolumeSegmenter(micro_model, device="cpu", batch_size=3, postprocess=False).segment_canonical(image), plain.segment_canonical(image))
 
 
+def test_skipped_pairs_smoothed_and_fused_give_the_labels_of_the_whole_computation(micro_model):
+    """Skipped pairs are neither resized, smoothed nor fused, organ by organ and chunk by chunk: the
+    labels are those of smoothing and fusing every map, the skipped ones zero, over the whole volume."""
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image = torch.rand((1, 24, 20, 11), generator=torch.Generator().manual_seed(6)) * 2 - 1
+    micro_model.config.postprocessing = Postprocessing()
+    maps, distances = VolumeSegmenter(micro_model, device="cpu").probabilities_canonical(image)
+    radius = float(distances.flatten().sort().values[14])  # 14 of the 33 (organ, slice) pairs skipped
+    weights = {"spleen": 1.0, "liver": 0.25}
+    micro_model.config.postprocessing = Postprocessing(
+        skip_decode_radius=radius, axial_smoothing=weights, thresholds={"liver": 0.45}
+    )
+    segmenter = VolumeSegmenter(micro_model, device="cpu", batch_size=3)  # chunks of 4, 4 and 3 slices
+    with torch.inference_mode():
+        chunks = list(segmenter._probability_chunks(image))
+    decoded = torch.cat([chunk.decoded for chunk in chunks])  # (Z, K)
+    assert torch.equal(decoded, (distances >= radius).T) and not decoded.all() and decoded.any()
+    native = torch.cat([chunk.maps for chunk in chunks])
+    assert not native[~decoded].any()  # skipped pairs are exactly zero
+    # The decoded pairs, resized on their own, are what decoding and resizing everything gives (to
+    # rounding: the decoder's batches hold other pairs).
+    with torch.inference_mode():
+        everything = torch.cat([chunk.maps for chunk in VolumeSegmenter(micro_model, device="cpu", batch_size=3, skip_decode=False)._probability_chunks(image)])
+    assert torch.allclose(native[decoded], everything[decoded], rtol=0, atol=1e-6)
+    names = list(segmenter.organs.values())
+    expected = fuse_probabilities(
+        smooth_axially(native, [weights.get(name, 0.0) for name in names]),
+        list(segmenter.organs),
+        [0.45 if name == "liver" else 0.5 for name in names],
+    )
+    assert torch.equal(segmenter.segment_canonical(image), expected.permute(1, 2, 0))
+
+
 def test_skip_radius_is_a_margin_below_the_closest_visible_pair():
     from sdseg_monai.calibration import SKIP_DECODE_MARGIN, choose_skip_decode_radius
 
