@@ -10,7 +10,8 @@ Measures, in one process on one device:
 
     python benchmarks/gpu_baseline.py --json OUT.json [--device cuda] [--shape 512 512 100]
 
-Every stage is timed after a warm-up run, with the device synchronised.
+Every stage is timed after a warm-up run, with the device synchronised. The timing, matmul and phantom
+helpers are :mod:`sdseg_monai.bench`'s; ``sdseg3d bench`` is the complete benchmark.
 """
 
 from __future__ import annotations
@@ -22,56 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from sdseg_monai.bench import matmul_tflops, timed, write_phantom
 from sdseg_monai.config import model_preset
 from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import SDSeg, default_model_path, resolve_device
-from sdseg_monai.phantoms import abdominal_phantom
 from sdseg_monai.transforms import IMAGE_KEY, SliceGeometry, axial_slices, canonical_transforms
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def matmul_tflops(device: torch.device, n: int) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    seconds = timed(lambda: a @ b, device, repeats=5 if device.type == "cuda" else 1)
-    return 2 * n**3 / seconds / 1e12
-
-
-def write_phantom(shape, folder: Path) -> Path:
-    """A 400 x 400 x 250 mm phantom CT on ``shape``: generated at a quarter of the in-plane size
-    (the generator is single-threaded numpy) and resized in-plane, which keeps it CT-like."""
-    import nibabel as nib
-
-    coarse = (max(1, shape[0] // 4), max(1, shape[1] // 4), shape[2])
-    spacing = (400.0 / coarse[0], 400.0 / coarse[1], 250.0 / coarse[2])
-    image, _, affine = abdominal_phantom(9000, shape=coarse, spacing=spacing)
-    planes = torch.from_numpy(image).permute(2, 0, 1)[:, None]
-    fine = torch.nn.functional.interpolate(planes, size=tuple(shape[:2]), mode="bilinear", align_corners=False)
-    affine = affine.copy()
-    affine[0, 0] *= coarse[0] / shape[0]
-    affine[1, 1] *= coarse[1] / shape[1]
-    path = folder / "phantom.nii.gz"
-    nib.save(nib.Nifti1Image(fine[:, 0].permute(1, 2, 0).numpy().astype(np.int16), affine), path)
-    return path
 
 
 def network_slices_per_second(model: SDSeg, slices: torch.Tensor, batch_size: int, radius: float, device) -> dict:

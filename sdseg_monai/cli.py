@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from sdseg_monai import __version__
+from sdseg_monai.bench import QUICK_HELP
 from sdseg_monai.errors import SDSegInputError
 
 app = typer.Typer(
@@ -628,6 +629,99 @@ def train_autoencoder(
     autoencoder.save_pretrained(tmp)
     replace_dir(tmp, output)
     typer.echo(f"held-out reconstruction Dice (512 fresh random masks): mean {torch.nanmean(dice).item():.4f}; saved {output}")
+
+
+@app.command()
+def stability(
+    input_path: Optional[Path] = typer.Argument(
+        None, metavar="INPUT", help="A NIfTI file, a folder of NIfTI files or a DICOM series folder (no labels: no Dice spread)."
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder (default: the packaged model)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Dataset manifest instead of INPUT: its cases have labels."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's relative paths start from."),
+    split: str = typer.Option("test", "--split", help="Manifest split: train, validation or test."),
+    seeds: int = typer.Option(10, "--seeds", help="Number of seeds: 0..N-1, seed 0 the reference (the paper: 10)."),
+    organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    no_postprocess: bool = typer.Option(
+        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
+    ),
+    decode_all: bool = typer.Option(
+        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
+    ),
+    shifts: int = typer.Option(
+        1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass)."
+    ),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here (atomically)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress; only the table."),
+):
+    """Stability across seeds (the paper's Table 5): SSIM, MS-SSIM, PSNR of each seed's maps against seed 0's, and the Dice spread."""
+    from sdseg_monai.data import check_report_path
+    from sdseg_monai.stability import check_seeds, stability_cases
+    from sdseg_monai.stability import stability as run_stability
+
+    # Every input is checked before the model is loaded, so mistakes fail in a second.
+    check_seeds(seeds)
+    if json_path is not None:
+        check_report_path(json_path, "--json")
+    _, dataset = stability_cases(input_path, manifest, data_root, split)
+    model_dir = _resolve_model(model)
+
+    def progress(case: int, cases_total: int, case_id: str, seed: int, seeds_total: int, seconds: float) -> None:
+        typer.echo(f"[case {case}/{cases_total}, seed {seed}/{seeds_total}] {case_id} ({seconds:.1f} s)", err=True)
+
+    report = run_stability(
+        model_dir, input_path if dataset is None else None, seeds, manifest=dataset, data_root=data_root,
+        split=split, progress=None if quiet else progress, device=device, organs=_split_names(organs_),
+        batch_size=batch_size, precision=precision, postprocess=not no_postprocess, skip_decode=not decode_all,
+        num_shifts=shifts,
+    )
+    typer.echo(report.format_table())
+    if json_path is not None:
+        written = report.write_json(json_path)
+        if not quiet:
+            typer.echo(f"wrote {written} ({report.seconds:.1f} s)")
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help=f"Under 2 minutes on 2 CPU cores. {QUICK_HELP}"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here (atomically)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the report's tables as markdown here (atomically)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="Measured beside fp32: " + PRECISION_HELP),
+    networks: Optional[str] = typer.Option(
+        None, "--networks", help="Comma-separated: tiny (the packaged default), paper, sd-v1 (random weights) or saved model folders (default: all three; --quick: tiny)."
+    ),
+    shape: tuple[int, int, int] = typer.Option((512, 512, 100), "--shape", help="Phantom grid X Y Z (over 400 x 400 x 250 mm)."),
+    real_ct: Optional[Path] = typer.Option(None, "--real-ct", help="Real CT: a NIfTI file or its folder (default: ../shared/data/ct when present)."),
+    no_real_ct: bool = typer.Option(False, "--no-real-ct", help="Only the phantom."),
+    no_peer: bool = typer.Option(False, "--no-peer", help="Leave out the SwinUNETR peer (the longest part on a CPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward (default: the pipeline's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines; only the tables."),
+):
+    """Speed on this machine, every ratio from one run: one step (tiny, paper, sd-v1; 1 and 13 organs; fp32 and auto) with
+    stage times and peak RSS, DDIM 10/50 x 1/5 samples, SwinUNETR, FLOP/s against a matmul, skipped decodes, targets."""
+    from sdseg_monai.bench import BenchOptions, run_bench, write_report
+    from sdseg_monai.data import check_report_path
+
+    check_report_path(json_path, "--json")
+    check_report_path(markdown, "--markdown")
+    overrides: dict = {"device": device, "precision": precision, "shape": tuple(shape), "batch_size": batch_size, "peer": not no_peer}
+    if networks is not None:
+        overrides["networks"] = tuple(n.strip() for n in networks.split(",") if n.strip())
+    if no_real_ct:
+        overrides["real_ct"] = None
+    elif real_ct is not None:
+        overrides["real_ct"] = str(real_ct)
+    options = BenchOptions.quick_defaults(**overrides) if quick else BenchOptions(**overrides)
+    report = run_bench(options, progress=None if quiet else (lambda line: typer.echo(line, err=True)))
+    typer.echo(report.to_markdown())
+    for path in write_report(report, json_path, markdown):
+        if not quiet:
+            typer.echo(f"wrote {path}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,17 +161,33 @@ def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None)
     """Fail early (before any compute) when ``output`` cannot be written, or would overwrite one of
     ``inputs`` (see :func:`_check_output_spares_inputs`)."""
     output = Path(output)
-    folder = output.parent if str(output.parent) else Path(".")
     if output.is_dir():
         raise SDSegInputError("output path is a folder; give a file name such as mask.nii.gz", output)
     if not is_nifti(output):
         raise SDSegInputError("output must end in .nii or .nii.gz", output)
-    if not folder.is_dir():
-        raise SDSegInputError("cannot write output: its folder does not exist", output)
-    if not os.access(folder, os.W_OK):
-        raise SDSegInputError("cannot write output: permission denied on its folder", output)
+    _check_folder_writable(output, "output")
     _check_output_spares_inputs(output, inputs)
     return output
+
+
+def check_report_path(path: str | os.PathLike | None, what: str = "the report") -> Path | None:
+    """Refuse, before any compute, a report path (``what`` names it in the message) that is a folder
+    or whose folder is missing or read-only. None passes (no report asked for)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise SDSegInputError(f"{what} must name a file, and this is a folder", path)
+    _check_folder_writable(path, what)
+    return path
+
+
+def _check_folder_writable(path: Path, what: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise SDSegInputError(f"cannot write {what}: its folder does not exist", path)
+    if not os.access(folder, os.W_OK):
+        raise SDSegInputError(f"cannot write {what}: permission denied on its folder", path)
 
 
 def _check_output_spares_inputs(output: Path, inputs) -> None:

@@ -1,0 +1,229 @@
+"""``sdseg3d bench``: the report's structure on a micro model (timings positive, ratios computed from
+the measured numbers; no timing thresholds), atomic report files, ``--quick``, one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdseg_monai import bench
+from sdseg_monai.bench import BenchOptions, run_bench, write_report
+from sdseg_monai.cli import main
+
+from conftest import micro_config
+
+STAGES = {"read", "preprocess", "encoder", "unet", "decoder", "postprocess", "write"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models: one thread is fastest, and a second one stalls whenever another process
+    holds the cores. Isolated configurations take the same count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibrated_micro(tmp_path_factory):
+    """A 2-organ micro model whose (made-up) calibration skips decodes and smooths the liver."""
+    from sdseg_monai.model import SDSeg
+
+    torch.manual_seed(0)
+    config = micro_config(organs=("spleen", "liver"), postprocessing={"skip_decode_radius": 0.5, "axial_smoothing": {"liver": 0.5}})
+    return SDSeg(config).save_pretrained(tmp_path_factory.mktemp("bench") / "micro")
+
+
+def micro_options(model: Path, **overrides) -> BenchOptions:
+    settings = dict(
+        networks=(str(model),), device="cpu", shape=(32, 32, 4), real_ct=None, multistep_slices=1,
+        protocols=((1, 1), (50, 1), (2, 2)), peer_roi=16, peer_spacing=(25.0, 25.0, 25.0), isolate=False,
+    )
+    settings.update(overrides)
+    return BenchOptions(**settings)
+
+
+@pytest.fixture(scope="module")
+def report(calibrated_micro):
+    """One in-process bench of the micro model, the peer's network a single convolution (the
+    pipeline around it is the bundle's; SwinUNETR itself takes seconds a window on a CPU)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bench, "peer_network", lambda feature_size: torch.nn.Conv3d(1, 14, 3, padding=1))
+    try:
+        yield run_bench(micro_options(calibrated_micro))
+    finally:
+        patch.undo()
+
+
+def test_one_step_rows_have_every_stage_and_consistent_rates(report):
+    rows = report.one_step
+    assert [(r["organs"], r["skip_decode"]) for r in rows] == [(1, True), (2, True), (2, False)]  # 13 organs -> the model's 2
+    for row in rows:
+        assert "error" not in row
+        assert set(row["stages"]) == STAGES and all(v >= 0 for v in row["stages"].values())
+        assert row["seconds"] > 0 and row["slices"] == 4
+        assert row["slices_per_s"] == pytest.approx(row["slices"] / row["seconds"])
+        assert row["seconds_per_volume"] == row["seconds"] and not row["extrapolated"]
+        assert sum(row["stages"].values()) <= row["seconds"] * 1.5  # preprocess is timed apart, once more
+        items = row["items"]
+        assert items["encoder"] == 4 and items["unet"] == 4 * row["organs"] and 0 <= items["decoder"] <= items["unet"]
+        assert row["decoded_share"] == pytest.approx(items["decoder"] / items["unet"])
+        flops = row["flops_per_item"]
+        assert all(flops[p] > 0 for p in ("encoder", "unet", "decoder"))
+        total = sum(flops[p] * items[p] for p in flops)
+        assert row["tflop"] == pytest.approx(total / 1e12)
+        assert row["achieved_tflops"] == pytest.approx(total / row["seconds"] / 1e12)
+        assert row["matmul_fraction"] == pytest.approx(row["achieved_tflops"] / report.matmul["fp32"]["tflops"])
+        assert row["peak_rss_gb"] is None  # one process ran them all: no one's peak
+    assert rows[0]["organ_names"] == ["liver"]
+    assert rows[0]["skip_decode_radius"] == 0.5 and rows[2]["skip_decode_radius"] == 0.0
+    assert rows[2]["items"]["decoder"] == rows[2]["items"]["unet"]  # every pair decoded
+
+
+def test_skip_decode_and_multistep_ratios_come_from_the_measured_seconds(report):
+    (skip,) = report.skip_decode
+    with_skip, every = report.one_step[1], report.one_step[2]
+    assert skip["speed_up"] == pytest.approx(every["seconds"] / with_skip["seconds"])
+    assert skip["voxels"] == 32 * 32 * 4 and 0 <= skip["voxels_differing"] <= skip["voxels"]
+    assert skip["labels_identical"] == (skip["voxels_differing"] == 0)
+
+    (multistep,) = report.multistep
+    runs = {(r["steps"], r["samples"], r["decode"]): r for r in multistep["runs"]}
+    assert set(runs) == {(1, 1, "all"), (50, 1, "all"), (2, 2, "all"), (1, 1, "calibrated skip")}
+    one = runs[(1, 1, "all")]["seconds"]
+    for run in runs.values():
+        assert run["seconds"] > 0 and run["seconds_per_slice"] == run["seconds"] / multistep["slices"]
+        assert run["ratio_to_one_step"] == pytest.approx(run["seconds"] / one)
+    ddim = next(t for t in report.targets if "DDIM-50" in t["target"])
+    assert ddim["value"] == runs[(50, 1, "all")]["ratio_to_one_step"] and ddim["passed"] == (ddim["value"] >= 10)
+
+
+def test_peer_and_targets(report):
+    (peer,) = report.peer
+    assert peer["mode"] == "whole pipeline" and peer["basis"] == "measured"
+    assert peer["windows"] == bench.count_windows(peer["resampled_shape"], 16) and peer["windows"] >= 1
+    assert set(peer["stages"]) == {"read", "preprocess", "network", "postprocess", "write"}
+    assert peer["seconds_per_window"] == pytest.approx(peer["stages"]["network"] / peer["windows"])
+    assert peer["flops_per_window"] == pytest.approx(2 * 27 * 14 * 16**3, rel=0.01)  # the stand-in Conv3d
+    default = report.one_step[1]
+    vs_peer = next(t for t in report.targets if "SwinUNETR" in t["target"])
+    assert vs_peer["value"] == pytest.approx(peer["seconds_per_volume"] / default["seconds_per_volume"])
+    assert vs_peer["passed"] == (vs_peer["value"] >= 6)
+    cpu = next(t for t in report.targets if "on CPU" in t["target"])
+    assert cpu["value"] == default["seconds_per_volume"] and cpu["passed"] == (cpu["value"] <= 60)
+    assert not any("RSS" in t["target"] for t in report.targets)  # not measured in-process
+    assert report.matmul["fp32"]["tflops"] > 0 and report.options["precisions"][0] == "fp32"
+    assert report.machine["torch_threads"] >= 1 and "cpu_fast_bf16" in report.machine
+    assert {"torch", "monai", "diffusers", "sdseg3d"} <= set(report.versions)
+
+
+def test_report_serialises_and_tabulates(report):
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert set(data) >= {"options", "machine", "versions", "matmul", "volumes", "one_step", "multistep", "peer", "skip_decode", "targets", "notes"}
+    text = report.to_markdown()
+    for heading in ("## One step", "## Skipped decodes", "## Multi-step", "## Conventional 3D peer", "## Targets"):
+        assert heading in text
+    assert text.count("| micro (saved) |") == 3  # the one-step rows
+
+
+def test_reports_are_written_atomically(report, tmp_path):
+    json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
+    assert write_report(report, json_path, md_path) == [json_path, md_path]
+    assert json.loads(json_path.read_text())["one_step"][0]["network"] == "micro"
+    assert md_path.read_text().startswith("# sdseg3d bench")
+
+    def broken():
+        raise RuntimeError("disk full halfway")
+
+    report.to_markdown = broken  # the instance only; the class is untouched
+    try:
+        with pytest.raises(RuntimeError):
+            write_report(report, None, md_path)
+    finally:
+        del report.to_markdown
+    assert md_path.read_text().startswith("# sdseg3d bench")  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temporary left
+
+
+def test_isolated_configuration_measures_its_own_peak_rss(model_dir):
+    # The uncalibrated micro model: one configuration, one fresh process.
+    isolated = run_bench(micro_options(model_dir, organ_counts=(1,), multistep_networks=(), peer=False, isolate=True))
+    (row,) = isolated.one_step
+    assert "error" not in row and 0.1 < row["peak_rss_gb"] < 64
+    rss = next(t for t in isolated.targets if "RSS" in t["target"])
+    assert rss["value"] == row["peak_rss_gb"] and rss["passed"] == (rss["value"] <= 3)
+
+
+def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
+    quick = BenchOptions.quick_defaults()
+    assert (quick.quick, quick.slab, quick.networks, quick.real_ct, quick.multistep_slices, quick.peer_windows) == (True, 4, ("tiny",), None, 1, 1)
+    assert quick.protocols == ((1, 1), (50, 1)) and quick.shape == (512, 512, 100)
+    seen = {}
+
+    def fake_run_bench(options, progress=None):
+        seen["options"] = options
+        return report
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    json_path, md_path = tmp_path / "q.json", tmp_path / "q.md"
+    assert main(["bench", "--quick", "--json", str(json_path), "--markdown", str(md_path), "--device", "cpu", "--no-peer", "-q"]) == 0
+    options = seen["options"]
+    assert options.quick and options.slab == 4 and options.device == "cpu" and not options.peer and options.real_ct is None
+    assert json.loads(json_path.read_text())["targets"] == report.to_dict()["targets"]
+    assert md_path.read_text() == report.to_markdown()
+    assert "## One step" in capsys.readouterr().out
+    assert main(["bench", "--networks", "tiny,paper", "--real-ct", str(tmp_path), "-q"]) == 0
+    assert seen["options"].networks == ("tiny", "paper") and seen["options"].real_ct == str(tmp_path) and not seen["options"].quick
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--precision", "fp8"], "precision must be one of"),
+        (["--json", "{tmp}/missing/r.json"], "its folder does not exist"),
+        (["--markdown", "{tmp}"], "must name a file"),
+        (["--networks", "nope"], "unknown network 'nope'"),
+        (["--real-ct", "{tmp}"], "no real CT here"),
+        (["--shape", "0", "8", "8"], "--shape needs three positive integers"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_before_any_compute(args, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "matmul_tflops", lambda *a, **k: pytest.fail("computed before refusing"))
+    assert main(["bench", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sdseg3d: error:") and fragment in err
+
+
+def test_window_count_matches_monais_sliding_window():
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import Spacing
+
+    calls = []
+    sliding_window_inference(torch.zeros(1, 1, 70, 40, 33), (32, 32, 32), 1, lambda x: calls.append(1) or x, overlap=0.5)
+    assert bench.count_windows((70, 40, 33), 32) == len(calls)
+    resampled = Spacing(pixdim=(1.5, 1.5, 2.0))(MetaTensor(torch.zeros(1, 40, 30, 10), affine=torch.diag(torch.tensor([3.0, 3.0, 5.0, 1.0]))))
+    assert bench.peer_windows((40, 30, 10), (3.0, 3.0, 5.0))["resampled_shape"] == list(resampled.shape[1:])
+    # The issue's CT over 400 x 400 x 250 mm at the bundle's 1.5 x 1.5 x 2.0 mm: 5 x 5 x 2 windows.
+    assert bench.peer_windows((512, 512, 100), (400 / 512, 400 / 512, 2.5))["windows"] == 50
+
+
+def test_phantom_slab_and_gpu_baseline_share_the_helpers(tmp_path):
+    import nibabel as nib
+
+    path = bench.write_phantom((32, 32, 2), tmp_path, (400.0, 400.0, 5.0), name="slab.nii.gz")
+    image = nib.load(str(path))
+    assert image.shape == (32, 32, 2) and np.allclose(image.header.get_zooms(), (12.5, 12.5, 2.5))
+    assert bench.timed(lambda: None, torch.device("cpu"), repeats=3) >= 0
+    spec = importlib.util.spec_from_file_location("gpu_baseline", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.write_phantom is bench.write_phantom and module.matmul_tflops is bench.matmul_tflops and module.timed is bench.timed
+    assert math.isfinite(bench.matmul_tflops(torch.device("cpu"), 64, repeats=1))
