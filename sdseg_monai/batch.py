@@ -215,23 +215,31 @@ class BatchRunner:
         if progress:
             progress(done, len(cases), {})
         for case, loaded, error in self._prefetch(todo):
-            start = time.perf_counter()
-            try:
-                if error is not None:
-                    raise error
-                self._segment_and_write(case, loaded, start)
-            except SDSegInputError as e:
-                stack_reason = case.stack.reason if case.stack is not None else "ok"
-                case.row.update(status="failed", reason=stack_reason if stack_reason != "ok" else "read_error", message=str(e))
-            except Exception as e:  # noqa: BLE001  (one bad series never stops the run)
-                case.row.update(status="failed", reason="inference_error", message=type(e).__name__)
-            case.row["seconds"] = round(time.perf_counter() - start, 3)
+            self.segment_case(case, loaded, error)
             done += 1
             if progress:
                 progress(done, len(cases), case.row)
         rows = [c.row for c in cases]
         summary = self.write_summary(rows)
         return BatchReport(rows, exit_code(rows, cases), summary)
+
+    def segment_case(self, case: BatchCase, volume=None, error: Exception | None = None) -> dict:
+        """Segment one case and write its outputs (reading it first when ``volume`` is None), or record
+        ``error`` (a failed read); a failure lands in the case's row, never stops the caller. Returns the row."""
+        start = time.perf_counter()
+        try:
+            if error is not None:
+                raise error
+            if volume is None:
+                volume = self._read(case)
+            self._segment_and_write(case, volume, start)
+        except SDSegInputError as e:
+            stack_reason = case.stack.reason if case.stack is not None else "ok"
+            case.row.update(status="failed", reason=stack_reason if stack_reason != "ok" else "read_error", message=str(e))
+        except Exception as e:  # noqa: BLE001  (one bad series never stops the run)
+            case.row.update(status="failed", reason="inference_error", message=type(e).__name__)
+        case.row["seconds"] = round(time.perf_counter() - start, 3)
+        return case.row
 
     def _prefetch(self, cases: list[BatchCase]):
         """(case, volume, error) in order; a reader thread stays up to PREFETCH cases ahead."""
@@ -336,16 +344,18 @@ def _organ_columns(rows: list[dict]) -> list[str]:
     return sorted({name for r in rows for name in r.get("volume_ml", {})})
 
 
-def write_summary(output_dir: Path, rows: list[dict]) -> Path:
-    """``summary.jsonl`` (one JSON row per case) and ``summary.csv`` (organ volumes as ``<organ>_ml``)."""
+def write_summary(output_dir: Path, rows: list[dict], extra_fields: tuple[str, ...] = ()) -> Path:
+    """``summary.jsonl`` (one JSON row per case) and ``summary.csv`` (organ volumes as ``<organ>_ml``;
+    ``extra_fields`` after the standard columns, e.g. the DICOM node's forwarding state)."""
     rows = sorted(rows, key=lambda r: (r["study_uid"], r["case"]))
     organs = _organ_columns(rows)
+    fields = (*SUMMARY_FIELDS, *extra_fields)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*SUMMARY_FIELDS, *(f"{o}_ml" for o in organs)])
+    writer.writerow([*fields, *(f"{o}_ml" for o in organs)])
     for r in rows:
         spacing = "x".join(f"{v:g}" for v in r["spacing_mm"]) if r.get("spacing_mm") else ""
-        writer.writerow([*(spacing if f == "spacing_mm" else r.get(f, "") for f in SUMMARY_FIELDS),
+        writer.writerow([*(spacing if f == "spacing_mm" else r.get(f, "") for f in fields),
                          *(r.get("volume_ml", {}).get(o, "") for o in organs)])
     atomic_write_text(output_dir / SUMMARY_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     atomic_write_text(output_dir / SUMMARY_CSV, text.getvalue())

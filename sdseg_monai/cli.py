@@ -724,6 +724,43 @@ def bench(
             typer.echo(f"wrote {path}", err=True)
 
 
+@app.command("serve-dicom")
+def serve_dicom(
+    store: Path = typer.Option(..., "--store", help="The node's folder: incoming/ instances, results/ (labels, SEG, summary), outbox/ (SEGs to send)."),
+    forward: Optional[str] = typer.Option(None, "--forward", help="AE@HOST:PORT that receives every SEG by C-STORE (default: keep them in --store)."),
+    ae_title: str = typer.Option("SDSEG", "--ae-title", "-a", help="This node's AE title."),
+    port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="Port to listen on."),
+    host: str = typer.Option("", "--host", help="Address to listen on (default: every interface)."),
+    allow: Optional[str] = typer.Option(None, "--allow", help="Comma-separated calling AE[@HOST] accepted (default: any)."),
+    quiet_seconds: float = typer.Option(5.0, "--quiet-seconds", help="A series is complete once no instance of it arrived for this long."),
+    seg_type: str = typer.Option("binary", "--seg-type", help="binary or labelmap (sent as binary where the peer refuses labelmap)."),
+    retry_seconds: float = typer.Option(5.0, "--retry-seconds", help="First wait before resending a SEG that failed; it doubles, up to 5 minutes."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder or bundle."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
+    organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+):
+    """A DICOM node: receive CT series (C-STORE, C-ECHO), segment each once complete, send its DICOM SEG on. Stops on Ctrl-C / SIGTERM."""
+    import logging
+
+    from sdseg_monai.node import DicomNode, parse_allow, parse_peer, serve
+
+    peer = parse_peer(forward) if forward else None
+    allowed = parse_allow(allow)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    node_log = logging.getLogger("sdseg3d.node")
+    node_log.addHandler(handler)
+    node_log.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)  # its INFO and DEBUG lines can carry header text
+    node = DicomNode(_resolve_model(model), store, ae_title=ae_title, port=port, host=host, forward=peer, allow=allowed,
+                     quiet_seconds=quiet_seconds, seg_type=seg_type, retry_seconds=retry_seconds, device=device,
+                     batch_size=batch_size, organs=_split_names(organs_), precision=precision)
+    serve(node)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
     try:

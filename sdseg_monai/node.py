@@ -1,0 +1,488 @@
+"""A DICOM node: CT series arrive by C-STORE, their segmentations go back as DICOM SEG.
+
+:class:`DicomNode` is a Storage SCP (pynetdicom) that accepts CT images and C-ECHO, writes each
+instance atomically under ``STORE/incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+(validated UIDs only), and treats a series as complete once no instance of it has arrived for
+``quiet_seconds``. A complete series goes through the reader, QC and segmenter of
+:class:`~sdseg_monai.batch.BatchRunner` (one model, loaded once), which writes
+``STORE/results/<study>/<series>[#k]/`` (labels, sidecar, ``seg.dcm``, done-record) and the summary.
+Each SEG is queued in ``STORE/outbox/`` and sent by C-STORE to the forward peer; a failed send is
+retried with exponential back-off, and the queue, being files, survives a restart. A LABELMAP SEG that
+the peer refuses is rewritten and sent as BINARY.
+
+Logs name UIDs, AE titles and addresses only: no patient name or other header text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdseg_monai.errors import SDSegInputError
+
+log = logging.getLogger("sdseg3d.node")
+
+INCOMING, RESULTS, OUTBOX = "incoming", "results", "outbox"
+SENT_NAME = "sent.json"  # in a case's result folder once its SEG reached the forward peer
+FORWARD_FIELD = "forward"  # the summary column saying where each SEG stands
+CT_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+# DIMSE statuses (PS3.4 annex B, PS3.7 annex C).
+SUCCESS = 0x0000
+REFUSED_SOP_CLASS = 0x0122  # "SOP class not supported": any image but CT
+REFUSED_NOT_AUTHORIZED = 0x0124  # a calling host not in --allow
+CANNOT_UNDERSTAND = 0xC000  # no valid UIDs
+OUT_OF_RESOURCES = 0xA700  # the instance could not be written
+WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
+
+
+def _pynetdicom():
+    from monai.utils import optional_import
+
+    module, ok = optional_import("pynetdicom")
+    if not ok:
+        raise SDSegInputError('the DICOM node needs pynetdicom: pip install "sdseg3d[dicom]"')
+    return module
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote application entity: AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _check_ae_title(title: str, what: str) -> str:
+    if not title or len(title) > 16 or not title.isascii() or "\\" in title or not title.isprintable() or not title.strip():
+        raise SDSegInputError(f"{what}: an AE title is 1 to 16 printable ASCII characters, got {title!r}")
+    return title.strip()
+
+
+def parse_peer(text: str) -> Peer:
+    """``AE@HOST:PORT`` -> :class:`Peer`."""
+    ae, at, address = text.rpartition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SDSegInputError(f"--forward must be AE@HOST:PORT, e.g. PACS@10.0.0.5:104, got {text!r}")
+    return Peer(_check_ae_title(ae, "--forward"), host, int(port))
+
+
+def parse_allow(text: str | None) -> list[tuple[str, str | None]]:
+    """``AE[@HOST],...`` -> [(AE title, IP address or None)]; hosts are resolved once, at start."""
+    if not text:
+        return []
+    allowed = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        ae, _, host = item.partition("@")
+        ae = _check_ae_title(ae, "--allow")
+        if host:
+            try:
+                host = socket.gethostbyname(host)
+            except OSError:
+                raise SDSegInputError(f"--allow: cannot resolve host {host!r}") from None
+        allowed.append((ae, host or None))
+    return allowed
+
+
+def _valid_uids(*values) -> bool:
+    from sdseg_monai.dicom import valid_uid
+
+    return all(valid_uid(v) for v in values)
+
+
+class DicomNode:
+    """Receive CT series, segment them, send their SEGs on. Initialise once, :meth:`start`, :meth:`stop`.
+
+    Args:
+        model: a saved model folder or bundle (loaded once).
+        store: the node's folder (``incoming/``, ``results/``, ``outbox/``).
+        ae_title: this node's AE title.
+        port: the port to listen on (0: any free port, see :attr:`port` after :meth:`start`).
+        host: the address to listen on ("" for every interface).
+        forward: where SEGs go (None: kept in ``results/`` only).
+        allow: calling (AE title, IP or None) pairs accepted; empty accepts every caller.
+        quiet_seconds: a series is complete once no instance of it arrived for this long.
+        seg_type: ``"binary"`` or ``"labelmap"`` (falls back to binary where the peer refuses it).
+        retry_seconds, max_retry_seconds: back-off of a failed send: retry_seconds, doubling up to
+            max_retry_seconds.
+        **segmenter_options: ``device``, ``batch_size``, ``organs``, ``seed``, ``precision`` (as ``batch``).
+    """
+
+    def __init__(self, model, store, *, ae_title: str = "SDSEG", port: int = 11112, host: str = "",
+                 forward: Peer | None = None, allow: list[tuple[str, str | None]] | None = None,
+                 quiet_seconds: float = 5.0, seg_type: str = "binary", retry_seconds: float = 5.0,
+                 max_retry_seconds: float = 300.0, **segmenter_options):
+        from sdseg_monai.batch import BatchRunner, dicom_seg_available
+
+        _pynetdicom()
+        if not dicom_seg_available():
+            raise SDSegInputError('the DICOM node writes DICOM SEG, which needs highdicom: pip install "sdseg3d[dicom]"')
+        if quiet_seconds <= 0 or retry_seconds <= 0 or max_retry_seconds < retry_seconds:
+            raise SDSegInputError("--quiet-seconds and the retry intervals must be positive (max >= first)")
+        self.ae_title = _check_ae_title(ae_title, "--ae-title")
+        self.store = Path(store)
+        if self.store.exists() and not self.store.is_dir():
+            raise SDSegInputError("--store must be a folder", self.store)
+        self.incoming, self.results, self.outbox = (self.store / name for name in (INCOMING, RESULTS, OUTBOX))
+        for folder in (self.incoming, self.results, self.outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.runner = BatchRunner(model, self.results, dicom_seg=True, seg_type=seg_type, **segmenter_options)
+        self.forward, self.allow = forward, list(allow or [])
+        self.quiet_seconds, self.retry_seconds, self.max_retry_seconds = float(quiet_seconds), float(retry_seconds), float(max_retry_seconds)
+        self.bind = (host, int(port))
+        self.port = int(port)
+        self.rows: dict[str, dict] = self._load_rows()
+        self._pending: dict[tuple[str, str], float] = {}  # (study, series) -> time of its last instance
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_sender = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self.busy = False  # a series is being segmented
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> DicomNode:
+        """Listen, and start the segmenting and sending threads. Series already received but not done
+        (a previous run stopped before them) are taken up first."""
+        pynetdicom = _pynetdicom()
+        from pydicom.uid import AllTransferSyntaxes
+        from pynetdicom import evt
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        ae = pynetdicom.AE(ae_title=self.ae_title)
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        for context in StoragePresentationContexts:
+            if context.abstract_syntax not in CT_STORAGE:  # refused with a status, not at negotiation
+                ae.add_supported_context(context.abstract_syntax)
+        for sop_class in CT_STORAGE:  # compressed CT too: the reader decodes RLE, JPEG, JPEG-LS, JPEG 2000
+            ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
+        if self.allow:
+            ae.require_calling_aet = sorted({title for title, _ in self.allow})
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_ACCEPTED, self._on_accepted)]
+        try:
+            self._server = ae.start_server(self.bind, block=False, evt_handlers=handlers)
+        except OSError as e:
+            raise SDSegInputError(f"cannot listen on port {self.bind[1]}: {e.strerror or e}") from None
+        self.port = self._server.server_address[1]
+        for series_dir in sorted(self.incoming.glob("*/*")):
+            if series_dir.is_dir() and _valid_uids(series_dir.parent.name, series_dir.name):
+                self._pending[(series_dir.parent.name, series_dir.name)] = 0.0  # complete: nothing arrives for it now
+        for target, name in ((self._process_loop, "sdseg3d-segment"), (self._send_loop, "sdseg3d-forward")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("listening as %s on port %d; forwarding to %s", self.ae_title, self.port, self.forward or "nobody")
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop listening, let the series in flight finish (the rest stay on disk for the next start, the
+        unsent SEGs in the outbox), and return."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        self._wake_sender.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        log.info("stopped; %d SEG(s) waiting in the outbox", len(list(self.outbox.glob("*.json"))))
+
+    def __enter__(self) -> DicomNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def idle(self) -> bool:
+        """Nothing waits to be segmented or sent (for tests and orderly shutdowns)."""
+        with self._lock:
+            pending = bool(self._pending)
+        return not pending and not self.busy and not any(self.outbox.glob("*.json"))
+
+    # -- receiving --------------------------------------------------------------------------------
+    def _allowed(self, requestor) -> bool:
+        if not self.allow:
+            return True
+        title = str(requestor.ae_title).strip()
+        return any(title == ae and (host is None or host == requestor.address) for ae, host in self.allow)
+
+    def _on_accepted(self, event) -> None:
+        requestor = event.assoc.requestor
+        log.info("association from %s at %s", str(requestor.ae_title).strip(), requestor.address)
+
+    def _on_echo(self, event) -> int:
+        return SUCCESS if self._allowed(event.assoc.requestor) else REFUSED_NOT_AUTHORIZED
+
+    def _on_store(self, event) -> int:
+        requestor = event.assoc.requestor
+        if not self._allowed(requestor):
+            log.warning("refused an instance from %s at %s: not in --allow", str(requestor.ae_title).strip(), requestor.address)
+            return REFUSED_NOT_AUTHORIZED
+        sop_class = str(event.request.AffectedSOPClassUID)
+        try:
+            ds = event.dataset
+            study, series, sop = (str(ds.get(name, "")) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        except Exception:  # noqa: BLE001 - an undecodable dataset is refused, whatever broke
+            study = series = sop = ""
+        if not _valid_uids(study, series, sop):
+            log.warning("refused an instance of class %s without valid study, series and instance UIDs", sop_class)
+            return CANNOT_UNDERSTAND
+        if sop_class not in CT_STORAGE:
+            self._record_refused(study, series, sop_class)
+            return REFUSED_SOP_CLASS
+        folder = self.incoming / study / series
+        try:
+            from sdseg_monai.data import atomic_paths
+
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_paths(folder / f"{sop}.dcm") as (tmp,):
+                tmp.write_bytes(event.encoded_dataset())
+        except OSError as e:
+            log.error("series %s: cannot store instance %s (%s)", series, sop, e.strerror or type(e).__name__)
+            return OUT_OF_RESOURCES
+        with self._lock:
+            self._pending[(study, series)] = time.monotonic()
+        return SUCCESS
+
+    def _record_refused(self, study: str, series: str, sop_class: str) -> None:
+        with self._lock:
+            if series in self.rows:
+                return
+            from sdseg_monai.batch import BatchCase, _row
+
+            row = _row(BatchCase(series, study, series), "skipped", "not_ct", f"SOP class {sop_class} is not CT; refused (0x0122)")
+            self.rows[series] = row
+            self._write_summary()
+        log.info("series %s: refused, SOP class %s is not CT", series, sop_class)
+
+    # -- segmenting -------------------------------------------------------------------------------
+    def _process_loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = sorted(key for key, last in self._pending.items() if now - last >= self.quiet_seconds)
+                if due:
+                    del self._pending[due[0]]
+                    self.busy = True
+            if not due:
+                self._stop.wait(0.1)
+                continue
+            try:
+                self._process_series(*due[0])
+            except Exception as e:  # noqa: BLE001 - the node keeps serving; the series stays on disk
+                log.error("series %s: processing failed (%s)", due[0][1], type(e).__name__)
+            finally:
+                self.busy = False
+
+    def _process_series(self, study: str, series: str) -> None:
+        from sdseg_monai.batch import collect_cases
+        from sdseg_monai.dicom import index_tree
+
+        cases = collect_cases(index_tree(self.incoming / study / series, include_derived=self.runner.include_derived), self.results)
+        for case in cases:
+            if not case.segmentable:
+                log.info("series %s: %s (%s)", case.key, case.row["status"], case.row["reason"])
+            else:
+                stored = self.runner.finished_row(case)
+                if stored is not None:
+                    case.row = stored
+                else:
+                    self.runner.segment_case(case)
+                    (case.out_dir / SENT_NAME).unlink(missing_ok=True)  # a new SEG: not sent yet
+                    log.info("series %s: %s (%s) in %.1f s, %d images", case.key, case.row["status"], case.row["reason"],
+                             case.row["seconds"], case.row["images_used"])
+            forwarding = self.forward is not None and case.row["status"] == "ok"
+            with self._lock:  # the row first: the sender updates it once the SEG is queued
+                case.row[FORWARD_FIELD] = (_sent_state(case.out_dir / SENT_NAME) or "queued") if forwarding else ""
+                self.rows[case.key] = case.row
+                self._write_summary()
+            if forwarding:
+                self._queue_seg(case)
+
+    def _queue_seg(self, case) -> None:
+        """Put the case's SEG in the outbox unless it reached the peer already (or waits there)."""
+        from sdseg_monai.batch import atomic_write_text
+
+        item = self.outbox / f"{case.key}.json"
+        if item.is_file() or (case.out_dir / SENT_NAME).is_file() or not (case.out_dir / "seg.dcm").is_file():
+            return
+        record = {"case": case.key, "study_uid": case.study_uid, "series_uid": case.series_uid,
+                  "result": case.out_dir.relative_to(self.results).as_posix(), "attempts": 0, "next_attempt": 0.0, "last_error": ""}
+        atomic_write_text(item, json.dumps(record, indent=2) + "\n")
+        self._wake_sender.set()
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake_sender.clear()
+            wait = 1.0
+            for path in sorted(self.outbox.glob("*.json")):
+                if self._stop.is_set():
+                    return
+                try:
+                    record = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                delay = float(record.get("next_attempt", 0.0)) - time.time()
+                if delay > 0:
+                    wait = min(wait, delay)
+                    continue
+                self._send_item(path, record)
+            self._wake_sender.wait(max(0.05, wait))
+
+    def _send_item(self, path: Path, record: dict) -> None:
+        from sdseg_monai.batch import atomic_write_text
+
+        folder = self.results / record["result"]
+        state, error = self._send_seg(folder, record)
+        if error is None:
+            atomic_write_text(folder / SENT_NAME, json.dumps({"state": state, "peer": str(self.forward), "time": time.time()}) + "\n")
+            path.unlink(missing_ok=True)
+            log.info("series %s: SEG sent to %s (%s)", record["case"], self.forward, state)
+        else:
+            record["attempts"] = int(record.get("attempts", 0)) + 1
+            backoff = min(self.max_retry_seconds, self.retry_seconds * 2 ** (record["attempts"] - 1))
+            record["next_attempt"], record["last_error"] = time.time() + backoff, error
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+            state = f"retrying: {error}"
+            log.warning("series %s: SEG not sent to %s (%s); attempt %d, next in %.1f s", record["case"], self.forward, error,
+                        record["attempts"], backoff)
+        with self._lock:
+            if record["case"] in self.rows:
+                self.rows[record["case"]][FORWARD_FIELD] = state
+                self._write_summary()
+
+    def _send_seg(self, folder: Path, record: dict) -> tuple[str, str | None]:
+        """Send ``folder/seg.dcm``, falling back to a BINARY rewrite when the peer refuses a LABELMAP
+        SEG. Returns (state, None) on success, or ("", the reason) on failure."""
+        import pydicom
+
+        seg = folder / "seg.dcm"
+        if not seg.is_file():
+            return "", "the SEG file is missing"
+        ds = pydicom.dcmread(seg)
+        status = self._c_store(ds)
+        if status == "refused" and str(ds.SOPClassUID) == LABELMAP_SEG_STORAGE:
+            binary = self._binary_seg(folder, record)
+            status = self._c_store(pydicom.dcmread(binary))
+            return ("sent (binary, the peer refused labelmap)", None) if status == "ok" else ("", status)
+        return ("sent", None) if status == "ok" else ("", status)
+
+    def _c_store(self, ds) -> str:
+        """One association and C-STORE of ``ds`` to the forward peer: "ok", "refused" (the peer does not
+        take this SOP class or transfer syntax), or the reason it failed."""
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        pynetdicom = _pynetdicom()
+        ae = pynetdicom.AE(ae_title=self.ae_title)
+        ae.connection_timeout = ae.acse_timeout = 10
+        ae.dimse_timeout = ae.network_timeout = 60
+        syntax = ds.file_meta.TransferSyntaxUID
+        syntaxes = [syntax] if syntax.is_compressed else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        ae.add_requested_context(ds.SOPClassUID, syntaxes)
+        # Verification too, which every peer takes: the association stands even when the SEG's class or
+        # transfer syntax is refused, and a refusal is then told apart from a peer that is down.
+        ae.add_requested_context("1.2.840.10008.1.1")
+        peer = self.forward
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        if not assoc.is_established:
+            return "rejected by the peer" if assoc.is_rejected else "peer unreachable"
+        try:
+            if not any(c.abstract_syntax == ds.SOPClassUID for c in assoc.accepted_contexts):
+                return "refused"
+            response = assoc.send_c_store(ds)
+            status = getattr(response, "Status", None)
+            if status is None:
+                return "no response"
+            if status == SUCCESS or status in WARNING_STATUSES:
+                return "ok"
+            return "refused" if status == REFUSED_SOP_CLASS else f"status 0x{status:04X}"
+        finally:
+            assoc.release()
+
+    def _binary_seg(self, folder: Path, record: dict) -> Path:
+        """The case's labels as a BINARY SEG, ``seg_binary.dcm`` (from its label map and source series)."""
+        import nibabel as nib
+        import numpy as np
+
+        from sdseg_monai.dicom import index_tree, source_headers
+        from sdseg_monai.dicom_seg import write_dicom_seg
+
+        output = folder / "seg_binary.dcm"
+        if output.is_file():
+            return output
+        stacks = [s for s in index_tree(self.incoming / record["study_uid"] / record["series_uid"]).stacks if s.key == record["case"]]
+        if not stacks:
+            raise SDSegInputError("the source series of this SEG is gone", folder)
+        stack = stacks[0]
+        labels = np.asarray(nib.load(str(folder / "label.nii.gz")).dataobj, dtype=np.uint8)
+        config = self.runner.segmenter.config
+        present = set(json.loads((folder / "label.json").read_text(encoding="utf-8"))["labels"])
+        organs = [o for o in config.organs if str(int(o["label"])) in present]
+        multiframe = stack.frames[0].number is not None
+        write_dicom_seg(labels, source_headers(stack), output, organs=organs, dataset=config.dataset, seg_type="binary",
+                        frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.runner.model_hash)
+        return output
+
+    # -- summary ----------------------------------------------------------------------------------
+    def _load_rows(self) -> dict[str, dict]:
+        from sdseg_monai.batch import SUMMARY_JSONL
+
+        path = self.results / SUMMARY_JSONL
+        rows = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    rows[row["case"]] = row
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return rows
+
+    def _write_summary(self) -> None:
+        """``results/summary.csv`` and ``.jsonl`` of every series seen (call with the lock held)."""
+        from sdseg_monai.batch import write_summary
+
+        write_summary(self.results, list(self.rows.values()), extra_fields=(FORWARD_FIELD,))
+
+
+def _sent_state(path: Path) -> str:
+    """What a case's ``sent.json`` says ("sent", or how it was sent), or "" without one."""
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("state", "sent"))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def serve(node: DicomNode) -> None:
+    """Run ``node`` until SIGINT or SIGTERM, then stop it cleanly (the CLI's loop)."""
+    import signal
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    node.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("stopping: the series in flight finishes first")
+        node.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+

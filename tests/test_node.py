@@ -1,0 +1,262 @@
+"""`sdseg3d serve-dicom`: CT series arrive over DICOM on localhost, SEGs go to a test PACS.
+
+Every wait is bounded, and each test stops the node and its peers itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
+
+from dicom_series import ct_slices, phantom_ct, uid, write  # noqa: E402
+from sdseg_monai.node import LABELMAP_SEG_STORAGE, DicomNode, Peer, parse_allow, parse_peer  # noqa: E402
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+PATIENT = "Secret^Patient"
+IMAGE, _ = phantom_ct((24, 20, 6))
+WAIT = 60.0  # seconds: the longest any condition is waited for
+
+
+def wait_for(condition, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pacs:
+    """A test PACS: a pynetdicom Storage SCP keeping what it receives; LABELMAP SEG only on request."""
+
+    def __init__(self, port: int, labelmap: bool = False):
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        self.port, self.received = port, []
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        ae.add_supported_context("1.2.840.10008.1.1")
+        if labelmap:
+            ae.add_supported_context(LABELMAP_SEG_STORAGE, [RLELossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.ae, self.server = ae, None
+        self.handlers = [(evt.EVT_C_STORE, self._store)]
+
+    def _store(self, event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def __enter__(self):
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=self.handlers)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def send(datasets, port: int, calling: str = "SCANNER") -> list[int] | None:
+    """C-STORE ``datasets`` in one association; their statuses, or None when the association fails."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SDSEG")
+    if not assoc.is_established:
+        return None
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def echo(port: int, calling: str = "SCANNER") -> int | None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SDSEG")
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def rows(store: Path) -> dict:
+    path = store / "results" / "summary.jsonl"
+    return {r["case"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+
+
+def node(model_dir, store, pacs_port=None, **options) -> DicomNode:
+    forward = Peer("PACS", "127.0.0.1", pacs_port) if pacs_port else None
+    settings = dict(port=0, host="127.0.0.1", forward=forward, quiet_seconds=0.5, retry_seconds=0.2, max_retry_seconds=0.5, device="cpu")
+    return DicomNode(model_dir, store, **{**settings, **options})
+
+
+def series(number: int, study: int = 1, **options):
+    return ct_slices(IMAGE + 10 * number, study=uid(study), series=uid(study, number), patient_name=PATIENT, **options)
+
+
+def test_round_trip_gives_the_labels_of_segment(model_dir, tmp_path, caplog):
+    from test_dicom_seg import _highdicom_labels
+
+    from sdseg_monai.data import read_volume
+    from sdseg_monai.inference import VolumeSegmenter
+
+    caplog.set_level(logging.DEBUG)
+    datasets = series(1)
+    with Pacs(free_port()) as pacs, node(model_dir, tmp_path / "store", pacs.port) as scp:
+        assert echo(scp.port) == 0x0000
+        assert send(datasets, scp.port) == [0x0000] * len(datasets)
+        wait_for(lambda: pacs.received, "the SEG at the PACS")
+        wait_for(scp.idle, "the node to settle")
+    (seg,) = pacs.received
+    assert str(seg.SOPClassUID) == SEG_STORAGE and seg.StudyInstanceUID == uid(1)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid(1, 1)
+    # The SEG decodes to what `sdseg3d segment` gives on the same series.
+    source_dir = write(datasets, tmp_path / "sent")[0].parent
+    expected = VolumeSegmenter(model_dir, device="cpu").segment(read_volume(source_dir)).labels
+    seg_path = tmp_path / "back.dcm"
+    seg.save_as(seg_path, enforce_file_format=True)
+    assert expected.any() and np.array_equal(_highdicom_labels(seg_path, datasets), expected)
+    row = rows(tmp_path / "store")[uid(1, 1)]
+    assert row["status"] == "ok" and row["forward"] == "sent" and row["images_used"] == len(datasets)
+    stored = sorted(p.name for p in (tmp_path / "store" / "incoming" / uid(1) / uid(1, 1)).iterdir())
+    assert stored == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in datasets)  # atomic writes: no temporaries left
+    # Logs name UIDs, never the patient.
+    assert any(uid(1, 1) in r.getMessage() for r in caplog.records if r.name == "sdseg3d.node")
+    assert not any("Secret" in r.getMessage() for r in caplog.records)
+
+
+def test_two_associations_a_second_series_and_a_non_ct_series(model_dir, tmp_path):
+    first, second = series(1), series(2)
+    mr = ct_slices(IMAGE, study=uid(1), series=uid(1, 3), modality="MR", patient_name=PATIENT)
+    for ds in mr:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    with Pacs(free_port()) as pacs, node(model_dir, tmp_path / "store", pacs.port, quiet_seconds=2.0) as scp:
+        assert send(first[:3], scp.port) == [0] * 3
+        assert send(first[3:] + second, scp.port) == [0] * (len(first) - 3 + len(second))
+        assert send(mr, scp.port) == [0x0122] * len(mr)  # refused politely, with a status
+        wait_for(lambda: len(pacs.received) == 2, "two SEGs")
+        wait_for(scp.idle, "the node to settle")
+    summary = rows(tmp_path / "store")
+    assert summary[uid(1, 1)]["images_used"] == len(first)  # both associations, one series
+    assert summary[uid(1, 2)]["status"] == "ok"
+    assert summary[uid(1, 3)]["status"] == "skipped" and summary[uid(1, 3)]["reason"] == "not_ct"
+    assert sorted(ds.ReferencedSeriesSequence[0].SeriesInstanceUID for ds in pacs.received) == [uid(1, 1), uid(1, 2)]
+    assert not (tmp_path / "store" / "incoming" / uid(1) / uid(1, 3)).exists()
+    assert (tmp_path / "store" / "results" / "summary.csv").read_text().splitlines()[0].split(",")[13] == "forward"
+
+
+def test_only_allowed_callers_are_heard(model_dir, tmp_path):
+    assert parse_allow("GOOD, OTHER@127.0.0.1") == [("GOOD", None), ("OTHER", "127.0.0.1")]
+    allow = parse_allow("GOOD@127.0.0.1,NEAR@10.255.255.1")
+    with node(model_dir, tmp_path / "store", allow=allow) as scp:
+        assert echo(scp.port, "GOOD") == 0x0000
+        assert echo(scp.port, "EVIL") is None  # association rejected: unknown calling AE title
+        assert send(series(1), scp.port, "EVIL") is None
+        assert send(series(2), scp.port, "NEAR") == [0x0124] * 6  # the right title from the wrong host
+        assert send(series(3), scp.port, "GOOD") == [0] * 6
+        wait_for(lambda: uid(1, 3) in rows(tmp_path / "store"), "the allowed series")
+    assert sorted(p.name for p in (tmp_path / "store" / "incoming" / uid(1)).iterdir()) == [uid(1, 3)]
+
+
+def test_a_pacs_down_at_first_and_a_restart_with_a_queued_seg(model_dir, tmp_path):
+    store, port = tmp_path / "store", free_port()
+    with node(model_dir, store, port) as scp:  # nothing listens on the PACS port yet
+        send(series(1), scp.port)
+        wait_for(lambda: rows(store).get(uid(1, 1), {}).get("forward", "").startswith("retrying"), "a failed send")
+        item = json.loads((store / "outbox" / f"{uid(1, 1)}.json").read_text())
+        assert item["attempts"] >= 1 and item["last_error"] == "peer unreachable"
+    assert (store / "outbox" / f"{uid(1, 1)}.json").is_file()  # stopped: the SEG waits on disk
+    with Pacs(port) as pacs:
+        with node(model_dir, store, port) as scp:  # restart: the queue is sent, nothing recomputed
+            wait_for(lambda: pacs.received, "the queued SEG after the restart")
+            wait_for(scp.idle, "the node to settle")
+        assert not list((store / "outbox").iterdir()) and rows(store)[uid(1, 1)]["forward"] == "sent"
+    # Down, then up while the node runs: the retry gets through.
+    with node(model_dir, store, port) as scp:
+        send(series(2), scp.port)
+        wait_for(lambda: (store / "outbox" / f"{uid(1, 2)}.json").is_file() and json.loads((store / "outbox" / f"{uid(1, 2)}.json").read_text())["attempts"] >= 1, "a failed send")
+        with Pacs(port) as pacs:
+            wait_for(lambda: pacs.received, "the SEG once the PACS is up")
+            wait_for(scp.idle, "the node to settle")
+    assert pacs.received[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid(1, 2)
+    assert len(pacs.received) == 1  # series 1 was not sent twice
+
+
+@pytest.mark.parametrize("takes_labelmap", [True, False])
+def test_labelmap_seg_falls_back_to_binary_where_the_pacs_refuses_it(model_dir, tmp_path, takes_labelmap):
+    with Pacs(free_port(), labelmap=takes_labelmap) as pacs, node(model_dir, tmp_path / "store", pacs.port, seg_type="labelmap") as scp:
+        send(series(1), scp.port)
+        wait_for(lambda: pacs.received, "the SEG")
+        wait_for(scp.idle, "the node to settle")
+    (seg,) = pacs.received
+    assert str(seg.SOPClassUID) == (LABELMAP_SEG_STORAGE if takes_labelmap else SEG_STORAGE)
+    state = rows(tmp_path / "store")[uid(1, 1)]["forward"]
+    assert state == ("sent" if takes_labelmap else "sent (binary, the peer refused labelmap)")
+
+
+def test_bad_options_are_one_line_errors(model_dir, tmp_path, capsys):
+    from sdseg_monai.cli import main
+    from sdseg_monai.errors import SDSegInputError
+
+    assert parse_peer("PACS@pacs.example:104") == Peer("PACS", "pacs.example", 104)
+    for text in ("PACS@host", "host:104", "@host:104", "PACS@host:99999", "A_TITLE_LONGER_THAN_16@h:1"):
+        with pytest.raises(SDSegInputError):
+            parse_peer(text)
+    code = main(["serve-dicom", "--store", str(tmp_path / "s"), "--forward", "nonsense", "-m", str(model_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--forward must be AE@HOST:PORT" in err and len(err.splitlines()) == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code = main(["serve-dicom", "--store", str(tmp_path / "s"), "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]),
+                     "-m", str(model_dir), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot listen on port" in err and "Traceback" not in err
+
+
+def test_the_command_serves_until_sigterm(model_dir, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "sdseg_monai.cli", "serve-dicom", "--store", str(tmp_path / "store"), "--host", "127.0.0.1",
+               "--port", str(port), "-m", str(model_dir), "--device", "cpu", "--quiet-seconds", "0.5"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: process.poll() is not None or echo(port) == 0, "the node to answer C-ECHO")
+        assert process.poll() is None
+        assert send(series(1), port) == [0] * 6
+        wait_for(lambda: rows(tmp_path / "store").get(uid(1, 1), {}).get("status") == "ok", "the series to be segmented")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT) == 0
+        log = process.stderr.read()
+        assert uid(1, 1) in log and "Secret" not in log and "stopping" in log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
