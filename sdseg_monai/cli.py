@@ -27,6 +27,12 @@ app = typer.Typer(
 )
 
 
+# Options shared by segment, evaluate and stability.
+NO_POSTPROCESS_OPTION = typer.Option(False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing.")
+DECODE_ALL_OPTION = typer.Option(False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower).")
+SHIFTS_OPTION = typer.Option(1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass).")
+
+
 def _print_version(value: bool):
     if value:
         typer.echo(f"sdseg3d {__version__}")
@@ -167,15 +173,9 @@ def segment(
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     label: Optional[Path] = typer.Option(None, "--label", "-l", help="Reference label map: print per-organ Dice."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
-    no_postprocess: bool = typer.Option(
-        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
-    ),
-    decode_all: bool = typer.Option(
-        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
-    ),
-    shifts: int = typer.Option(
-        1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass)."
-    ),
+    no_postprocess: bool = NO_POSTPROCESS_OPTION,
+    decode_all: bool = DECODE_ALL_OPTION,
+    shifts: int = SHIFTS_OPTION,
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
@@ -300,15 +300,9 @@ def evaluate(
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
-    no_postprocess: bool = typer.Option(
-        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
-    ),
-    decode_all: bool = typer.Option(
-        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
-    ),
-    shifts: int = typer.Option(
-        1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass)."
-    ),
+    no_postprocess: bool = NO_POSTPROCESS_OPTION,
+    decode_all: bool = DECODE_ALL_OPTION,
+    shifts: int = SHIFTS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
     """Score a model on a manifest split: per-organ Dice (and HD95), per-case CSV and JSON report."""
@@ -645,15 +639,9 @@ def stability(
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    no_postprocess: bool = typer.Option(
-        False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing."
-    ),
-    decode_all: bool = typer.Option(
-        False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower)."
-    ),
-    shifts: int = typer.Option(
-        1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass)."
-    ),
+    no_postprocess: bool = NO_POSTPROCESS_OPTION,
+    decode_all: bool = DECODE_ALL_OPTION,
+    shifts: int = SHIFTS_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here (atomically)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress; only the table."),
 ):

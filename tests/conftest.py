@@ -68,6 +68,16 @@ def micro_config(organs=("liver", "spleen", "left_kidney"), backbone="unet2d", *
     return SDSegConfig(**settings)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Toy convolutions gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    spinning threads slow them up to 10x. For a module: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A saved 2-organ (spleen, liver) micro model with seeded random weights (read-only)."""

@@ -21,14 +21,7 @@ from conftest import micro_config
 STAGES = {"read", "preprocess", "encoder", "unet", "decoder", "postprocess", "write"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models: one thread is fastest, and a second one stalls whenever another process
-    holds the cores. Isolated configurations take the same count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ SIZE = 32  # the micro model's slice size
 DEPTH = 4  # slices of labelled_scan()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The micro model's convolutions are tiny: on a shared 2-core machine two threads spin far longer
-    # than they compute.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

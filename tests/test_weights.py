@@ -90,14 +90,7 @@ def raises_one_line(path, func, *args, **kwargs) -> str:
     return message
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy convolutions gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning
-    threads made this file ~10x slower (100 s vs 8 s). Restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -68,13 +68,7 @@ VARIANTS = {
 ORGANS = ["spleen", "liver", "pancreas"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy convolutions gain nothing from intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded(cls, config: dict, seed: int, heads: int | None = None):
