@@ -281,8 +281,8 @@ class VolumeSegmenter:
             slices = geometry.to_model(axial_slices(volume, indices, self.config.preprocessing.channels))
             output = _as_tuple(self.inferer(slices, self.model, **options))
             maps = output[0].to(self.device)  # a stand-in inferer may answer on another device
-            distances = output[1] if measure else None
-            if radius > 0:
+            distances = output[1] if measure and len(output) > 1 else None
+            if radius > 0 and distances is not None:
                 decoded = (distances >= radius).to(self.device)
             else:
                 decoded = torch.ones(maps.shape[:2], dtype=torch.bool, device=self.device)
