@@ -30,6 +30,7 @@ import torch
 from sdseg_monai.data import load_manifest
 from sdseg_monai.evaluation import read_case, score_case, scored_organs
 from sdseg_monai.inference import VolumeSegmenter
+from sdseg_monai.metrics import mean_or_none
 from sdseg_monai.model import cpu_has_fast_bf16, default_model_path, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,9 @@ def test_phantoms(folder: Path, count: int):
 
 
 def organ_means(per_case: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each organ's mean Dice over the cases where it is present."""
     names = per_case[0].keys() if per_case else []
-    out = {}
-    for name in names:
-        values = [case[name] for case in per_case if case[name] is not None]
-        out[name] = float(np.mean(values)) if values else None
-    return out
+    return {name: mean_or_none([case[name] for case in per_case if case[name] is not None]) for name in names}
 
 
 def main() -> int:

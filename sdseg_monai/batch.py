@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from sdseg_monai._version import __version__
+from sdseg_monai.data import atomic_write_text, nifti_stem
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import file_sha256, model_hash
 
@@ -97,7 +98,7 @@ def collect_cases(index, output_dir: Path) -> list[BatchCase]:
     cases = []
     for stack in index.stacks:
         case = BatchCase(stack.key, stack.study_uid, stack.series_uid, stack=stack)
-        case.row = _row(case, stack.status, stack.reason, stack.message)
+        case.row = summary_row(case, stack.status, stack.reason, stack.message)
         case.row.update(images_used=stack.images_used, images_dropped=sum(stack.dropped.values()),
                         plane=stack.plane, spacing_mm=[round(v, 4) for v in stack.spacing] if stack.ok else None)
         if stack.ok:
@@ -106,9 +107,8 @@ def collect_cases(index, output_dir: Path) -> list[BatchCase]:
     root = index.root if index.root.is_dir() else index.root.parent
     for path in index.nifti:
         relative = path.relative_to(root)
-        stem = relative.name[: -len(".nii.gz")] if relative.name.lower().endswith(".nii.gz") else relative.stem
-        case = BatchCase(relative.as_posix(), nifti=path, out_dir=output_dir / "nifti" / relative.parent / stem)
-        case.row = _row(case, "ok", "ok", "")
+        case = BatchCase(relative.as_posix(), nifti=path, out_dir=output_dir / "nifti" / relative.parent / nifti_stem(relative))
+        case.row = summary_row(case, "ok", "ok", "")
         cases.append(case)
     for case in cases:  # belt and braces: nothing is written outside the output folder
         if case.out_dir is not None and output_dir.resolve() not in case.out_dir.resolve().parents:
@@ -116,17 +116,11 @@ def collect_cases(index, output_dir: Path) -> list[BatchCase]:
     return cases
 
 
-def _row(case: BatchCase, status: str, reason: str, message: str) -> dict:
+def summary_row(case: BatchCase, status: str, reason: str, message: str) -> dict:
+    """``case``'s summary row, with nothing measured yet."""
     return {"case": case.key, "study_uid": case.study_uid, "series_uid": case.series_uid, "status": status,
             "reason": reason, "message": message, "images_used": 0, "images_dropped": 0, "plane": "",
             "spacing_mm": None, "seconds": 0.0, "model_hash": "", "sdseg3d_version": __version__, "volume_ml": {}}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from sdseg_monai.data import atomic_paths
-
-    with atomic_paths(path) as (tmp,):
-        tmp.write_text(text, encoding="utf-8")
 
 
 class BatchRunner:
@@ -300,7 +294,7 @@ class BatchRunner:
             with atomic_paths(case.out_dir / "image.nii.gz") as (tmp,):
                 nib.save(nib.Nifti1Image(np.asarray(volume.image[0], dtype=np.float32), volume.affine), str(tmp))
         if self.dicom_seg and case.stack is not None:
-            self._write_seg(case, result)
+            self.write_seg(case.stack, result.labels, result.organs, case.out_dir / "seg.dcm", self.seg_type)
         else:
             (case.out_dir / "seg.dcm").unlink(missing_ok=True)  # a previous run's, with other options
         if not self.save_image:
@@ -309,17 +303,17 @@ class BatchRunner:
         record = {"key": self.done_key(case), "row": case.row}
         atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")  # last: marks the case done
 
-    def _write_seg(self, case: BatchCase, result) -> None:
+    def write_seg(self, stack, labels, label_values, output: Path, seg_type: str) -> Path:
+        """``labels`` (on ``stack``'s grid) as a DICOM SEG of the source series, one segment per
+        organ of ``label_values`` (the label values segmented)."""
         from sdseg_monai.dicom import source_headers
         from sdseg_monai.dicom_seg import write_dicom_seg
 
-        stack = case.stack
         multiframe = stack.frames[0].number is not None
         config = self.segmenter.config
-        organs = [o for o in config.organs if int(o["label"]) in result.organs]
-        write_dicom_seg(result.labels, source_headers(stack), case.out_dir / "seg.dcm", organs=organs,
-                        dataset=config.dataset, seg_type=self.seg_type,
-                        frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.model_hash)
+        organs = [o for o in config.organs if int(o["label"]) in label_values]
+        return write_dicom_seg(labels, source_headers(stack), output, organs=organs, dataset=config.dataset, seg_type=seg_type,
+                               frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.model_hash)
 
     # -- summary ----------------------------------------------------------------------------------
     def write_summary(self, rows: list[dict]) -> Path | None:

@@ -296,16 +296,12 @@ def _finite(value):
 
 def write_report(report: BenchReport, json_path: str | os.PathLike | None = None, markdown_path: str | os.PathLike | None = None) -> list[Path]:
     """Write the report as JSON and/or markdown, each atomically (a temporary file renamed into place)."""
-    from sdseg_monai.data import atomic_paths
+    from sdseg_monai.data import atomic_write_text
 
     written = []
     for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2) + "\n"), (markdown_path, report.to_markdown)):
-        if path is None:
-            continue
-        path = Path(path)
-        with atomic_paths(path) as (tmp,):
-            tmp.write_text(text(), encoding="utf-8")
-        written.append(path)
+        if path is not None:
+            written.append(atomic_write_text(path, text()))
     return written
 
 
@@ -396,12 +392,6 @@ def versions() -> dict:
         "diffusers": diffusers.__version__,
         "cuda": torch.version.cuda,
     }
-
-
-def _dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # -- networks ---------------------------------------------------------------------------------------
@@ -771,7 +761,7 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
     """
     import torch
 
-    from sdseg_monai.model import resolve_device, resolve_precision
+    from sdseg_monai.model import precision_dtype, resolve_device, resolve_precision
 
     options = options or BenchOptions()
     say = progress or (lambda line: None)
@@ -804,7 +794,7 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
         report.notes.append(f"precision {options.precision} resolves to fp32 on this {device.type}: fp32 ran once")
     for precision in precisions:
         n = 8192 if device.type == "cuda" else 2048
-        report.matmul[precision] = {"n": n, "tflops": matmul_tflops(device, n, _dtype(precision))}
+        report.matmul[precision] = {"n": n, "tflops": matmul_tflops(device, n, precision_dtype(precision))}
         say(f"matmul {precision}: {report.matmul[precision]['tflops']:.3f} TFLOP/s")
 
     reference_slices = int(options.shape[2])

@@ -239,6 +239,23 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
                 tmp.unlink()
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """``scan.nii.gz`` / ``scan.nii`` -> ``scan`` (any case); other names unchanged."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def label_nifti(labels: np.ndarray, volume: Volume):
     """A uint8 NIfTI image of ``labels`` on ``volume``'s grid: same shape, affine, qform and sform."""
     import nibabel as nib

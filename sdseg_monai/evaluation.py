@@ -29,7 +29,7 @@ import numpy as np
 from sdseg_monai import __version__
 from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, load_manifest, read_volume
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.metrics import OrganScore, organ_scores
+from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
 
 CSV_NAME = "per_case.csv"
 REPORT_NAME = "report.json"
@@ -57,8 +57,8 @@ class CaseResult:
             "organs": {
                 s.name: {
                     "label": s.label,
-                    "dice": _finite(s.dice),
-                    "hd95": _finite(s.hd95),
+                    "dice": finite_or_none(s.dice),
+                    "hd95": finite_or_none(s.hd95),
                     "predicted_voxels": s.predicted_voxels,
                     "reference_voxels": s.reference_voxels,
                 }
@@ -82,8 +82,8 @@ class OrganSummary:
     def to_dict(self) -> dict:
         return {
             "label": self.label,
-            "mean_dice": _finite(self.mean_dice),
-            "mean_hd95": _finite(self.mean_hd95),
+            "mean_dice": finite_or_none(self.mean_dice),
+            "mean_hd95": finite_or_none(self.mean_hd95),
             "cases_present": self.cases_present,
             "cases_with_hd95": self.cases_with_hd95,
             "cases": self.cases,
@@ -152,7 +152,7 @@ class EvaluationReport:
             "seconds": round(self.seconds, 3),
             "summary": {
                 "cases": len(self.cases),
-                "mean_dice": _finite(self.mean_dice),
+                "mean_dice": finite_or_none(self.mean_dice),
                 "organs_in_mean": [o.name for o in self.per_organ if o.mean_dice is not None],
                 "subsets": self.subset_means,
                 "per_organ": {o.name: o.to_dict() for o in self.per_organ},
@@ -185,22 +185,14 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def _csv_value(value: float | None) -> str:
     # repr of a float round-trips exactly, so means recomputed from the CSV match the report.
-    value = _finite(value)
+    value = finite_or_none(value)
     return "" if value is None else repr(value)
 
 
 def _text(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
 
 
 def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
@@ -279,18 +271,18 @@ def summarise(
         dice = [s.dice for s in scores if s.dice is not None]
         hd = [s.hd95 for s in scores if s.hd95 is not None and math.isfinite(s.hd95)]
         per_organ.append(
-            OrganSummary(dataset_label, name, _mean(dice), _mean(hd), len(dice), len(hd), len(scores))
+            OrganSummary(dataset_label, name, mean_or_none(dice), mean_or_none(hd), len(dice), len(hd), len(scores))
         )
     means = {o.name: o.mean_dice for o in per_organ if o.mean_dice is not None}
     subset_means = {}
     for subset, members in subsets.items():
         used = [m for m in members if m in means]
         subset_means[subset] = {
-            "mean_dice": _mean([means[m] for m in used]),
+            "mean_dice": mean_or_none([means[m] for m in used]),
             "organs": used,
             "not_scored": [m for m in members if m not in means],
         }
-    return per_organ, _mean(list(means.values())), subset_means
+    return per_organ, mean_or_none(list(means.values())), subset_means
 
 
 def read_case(image_path: str | os.PathLike, label_path: str | os.PathLike) -> tuple[Volume, Volume]:

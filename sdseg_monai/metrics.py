@@ -36,6 +36,16 @@ class OrganScore:
         return asdict(self)
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, or None when it is None, NaN or infinite (strict JSON has neither)."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean of ``values``, or None when there are none."""
+    return float(np.mean(values)) if len(values) else None
+
+
 def _as_numpy(array) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()

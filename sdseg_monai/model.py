@@ -682,6 +682,11 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of an explicit precision (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """Mixed precision for inference, as :func:`resolve_precision` decides; none for fp32."""
     import contextlib
@@ -689,5 +694,4 @@ def autocast(device: torch.device, precision: str = "auto"):
     precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=precision_dtype(precision))

@@ -264,9 +264,9 @@ class DicomNode:
         with self._lock:
             if series in self.rows:
                 return
-            from sdseg_monai.batch import BatchCase, _row
+            from sdseg_monai.batch import BatchCase, summary_row
 
-            row = _row(BatchCase(series, study, series), "skipped", "not_ct", f"SOP class {sop_class} is not CT; refused (0x0122)")
+            row = summary_row(BatchCase(series, study, series), "skipped", "not_ct", f"SOP class {sop_class} is not CT; refused (0x0122)")
             self.rows[series] = row
             self._write_summary()
         log.info("series %s: refused, SOP class %s is not CT", series, sop_class)
@@ -317,7 +317,7 @@ class DicomNode:
 
     def _queue_seg(self, case) -> None:
         """Put the case's SEG in the outbox unless it reached the peer already (or waits there)."""
-        from sdseg_monai.batch import atomic_write_text
+        from sdseg_monai.data import atomic_write_text
 
         item = self.outbox / f"{case.key}.json"
         if item.is_file() or (case.out_dir / SENT_NAME).is_file() or not (case.out_dir / "seg.dcm").is_file():
@@ -347,7 +347,7 @@ class DicomNode:
             self._wake_sender.wait(max(0.05, wait))
 
     def _send_item(self, path: Path, record: dict) -> None:
-        from sdseg_monai.batch import atomic_write_text
+        from sdseg_monai.data import atomic_write_text
 
         folder = self.results / record["result"]
         state, error = self._send_seg(folder, record)
@@ -421,8 +421,7 @@ class DicomNode:
         import nibabel as nib
         import numpy as np
 
-        from sdseg_monai.dicom import index_tree, source_headers
-        from sdseg_monai.dicom_seg import write_dicom_seg
+        from sdseg_monai.dicom import index_tree
 
         output = folder / "seg_binary.dcm"
         if output.is_file():
@@ -430,15 +429,9 @@ class DicomNode:
         stacks = [s for s in index_tree(self.incoming / record["study_uid"] / record["series_uid"]).stacks if s.key == record["case"]]
         if not stacks:
             raise SDSegInputError("the source series of this SEG is gone", folder)
-        stack = stacks[0]
         labels = np.asarray(nib.load(str(folder / "label.nii.gz")).dataobj, dtype=np.uint8)
-        config = self.runner.segmenter.config
-        present = set(json.loads((folder / "label.json").read_text(encoding="utf-8"))["labels"])
-        organs = [o for o in config.organs if str(int(o["label"])) in present]
-        multiframe = stack.frames[0].number is not None
-        write_dicom_seg(labels, source_headers(stack), output, organs=organs, dataset=config.dataset, seg_type="binary",
-                        frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.runner.model_hash)
-        return output
+        segmented = {int(value) for value in json.loads((folder / "label.json").read_text(encoding="utf-8"))["labels"]}
+        return self.runner.write_seg(stacks[0], labels, segmented, output, "binary")
 
     # -- summary ----------------------------------------------------------------------------------
     def _load_rows(self) -> dict[str, dict]:

@@ -52,10 +52,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -63,8 +62,9 @@ import numpy as np
 import torch
 
 from sdseg_monai import __version__
-from sdseg_monai.data import atomic_paths, check_data_root, check_report_path, is_nifti, load_manifest, read_volume
+from sdseg_monai.data import atomic_write_text, check_data_root, check_report_path, is_nifti, load_manifest, nifti_stem, read_volume
 from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.metrics import finite_or_none, mean_or_none
 
 # MONAI's (and the MS-SSIM paper's) five scale weights, finest first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -240,8 +240,8 @@ class DiceSpread:
         )
 
     def to_dict(self) -> dict:
-        return {"mean": _finite(self.mean), "std": _finite(self.std), "min": _finite(self.min), "max": _finite(self.max),
-                "by_seed": [_finite(v) for v in self.by_seed]}
+        return {"mean": finite_or_none(self.mean), "std": finite_or_none(self.std), "min": finite_or_none(self.min), "max": finite_or_none(self.max),
+                "by_seed": [finite_or_none(v) for v in self.by_seed]}
 
 
 @dataclass
@@ -273,9 +273,9 @@ class OrganStability:
     def to_dict(self) -> dict:
         out = {
             "label": self.label,
-            "ssim": _finite(self.ssim),
-            "ms_ssim": _finite(self.ms_ssim),
-            "psnr_db": _finite(self.psnr_db),
+            "ssim": finite_or_none(self.ssim),
+            "ms_ssim": finite_or_none(self.ms_ssim),
+            "psnr_db": finite_or_none(self.psnr_db),
             "instances": self.instances,
             "instances_compared": self.compared,
             "instances_skipped": self.skipped,
@@ -382,14 +382,7 @@ class StabilityReport:
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` to ``path`` atomically (a temporary file renamed into place)."""
         path = check_report_path(path, "--json")
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        with atomic_paths(path) as (tmp,):
-            tmp.write_text(text, encoding="utf-8")
-        return path
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def _text(value: float | None) -> str:
@@ -485,22 +478,14 @@ def stability_cases(
         if path.is_dir():
             volumes = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
             # A folder without NIfTI files is read as one DICOM series (read_volume refuses it otherwise).
-            cases += [StabilityCase(_case_id(p), p) for p in volumes] or [StabilityCase(path.name, path)]
+            cases += [StabilityCase(nifti_stem(p), p) for p in volumes] or [StabilityCase(path.name, path)]
         elif is_nifti(path):
-            cases.append(StabilityCase(_case_id(path), path))
+            cases.append(StabilityCase(nifti_stem(path), path))
         else:
             raise SDSegInputError("unsupported input: expected a .nii / .nii.gz file, a folder of them, or a DICOM series folder", path)
     if not cases:
         raise SDSegInputError("nothing to measure: no input volume")
     return cases, None
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -605,6 +590,11 @@ class _OrganPool:
         with_psnr = tally.psnr_pairs[k] > 0
         self.psnr += (tally.psnr[k][with_psnr] / tally.psnr_pairs[k][with_psnr]).tolist()
 
+    def absorb(self, other: _OrganPool) -> None:
+        """Pool ``other``'s instances and counts into this one (lists concatenate, counts add)."""
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
     def summary(self, name: str, label: int | None) -> OrganStability:
         return OrganStability(
             name=name,
@@ -616,14 +606,10 @@ class _OrganPool:
             pairs_compared=self.pairs_compared,
             pairs_skipped_empty=self.pairs_skipped_empty,
             psnr_identical_pairs=self.psnr_identical_pairs,
-            ssim=_mean(self.ssim),
-            ms_ssim=_mean(self.ms_ssim),
-            psnr_db=_mean(self.psnr),
+            ssim=mean_or_none(self.ssim),
+            ms_ssim=mean_or_none(self.ms_ssim),
+            psnr_db=mean_or_none(self.psnr),
         )
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
 
 
 def _run_seed(segmenter, canonical, seed: int, on_chunk, with_labels: bool):
@@ -739,11 +725,7 @@ def stability(
     organs = [pool.summary(name, label) for pool, name, label in zip(pools, names, labels)]
     everything = _OrganPool()
     for pool in pools:
-        for key in ("ssim", "ms_ssim", "psnr"):
-            getattr(everything, key).extend(getattr(pool, key))
-        for key in ("instances", "skipped_empty_reference", "skipped_other_seeds_empty", "pairs_compared",
-                    "pairs_skipped_empty", "psnr_identical_pairs"):
-            setattr(everything, key, getattr(everything, key) + getattr(pool, key))
+        everything.absorb(pool)
     overall = everything.summary("all organs", None)
 
     mean_dice, dice_reason = None, ""
@@ -751,11 +733,11 @@ def stability(
         by_name = {o.name: o for o in organs}
         per_seed_means = []
         for dataset_label, _, name in scored:
-            by_seed = [_mean([case[dataset_label] for case in dice[i] if case[dataset_label] is not None]) for i in range(len(seeds))]
+            by_seed = [mean_or_none([case[dataset_label] for case in dice[i] if case[dataset_label] is not None]) for i in range(len(seeds))]
             by_name[name].dice = DiceSpread.of(by_seed)
             per_seed_means.append(by_seed)
         # Per seed, the mean over the organs scored, as `sdseg3d evaluate` reports it.
-        mean_dice = DiceSpread.of([_mean([m[i] for m in per_seed_means if m[i] is not None]) for i in range(len(seeds))])
+        mean_dice = DiceSpread.of([mean_or_none([m[i] for m in per_seed_means if m[i] is not None]) for i in range(len(seeds))])
         if unscored:
             dice_reason = f"not scored (no label in the manifest): {', '.join(unscored)}"
     else:
@@ -764,8 +746,8 @@ def stability(
     lpips = None
     if lpips_fn is not None:
         by_seed = [lpips_sum[i] / lpips_pairs[i] if lpips_pairs[i] else None for i in range(1, len(seeds))]
-        lpips = {"net": LPIPS_NET, "value": _finite(_mean([v for v in by_seed if v is not None])),
-                 "by_seed": [_finite(v) for v in by_seed], "pairs": int(sum(lpips_pairs)),
+        lpips = {"net": LPIPS_NET, "value": finite_or_none(mean_or_none([v for v in by_seed if v is not None])),
+                 "by_seed": [finite_or_none(v) for v in by_seed], "pairs": int(sum(lpips_pairs)),
                  "averaging": "per seed over the compared pairs, then over the seeds (dataset level, as the paper)"}
 
     if manifest is not None:
