@@ -7,7 +7,8 @@ killed run resumes and a changed model or option recomputes. NIfTI cases go to
 ``OUTPUT_DIR/nifti/<relative path>/``. Only validated UIDs and the tree's own relative paths become
 path parts; no header free text reaches a path or a log line.
 
-Reading the next series overlaps with inference on the current one (a bounded queue). Under
+Reading and preprocessing the next series (reader threads) and writing the last one (a writer thread)
+overlap with inference on the current one; bounded queues keep memory flat. Under
 ``torchrun`` or with ``shard=(i, n)`` a case belongs to the rank where sha256(key) mod n equals it;
 each rank writes its summary part and the last to finish merges them.
 """
@@ -21,6 +22,8 @@ import json
 import queue
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,7 +42,9 @@ PART_PREFIX = "summary.part-"
 SEG_TYPES = ("binary", "labelmap")
 SUMMARY_FIELDS = ("case", "study_uid", "series_uid", "status", "reason", "message", "images_used", "images_dropped",
                   "plane", "spacing_mm", "seconds", "model_hash", "sdseg3d_version")
-PREFETCH = 2  # series read ahead of inference
+PREFETCH = 2  # series read and prepared ahead of inference, beyond those being read
+WRITE_BEHIND = 2  # segmented series waiting for the writer thread
+CUDA_READERS = 4  # reader threads on a GPU, where reading (gzip, DICOM decoding) can be the slowest stage
 # Outcomes of the run itself, beside the reader's QC codes (sdseg_monai.dicom.REASONS).
 RUN_REASONS = {
     "read_error": ("failed", "the image could not be read"),
@@ -69,6 +74,22 @@ class BatchReport:
     rows: list[dict]
     exit_code: int
     summary: Path | None
+
+
+class _Counter:
+    """Cases finished so far, reported to ``progress`` (done, total, row) from whichever thread finishes one."""
+
+    def __init__(self, done: int, total: int, progress: Callable[[int, int, dict], None] | None):
+        self.done, self.total, self.progress = done, total, progress
+        self.lock = threading.Lock()
+        if progress:
+            progress(done, total, {})
+
+    def step(self, row: dict) -> None:
+        with self.lock:
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total, row)
 
 
 def shard_of(key: str, count: int) -> int:
@@ -136,10 +157,13 @@ class BatchRunner:
         overwrite: recompute cases whose done-record matches.
         include_derived: segment derived / secondary series too.
         shard: (index, count): this run's share of the cases.
+        readers: threads that read and prepare cases ahead of inference (None: 1 on a CPU, where the
+            cores are inference's, CUDA_READERS on a GPU).
     """
 
     def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, precision="auto", dicom_seg=None,
-                 seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1)):
+                 seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1),
+                 readers: int | None = None):
         from sdseg_monai.inference import VolumeSegmenter
 
         if seg_type not in SEG_TYPES:
@@ -154,6 +178,7 @@ class BatchRunner:
         self.dicom_seg = dicom_seg_available() if dicom_seg is None else bool(dicom_seg)
         self.seg_type, self.save_image, self.overwrite = seg_type, save_image, overwrite
         self.include_derived, self.shard = include_derived, shard
+        self.readers = max(1, int(readers)) if readers else (CUDA_READERS if self.segmenter.device.type == "cuda" else 1)
         self.options = {"organs": sorted(self.segmenter.organs.values()), "seed": self.segmenter.seed,
                         "precision": self.segmenter.precision,
                         "dicom_seg": self.dicom_seg, "seg_type": seg_type, "save_image": save_image,
@@ -195,7 +220,11 @@ class BatchRunner:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, input_dir, progress: Callable[[int, int, dict], None] | None = None) -> BatchReport:
-        """Segment every case of this shard; write outputs, done-records and the summary."""
+        """Segment every case of this shard; write outputs, done-records and the summary.
+
+        Three stages overlap: reader threads read and prepare the next cases, this thread segments,
+        and a writer thread writes the last case's files. ``progress`` is called (from the writer
+        thread) as each case is finished."""
         cases = self.plan(input_dir)
         todo = []
         for case in cases:
@@ -205,14 +234,41 @@ class BatchRunner:
                     case.row = stored
                     continue
                 todo.append(case)
-        done = len(cases) - len(todo)
-        if progress:
-            progress(done, len(cases), {})
-        for case, loaded, error in self._prefetch(todo):
-            self.segment_case(case, loaded, error)
-            done += 1
-            if progress:
-                progress(done, len(cases), case.row)
+        finished = _Counter(len(cases) - len(todo), len(cases), progress)
+        writes: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND)
+        failures: list[BaseException] = []
+
+        def write_behind():
+            try:
+                while (item := writes.get()) is not None:
+                    case, volume, result, start = item
+                    with self._recording(case, start):
+                        self._write(case, volume, result, start)
+                    finished.step(case.row)
+            except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
+                failures.append(e)
+                while writes.get() is not None:  # never leave the segmenting thread blocked on a full queue
+                    pass
+
+        writer = threading.Thread(target=write_behind, name="sdseg3d-writer", daemon=True)
+        writer.start()
+        try:
+            for case, volume, canonical, error in self._prefetch(todo):
+                start = time.perf_counter()
+                result = None
+                with self._recording(case, start):
+                    if error is not None:
+                        raise error
+                    result = self.segmenter.segment(volume, canonical=canonical)
+                if result is None:
+                    finished.step(case.row)
+                else:
+                    writes.put((case, volume, result, start))
+        finally:
+            writes.put(None)
+            writer.join()
+        if failures:
+            raise failures[0]
         rows = [c.row for c in cases]
         summary = self.write_summary(rows)
         return BatchReport(rows, exit_code(rows, cases), summary)
@@ -221,48 +277,57 @@ class BatchRunner:
         """Segment one case and write its outputs (reading it first when ``volume`` is None), or record
         ``error`` (a failed read); a failure lands in the case's row, never stops the caller. Returns the row."""
         start = time.perf_counter()
-        try:
+        with self._recording(case, start):
             if error is not None:
                 raise error
             if volume is None:
                 volume = self._read(case)
-            self._segment_and_write(case, volume, start)
+            self._write(case, volume, self.segmenter.segment(volume), start)
+        return case.row
+
+    @contextmanager
+    def _recording(self, case: BatchCase, start: float):
+        """Records a failure of the block in the case's row instead of raising it (one bad series never
+        stops the run), and the seconds since ``start``."""
+        try:
+            yield
         except SDSegInputError as e:
             stack_reason = case.stack.reason if case.stack is not None else "ok"
             case.row.update(status="failed", reason=stack_reason if stack_reason != "ok" else "read_error", message=str(e))
-        except Exception as e:  # noqa: BLE001  (one bad series never stops the run)
+        except Exception as e:  # noqa: BLE001
             case.row.update(status="failed", reason="inference_error", message=type(e).__name__)
         case.row["seconds"] = round(time.perf_counter() - start, 3)
-        return case.row
 
     def _prefetch(self, cases: list[BatchCase]):
-        """(case, volume, error) in order; a reader thread stays up to PREFETCH cases ahead."""
-        slots: queue.Queue = queue.Queue(maxsize=PREFETCH)
-        stop = threading.Event()
+        """(case, volume, canonical, error) in order; ``self.readers`` threads read and prepare up to
+        PREFETCH cases beyond those they are reading."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        def reader():
-            for case in cases:
-                if stop.is_set():
-                    break
-                try:
-                    item = (case, self._read(case), None)
-                except Exception as e:  # noqa: BLE001  (reported in the case's row)
-                    item = (case, None, e if isinstance(e, SDSegInputError) else SDSegInputError(f"cannot read ({type(e).__name__})"))
-                slots.put(item)
-            slots.put(None)
-
-        thread = threading.Thread(target=reader, name="sdseg3d-reader", daemon=True)
-        thread.start()
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="sdseg3d-reader")
+        pending: deque = deque()
         try:
-            while (item := slots.get()) is not None:
-                yield item
+            for case in cases:
+                pending.append((case, pool.submit(self._load, case)))
+                if len(pending) > self.readers + PREFETCH - 1:
+                    case_, loading = pending.popleft()
+                    yield (case_, *loading.result())
+            while pending:
+                case_, loading = pending.popleft()
+                yield (case_, *loading.result())
         finally:
-            stop.set()
-            while thread.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    slots.get(timeout=0.1)
-                except queue.Empty:
-                    pass
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, case: BatchCase):
+        """(volume, canonical, error): the case read and prepared, or why not. A read failure becomes a
+        one-line input error; a preprocessing failure is passed on as it is (an inference error)."""
+        try:
+            volume = self._read(case)
+        except Exception as e:  # noqa: BLE001  (reported in the case's row)
+            return None, None, e if isinstance(e, SDSegInputError) else SDSegInputError(f"cannot read ({type(e).__name__})")
+        try:
+            return volume, self.segmenter.prepare(volume), None
+        except Exception as e:  # noqa: BLE001
+            return volume, None, e
 
     def _read(self, case: BatchCase):
         from sdseg_monai.data import Volume, read_volume
@@ -273,10 +338,10 @@ class BatchRunner:
         image = read_stack(case.stack)
         return Volume(image=image, source=case.key, header=None, shape=tuple(image.shape[1:]))
 
-    def _segment_and_write(self, case: BatchCase, volume, start: float) -> None:
+    def _write(self, case: BatchCase, volume, result, start: float) -> None:
+        """The case's outputs from its segmentation ``result``; its done-record last."""
         from sdseg_monai.data import atomic_paths, write_label_volume
 
-        result = self.segmenter.segment(volume)
         case.out_dir.mkdir(parents=True, exist_ok=True)
         (case.out_dir / DONE_NAME).unlink(missing_ok=True)  # recomputing: not done until the new record
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0

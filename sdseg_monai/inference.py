@@ -221,22 +221,37 @@ class VolumeSegmenter:
         Memory holds K native-resolution maps for one chunk only, never for the volume."""
         return max(4, -(-self.batch_size // len(self.classes)))
 
+    def prepare(self, volume: Volume):
+        """The model's preprocessing of ``volume``: its canonical, windowed image (a MetaTensor that
+        remembers how to go back), in page-locked memory when the device is a GPU so that its copy
+        there runs asynchronously. Thread-safe: a reader thread prepares the next volume while
+        :meth:`segment` runs (see :class:`~sdseg_monai.batch.BatchRunner`)."""
+        from monai.data import MetaTensor
+
+        canonical = self.transforms({IMAGE_KEY: volume.image})[IMAGE_KEY]
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            canonical = MetaTensor(canonical.as_tensor().pin_memory(), meta=canonical.meta, applied_operations=canonical.applied_operations)
+        return canonical
+
     def segment(
         self,
         source: str | os.PathLike | Volume,
         progress: Callable[[int], None] | None = None,
+        canonical=None,
     ) -> Segmentation:
         """Segment a NIfTI file, a DICOM series folder, or a loaded :class:`Volume`.
 
         Args:
             source: the input.
             progress: called with the number of slices done after each chunk.
+            canonical: ``prepare(source)``, when the caller prepared the volume already.
         """
         import time
 
         volume = source if isinstance(source, Volume) else read_volume(source)
         start = time.perf_counter()
-        canonical = self.transforms({IMAGE_KEY: volume.image})[IMAGE_KEY]
+        if canonical is None:
+            canonical = self.prepare(volume)
         labels = self.segment_canonical(canonical, progress)
         native = invert_to_input(labels[None], canonical, self.transforms)[0]
         return Segmentation(
@@ -274,7 +289,11 @@ class VolumeSegmenter:
         measure = bool(options.get("return_distances")) or radius > 0
         if measure:
             options = {**options, "return_distances": True}
-        volume = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(self.device)
+        volume = image.as_tensor() if hasattr(image, "as_tensor") else image
+        if self.device.type == "cuda":  # an asynchronous copy from page-locked memory (see prepare)
+            volume = (volume if volume.is_pinned() else volume.pin_memory()).to(self.device, non_blocking=True)
+        else:
+            volume = volume.to(self.device)
         geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
         for start in range(0, depth, self.chunk_slices):
             indices = range(start, min(start + self.chunk_slices, depth))
@@ -335,7 +354,7 @@ class VolumeSegmenter:
         """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk.
         Maps stay on the segmenter's device; only the labels come back."""
         _, size_x, size_y, depth = image.shape
-        labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8)
+        labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8, device=self.device)
         label_values = [self.config.organ_labels[k] for k in self.classes]
         for chunk in self._smoothed(self._probability_chunks(image, progress)):
             # An organ with no decoded pair in the chunk is all zero there: it claims no voxel (skipping
@@ -345,10 +364,10 @@ class VolumeSegmenter:
                 continue
             maps = chunk.maps if len(organs) == len(label_values) else chunk.maps[:, organs]
             fused = fuse_probabilities(maps, [label_values[k] for k in organs], [self.thresholds[k] for k in organs])
-            labels[..., chunk.start : chunk.start + fused.shape[0]] = fused.permute(1, 2, 0).cpu()
+            labels[..., chunk.start : chunk.start + fused.shape[0]] = fused.permute(1, 2, 0)
         if self.largest_component:
             labels = keep_largest_component(labels, self.largest_component)
-        return labels
+        return labels.cpu()
 
     @torch.inference_mode()
     def probabilities_canonical(

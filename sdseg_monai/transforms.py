@@ -206,13 +206,19 @@ def fuse_probabilities(
     return labels
 
 
-def keep_largest_component(labels: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
+def keep_largest_component(labels: torch.Tensor, label_values: Sequence[int], in_torch: bool | None = None) -> torch.Tensor:
     """Label map (X, Y, Z) with each of ``label_values`` cut to its largest 3D connected component
     (26-connected; the first in array order on a tie); the voxels removed become background.
-    Returns a new tensor."""
+    Returns a new tensor on ``labels``' device. ``in_torch`` (default: off the CPU) uses
+    :func:`largest_component` instead of SciPy, the same voxels, so a GPU's labels stay there."""
+    out = labels.clone()
+    if in_torch if in_torch is not None else out.device.type != "cpu":
+        for value in label_values:
+            mask = out == int(value)
+            out[mask & ~largest_component(mask)] = 0
+        return out
     from scipy import ndimage
 
-    out = labels.clone()
     array = out.numpy()
     connectivity = np.ones((3, 3, 3), dtype=bool)
     for value in label_values:
@@ -225,6 +231,51 @@ def keep_largest_component(labels: torch.Tensor, label_values: Sequence[int]) ->
             sizes[0] = 0
             array[mask & (components != int(np.argmax(sizes)))] = 0
     return out
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 26-connected component of a bool (X, Y, Z) ``mask``, in torch on ``mask``'s device
+    (the first in array order on a tie, as SciPy's labelling and ``argmax`` choose).
+
+    Each voxel of the mask's bounding box starts with its own linear index; a 3x3x3 minimum spread
+    within the mask and pointer jumping (a voxel takes the label of the voxel its label names) repeat
+    until nothing changes, when every component carries its first voxel's index."""
+    where = mask.nonzero()
+    if len(where) == 0:
+        return mask.clone()
+    low, high = where.min(dim=0).values.tolist(), (where.max(dim=0).values + 1).tolist()
+    box = mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]].contiguous()
+    ids = _component_ids(box)
+    values, counts = torch.unique(ids[box], return_counts=True)  # ascending: array order of first voxels
+    out = torch.zeros_like(mask)
+    out[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = box & (ids == values[counts.argmax()])
+    return out
+
+
+def _component_ids(box: torch.Tensor) -> torch.Tensor:
+    """int64 per voxel of ``box``: the smallest linear index in its 26-connected component (its
+    first voxel in array order); ``box.numel()`` outside the mask."""
+    outside = box.numel()
+    flat_box = box.reshape(-1)
+    ids = torch.where(box, torch.arange(outside, device=box.device).view(box.shape), outside)
+    while True:
+        spread = torch.where(box, _min_3x3x3(ids, outside), outside).reshape(-1)
+        for _ in range(2):  # pointer jumping: shortens long chains (a thin, winding organ) to few rounds
+            spread = torch.where(flat_box, spread[spread.clamp(max=outside - 1)], outside)
+        spread = spread.view(box.shape)
+        if torch.equal(spread, ids):
+            return ids
+        ids = spread
+
+
+def _min_3x3x3(values: torch.Tensor, fill: int) -> torch.Tensor:
+    """Minimum over each voxel's 3x3x3 neighbourhood (``fill`` beyond the edges), one axis at a time."""
+    for dim in range(values.ndim):
+        size = values.shape[dim]
+        edge = values.new_full([1 if d == dim else n for d, n in enumerate(values.shape)], fill)
+        padded = torch.cat([edge, values, edge], dim=dim)
+        values = torch.minimum(torch.minimum(padded.narrow(dim, 0, size), padded.narrow(dim, 1, size)), padded.narrow(dim, 2, size))
+    return values
 
 
 def invert_to_input(label_canonical: torch.Tensor, image, transforms) -> torch.Tensor:

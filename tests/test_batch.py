@@ -149,6 +149,74 @@ def test_torchrun_two_processes_share_the_tree(tree, model_dir, tmp_path):
     assert len(_rows(out)) == 5 and (out / "summary.csv").is_file()
 
 
+def _labels(out: Path) -> dict:
+    return {str(p.parent.relative_to(out)): np.asarray(nib.load(str(p)).dataobj) for p in out.rglob("label.nii.gz")}
+
+
+def test_overlapped_run_equals_case_by_case(tree, model_dir, tmp_path):
+    """Reader threads, inference and the writer thread overlap; the outputs are those of one case at a
+    time, bit for bit, and progress counts every case once, in increasing order."""
+    from sdseg_monai.batch import BatchRunner
+
+    calls = []
+    runner = BatchRunner(model_dir, tmp_path / "overlapped", dicom_seg=False, readers=3)
+    report = runner.run(tree, progress=lambda done, total, row: calls.append((done, total, row.get("case"))))
+    one_by_one = BatchRunner(model_dir, tmp_path / "one_by_one", dicom_seg=False)
+    rows = {}
+    for case in one_by_one.plan(tree):
+        if case.segmentable:
+            rows[case.key] = one_by_one.segment_case(case)
+    overlapped = {r["case"]: r for r in report.rows}
+    assert {k: (r["status"], r["reason"], r.get("volume_ml")) for k, r in rows.items()} == {
+        k: (overlapped[k]["status"], overlapped[k]["reason"], overlapped[k].get("volume_ml")) for k in rows}
+    a, b = _labels(tmp_path / "overlapped"), _labels(tmp_path / "one_by_one")
+    assert sorted(a) == sorted(b) and len(a) == 3 and all(np.array_equal(a[k], b[k]) for k in a)
+    # Progress starts at the cases with nothing to segment (2 here), then counts each finished case once.
+    assert [c[0] for c in calls] == [2, 3, 4, 5] and calls[-1][1] == 5
+    assert sorted(c[2] for c in calls[1:]) == sorted(rows)  # each segmentable case reported once
+
+
+def test_a_failed_write_lands_in_its_row_and_the_run_goes_on(tree, model_dir, tmp_path, monkeypatch):
+    from sdseg_monai.batch import BatchRunner
+
+    original = BatchRunner._write
+
+    def write(self, case, *args):
+        if case.key == uid(2, 1):
+            raise OSError("disk full")
+        return original(self, case, *args)
+
+    monkeypatch.setattr(BatchRunner, "_write", write)
+    report = BatchRunner(model_dir, tmp_path / "out", dicom_seg=False).run(tree)
+    rows = {r["case"]: r for r in report.rows}
+    assert (rows[uid(2, 1)]["status"], rows[uid(2, 1)]["reason"], rows[uid(2, 1)]["message"]) == ("failed", "inference_error", "OSError")
+    assert rows[uid(1, 1)]["status"] == rows["scan.nii.gz"]["status"] == "ok" and report.exit_code == 3
+    assert not (tmp_path / "out" / uid(2) / uid(2, 1) / "done.json").exists()
+
+
+def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, tmp_path):
+    import threading
+
+    from sdseg_monai.batch import BatchRunner
+
+    def progress(done, total, row):
+        if row:
+            raise RuntimeError("the caller's own bug")
+
+    outcome = []
+
+    def run():
+        try:
+            BatchRunner(model_dir, tmp_path / "out", dicom_seg=False).run(tree, progress=progress)
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and outcome == ["the caller's own bug"]
+
+
 def test_nothing_to_segment_and_bad_arguments(model_dir, tmp_path, capsys):
     write(ct_slices(IMAGE, modality="MR"), tmp_path / "mr")
     assert main(["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "out"), "-m", str(model_dir), "-q"]) == 2

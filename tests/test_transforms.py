@@ -62,3 +62,55 @@ def test_fusion_is_argmax_over_organs_above_threshold():
     assert labels == [1, 1, 0]  # 0.7 vs 0.6 -> organ 2 (label 1); 0.9 vs 0.2 -> label 1; max 0.4 < 0.5 -> background
     assert fuse_probabilities(torch.full((1, 2, 1, 1), 0.5), [6, 1]).item() == 6
     assert fuse_probabilities(torch.zeros(1, 1, 2, 2), np.array([3])).dtype == torch.uint8
+
+
+def _scipy_largest(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return mask.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
+def test_largest_component_in_torch_equals_scipy():
+    """The GPU's connected components (run here on the CPU) keep the voxels SciPy keeps: random masks of
+    every density, a tie (the first in array order wins), diagonal contact (26-connected), a long
+    winding path, and an empty mask."""
+    from sdseg_monai.transforms import largest_component
+
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        mask = rng.random(tuple(rng.integers(1, 12, size=3))) < rng.uniform(0.05, 0.6)
+        assert np.array_equal(largest_component(torch.from_numpy(mask)).numpy(), _scipy_largest(mask))
+    tie = np.zeros((6, 6, 6), dtype=bool)
+    tie[4:6, 4:6, 4:6] = True
+    tie[0:2, 0:2, 0:2] = True
+    kept = largest_component(torch.from_numpy(tie)).numpy()
+    assert kept[0, 0, 0] and not kept[5, 5, 5]
+    diagonal = np.zeros((4, 4, 4), dtype=bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = diagonal[3, 3, 3] = True
+    assert largest_component(torch.from_numpy(diagonal)).numpy().sum() == 2
+    serpentine = np.zeros((41, 30, 1), dtype=bool)
+    serpentine[::2] = True
+    for row in range(1, 41, 2):
+        serpentine[row, 29 if row % 4 == 1 else 0] = True
+    assert np.array_equal(largest_component(torch.from_numpy(serpentine)).numpy(), serpentine)
+    assert not largest_component(torch.zeros((3, 3, 3), dtype=torch.bool)).any()
+
+
+def test_keep_largest_component_cuts_only_the_listed_labels():
+    from sdseg_monai.transforms import keep_largest_component
+
+    labels = torch.zeros((8, 8, 8), dtype=torch.uint8)
+    labels[0:3, 0:3, 0:3] = 1
+    labels[6:8, 6:8, 6:8] = 1  # a smaller second piece of organ 1
+    labels[0, 7, 7] = 2  # a lone voxel of organ 2, which is not listed
+    labels[5, 0, 0] = 2
+    out = keep_largest_component(labels, [1])
+    assert out[6:8, 6:8, 6:8].eq(0).all() and out[0:3, 0:3, 0:3].eq(1).all()
+    assert out[0, 7, 7] == 2 and out[5, 0, 0] == 2 and labels[6, 6, 6] == 1  # the input is untouched
+    assert torch.equal(keep_largest_component(labels, [1], in_torch=True), out)  # the GPU's path
+    assert torch.equal(keep_largest_component(labels, [1, 2], in_torch=True), keep_largest_component(labels, [1, 2]))
