@@ -14,7 +14,10 @@ One run, one machine, one volume (a 512x512x100 synthetic phantom, plus the real
 - **peer**: MONAI ``SwinUNETR`` as the ``swin_unetr_btcv_segmentation`` bundle runs it (random weights:
   its speed only);
 - **against the limit**: achieved FLOP/s over the FLOP/s of a large matmul on the same device;
-- **skipped decodes**: the default model with its calibrated skip and with every pair decoded.
+- **skipped decodes**: the default model with its calibrated skip and with every pair decoded;
+- **pipeline**: several copies of the volume through ``sdseg3d batch``'s runner, where reading,
+  inference and writing overlap: slices/s from the first read to the last written label, beside the
+  one-volume number.
 
 Peak RSS: each measured configuration runs in a fresh Python process, which reads its own high-water
 mark (``getrusage``) right after its measured run, so no configuration inherits another's memory and
@@ -222,6 +225,8 @@ class BenchOptions:
         peer_windows: time the peer's network on this many 96^3 windows and estimate the rest
             (None: the whole sliding-window pipeline).
         peer_feature_size, peer_roi, peer_spacing: the bundle's (tests shrink them).
+        pipeline_volumes: copies of the volume the batch runner segments one after another, reading,
+            inference and writing overlapped (None: 8 on a GPU, 2 on a CPU; 0 leaves it out).
         isolate: one fresh process per measured configuration (peak RSS is meaningful only then).
         quick: set by :meth:`quick_defaults`, recorded in the report.
     """
@@ -243,6 +248,7 @@ class BenchOptions:
     peer_feature_size: int = PEER_FEATURE_SIZE
     peer_roi: int = PEER_ROI
     peer_spacing: tuple[float, float, float] = PEER_SPACING
+    pipeline_volumes: int | None = None
     isolate: bool = True
     quick: bool = False
 
@@ -251,7 +257,7 @@ class BenchOptions:
         """The ``--quick`` run (under 2 minutes on 2 CPU cores); see :data:`QUICK_HELP`."""
         settings = dict(
             networks=("tiny",), slab=4, real_ct=None, multistep_slices=1, protocols=QUICK_PROTOCOLS,
-            peer_windows=1, quick=True,
+            peer_windows=1, pipeline_volumes=0, quick=True,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -270,6 +276,7 @@ class BenchReport:
     multistep: list = field(default_factory=list)
     peer: list = field(default_factory=list)
     skip_decode: list = field(default_factory=list)
+    pipeline: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -709,7 +716,47 @@ def peer_case(case: dict) -> dict:
     return out
 
 
-CASES = {"segment": segment_case, "multistep": multistep_case, "peer": peer_case}
+def pipeline_case(case: dict) -> dict:
+    """``case["volumes"]`` copies of the volume through :class:`~sdseg_monai.batch.BatchRunner` (what
+    ``sdseg3d batch`` runs): reader threads, inference and the writer thread overlap. Timed from the
+    first read to the last written label (and done-record)."""
+    import shutil
+
+    import numpy as np
+
+    from sdseg_monai.batch import BatchRunner
+    from sdseg_monai.data import read_volume
+
+    device = _setup_child(case)
+    with tempfile.TemporaryDirectory(prefix="sdseg3d_bench_pipeline_") as folder:
+        folder = Path(folder)
+        model = case["network"]["path"] or build_network(case["network"], device).save_pretrained(folder / "model")
+        inputs = folder / "in"
+        inputs.mkdir()
+        for index in range(case["volumes"]):
+            copy = inputs / f"volume_{index:03d}.nii.gz"
+            try:
+                os.link(case["volume"], copy)
+            except OSError:
+                shutil.copyfile(case["volume"], copy)
+        runner = BatchRunner(model, folder / "out", device=device, batch_size=case["batch_size"], precision=case["precision"],
+                             dicom_seg=False, readers=case.get("readers"))
+        runner.segmenter.segment_array(np.random.default_rng(0).uniform(-200, 200, (64, 64, 1)).astype(np.float32))  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        report = runner.run(inputs)
+        sync(device)
+        seconds = time.perf_counter() - start
+        memory = _memory(device)
+        failed = [r for r in report.rows if r["status"] != "ok"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(report.rows)} volumes failed: {failed[0]['reason']} {failed[0]['message']}")
+        slices = int(runner.segmenter.prepare(read_volume(case["volume"])).shape[-1]) * case["volumes"]
+    return {"seconds": seconds, "volumes": case["volumes"], "slices": slices, "slices_per_s": slices / seconds,
+            "readers": runner.readers, "organs": len(runner.segmenter.classes), "precision": runner.segmenter.precision, **memory}
+
+
+CASES = {"segment": segment_case, "multistep": multistep_case, "peer": peer_case, "pipeline": pipeline_case}
 
 
 def run_case(case: dict) -> dict:
@@ -872,6 +919,14 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
 
         report.skip_decode = _skip_rows(report.one_step, labels)
 
+        volumes_in_pipeline = options.pipeline_volumes if options.pipeline_volumes is not None else (8 if device.type == "cuda" else 2)
+        if volumes_in_pipeline > 0:
+            spec = specs[0]
+            case = {"kind": "pipeline", "network": spec, "volume": volumes[main_volume]["path"], "volumes": volumes_in_pipeline,
+                    "precision": resolved}
+            result = measure(case, f"pipeline {spec['name']}, {volumes_in_pipeline} x {main_volume}")
+            report.pipeline.append(_pipeline_row(spec, main_volume, result, report.one_step))
+
         for spec in specs:
             if spec["name"] not in multistep_names:
                 continue
@@ -965,6 +1020,19 @@ def _skip_rows(rows, labels) -> list[dict]:
     return out
 
 
+def _pipeline_row(spec, volume: str, result, one_step) -> dict:
+    """The overlapped run beside the one-volume run of the same network, volume, organs and precision."""
+    row = {"network": spec["name"], "volume": volume}
+    if "error" in result:
+        return {**row, "error": result["error"]}
+    row.update(result)
+    single = next((r for r in one_step if not r.get("error") and r["network"] == spec["name"] and r["volume"] == volume
+                   and r["organs"] == result["organs"] and r["precision"] == result["precision"] and r["skip_decode"]), None)
+    row["one_volume_slices_per_s"] = single["slices_per_s"] if single else None
+    row["speed_up"] = _ratio(result["slices_per_s"], row["one_volume_slices_per_s"])
+    return row
+
+
 def _multistep_row(spec, result) -> dict:
     row = {"network": spec["name"], "weights": spec["weights"]}
     if "error" in result:
@@ -1037,8 +1105,11 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
             seconds = default["seconds_per_volume"]
             add(f"{ct} CT, {default['organs']} organs, <= 60 s on CPU", "<= 60", seconds, seconds <= 60, basis(default))
         else:
-            rate = default["slices_per_s"]
-            add(f"default, {default['organs']} organs, >= 500 slices/s end to end on a GPU", ">= 500", rate, rate >= 500, basis(default))
+            overlapped = next((p for p in report.pipeline if not p.get("error") and p["organs"] == default["organs"]), None)
+            rate = overlapped["slices_per_s"] if overlapped else default["slices_per_s"]
+            how = (f"{overlapped['volumes']} volumes through the batch runner, read to written" if overlapped
+                   else "one volume, read to written") + (", " + basis(default) if default["extrapolated"] else "")
+            add(f"default, {default['organs']} organs, >= 500 slices/s end to end on a GPU", ">= 500", rate, rate >= 500, how)
     return targets
 
 
@@ -1133,6 +1204,16 @@ def _markdown(report: BenchReport) -> str:
         for r in report.skip_decode:
             lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {_fmt(r['decoded_share'])} | {_fmt(r['seconds_skip'], 1)} | "
                          f"{_fmt(r['seconds_decode_all'], 1)} | {_fmt(r['speed_up'])}x | {r['voxels_differing']:,} of {r['voxels']:,} |")
+    if report.pipeline:
+        lines += ["", "## Pipeline (volumes one after another; reading, inference and writing overlap)", "",
+                  "| network | volume | volumes | organs | precision | readers | slices/s | one volume alone, slices/s | speed-up | peak RSS GB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report.pipeline:
+            if r.get("error"):
+                lines.append(f"| {r['network']} | {r['volume']} | failed: {r['error']} |||||||")
+                continue
+            lines.append(f"| {r['network']} | {r['volume']} | {r['volumes']} | {r['organs']} | {r['precision']} | {r['readers']} | "
+                         f"{_fmt(r['slices_per_s'])} | {_fmt(r['one_volume_slices_per_s'])} | {_fmt(r['speed_up'])}x | {_fmt(r.get('peak_rss_gb'))} |")
     if report.multistep:
         lines += ["", "## Multi-step, multi-sample (the same network)", "", "| network | slices x organs | protocol | decodes | s/slice | x one step |", "|---|---|---|---|---|---|"]
         for row in report.multistep:

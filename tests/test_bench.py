@@ -117,6 +117,16 @@ def test_peer_and_targets(report):
     assert {"torch", "monai", "diffusers", "sdseg3d"} <= set(report.versions)
 
 
+def test_pipeline_runs_copies_through_the_batch_runner_beside_one_volume(report):
+    (row,) = report.pipeline  # 2 volumes on a CPU by default
+    single = report.one_step[1]  # same network, volume, every organ, skip as shipped
+    assert (row["volumes"], row["organs"], row["precision"], row["readers"]) == (2, 2, "fp32", 1)
+    assert row["slices"] == 2 * single["slices"] and row["slices_per_s"] == pytest.approx(row["slices"] / row["seconds"])
+    assert row["one_volume_slices_per_s"] == single["slices_per_s"]
+    assert row["speed_up"] == pytest.approx(row["slices_per_s"] / single["slices_per_s"])
+    assert "## Pipeline" in report.to_markdown() and BenchOptions.quick_defaults().pipeline_volumes == 0
+
+
 def test_report_serialises_and_tabulates(report):
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert set(data) >= {"options", "machine", "versions", "matmul", "volumes", "one_step", "multistep", "peer", "skip_decode", "targets", "notes"}
@@ -147,7 +157,7 @@ def test_reports_are_written_atomically(report, tmp_path):
 
 def test_isolated_configuration_measures_its_own_peak_rss(model_dir):
     # The uncalibrated micro model: one configuration, one fresh process.
-    isolated = run_bench(micro_options(model_dir, organ_counts=(1,), multistep_networks=(), peer=False, isolate=True))
+    isolated = run_bench(micro_options(model_dir, organ_counts=(1,), multistep_networks=(), peer=False, isolate=True, pipeline_volumes=0))
     (row,) = isolated.one_step
     assert "error" not in row and 0.1 < row["peak_rss_gb"] < 64
     rss = next(t for t in isolated.targets if "RSS" in t["target"])
@@ -174,6 +184,8 @@ def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
     assert "## One step" in capsys.readouterr().out
     assert main(["bench", "--networks", "tiny,paper", "--real-ct", str(tmp_path), "-q"]) == 0
     assert seen["options"].networks == ("tiny", "paper") and seen["options"].real_ct == str(tmp_path) and not seen["options"].quick
+    assert seen["options"].pipeline_volumes is None  # 8 on a GPU, 2 on a CPU
+    assert main(["bench", "--pipeline-volumes", "5", "-q"]) == 0 and seen["options"].pipeline_volumes == 5
 
 
 @pytest.mark.parametrize(
