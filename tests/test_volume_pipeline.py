@@ -224,6 +224,20 @@ def test_same_input_same_seed_gives_bit_identical_labels(tmp_path):
     assert first.any()  # random weights still claim voxels: the comparison is not of two empty maps
 
 
+def test_below_fp32_the_weights_go_channels_last_and_labels_stay_reproducible(tmp_path):
+    import torch
+
+    labels = ellipsoid_labels((30, 28, 3), (1.5, 1.5, 3.0))
+    image_path, _ = write_case(tmp_path, labels, affine_for((1.5, 1.5, 3.0), "ras"))
+    convs = lambda segmenter: [m.weight for m in segmenter.model.modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    fp32 = VolumeSegmenter(micro_model(32), device="cpu", precision="fp32")
+    assert all(w.is_contiguous() for w in convs(fp32))
+    bf16 = VolumeSegmenter(micro_model(32), device="cpu", precision="bf16", seed=1)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs(bf16) if w.shape[-1] > 1)
+    first = bf16.segment(image_path).labels
+    assert np.array_equal(first, VolumeSegmenter(micro_model(32), device="cpu", precision="bf16", seed=1).segment(image_path).labels)
+
+
 def test_only_one_chunk_of_native_maps_is_held(tmp_path):
     """Streaming: the inferer sees chunks of slices, never the whole volume."""
     labels = ellipsoid_labels((24, 24, 23), (1.0, 1.0, 1.0))
