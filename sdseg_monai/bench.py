@@ -62,7 +62,7 @@ GB = 1e9
 QUICK_HELP = (
     "A central 4-slice slab of the 512x512x100 phantom (2.5 mm slices) instead of the whole "
     "volume, the tiny (default) network only, no real CT, multi-step on 1 slice as DDIM 50 with 1 "
-    "sample only, SwinUNETR timed on one 96^3 window; per-volume numbers are extrapolated to 100 "
+    "sample only, SwinUNETR timed on one 96^3 window, no pipeline row; per-volume numbers are extrapolated to 100 "
     "slices (and SwinUNETR's is a lower bound: its network alone)."
 )
 
