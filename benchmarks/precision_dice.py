@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdseg_monai.data import load_manifest
+from sdseg_monai.data import atomic_write_text, load_manifest
 from sdseg_monai.evaluation import read_case, score_case, scored_organs
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.metrics import mean_or_none
@@ -55,12 +54,38 @@ def organ_means(per_case: list[dict[str, float | None]]) -> dict[str, float | No
     return {name: mean_or_none([case[name] for case in per_case if case[name] is not None]) for name in names}
 
 
+def summarise(cases, dice, differing, foreground, scored, precision) -> dict:
+    """One group's per-organ comparison over the cases done so far."""
+    means = {p: organ_means(d) for p, d in dice.items()}
+    organs = {}
+    for _, _, name in scored:
+        x, y = means["fp32"][name], means[precision][name]
+        organs[name] = {"fp32": x, precision: y, "difference": None if x is None or y is None else y - x,
+                        "voxels_differing": differing[name]}
+    deltas = [abs(o["difference"]) for o in organs.values() if o["difference"] is not None]
+    return {
+        "cases": [c[0] for c in cases],
+        "organs": organs,
+        "max_abs_difference": max(deltas) if deltas else None,
+        "within_tolerance": all(d <= TOLERANCE for d in deltas),
+        "fp32_foreground_voxels": foreground,
+        "mean_dice": {p: float(np.mean([v for v in m.values() if v is not None])) for p, m in means.items()},
+    }
+
+
+def write_report(path: Path, report: dict, seconds: dict, precision: str) -> None:
+    report["seconds"] = dict(seconds)
+    report["speedup"] = seconds["fp32"] / seconds[precision] if seconds[precision] else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--phantoms", default=str(ROOT / "runs" / "phantoms"), help="test phantoms (generated if absent)")
     parser.add_argument("--cases", type=int, default=8, help="test phantoms used (the first N of 8)")
-    parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with abdomen_ct_3mm(.labels_btcv).nii.gz")
+    parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with abdomen_ct_3mm(_labels_btcv).nii.gz (none: skip it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="bf16", help="compared against fp32")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -87,11 +112,12 @@ def main() -> int:
     segmenters = {p: VolumeSegmenter(args.model, device=device, precision=p, batch_size=args.batch_size, seed=0) for p in ("fp32", args.precision)}
     scored, _ = scored_organs(segmenters["fp32"], manifest)
     seconds = {p: 0.0 for p in segmenters}
+    out = Path(args.json)
     for group, cases in groups.items():
         dice = {p: [] for p in segmenters}
         differing = {name: 0 for _, _, name in scored}
         foreground = 0
-        for case_id, image, label in cases:
+        for done, (case_id, image, label) in enumerate(cases, start=1):
             volume, reference = read_case(image, label)
             reference_array = reference.image[0].numpy()
             labels = {}
@@ -105,28 +131,12 @@ def main() -> int:
             for _, model_label, name in scored:
                 differing[name] += int(((a == model_label) != (b == model_label)).sum())
             print(f"{group} {case_id}: {int((a != b).sum())} voxels differ", flush=True)
-        means = {p: organ_means(dice[p]) for p in segmenters}
-        organs = {}
-        for _, _, name in scored:
-            x, y = means["fp32"][name], means[args.precision][name]
-            organs[name] = {"fp32": x, args.precision: y, "difference": None if x is None or y is None else y - x,
-                            "voxels_differing": differing[name]}
-        deltas = [abs(o["difference"]) for o in organs.values() if o["difference"] is not None]
-        report["groups"][group] = {
-            "cases": [c[0] for c in cases],
-            "organs": organs,
-            "max_abs_difference": max(deltas) if deltas else None,
-            "within_tolerance": all(d <= TOLERANCE for d in deltas),
-            "fp32_foreground_voxels": foreground,
-            "mean_dice": {p: float(np.mean([v for v in means[p].values() if v is not None])) for p in segmenters},
-        }
-    report["seconds"] = seconds
-    report["speedup"] = seconds["fp32"] / seconds[args.precision] if seconds[args.precision] else None
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+            # Written after every case: a long emulated run that is stopped still leaves its numbers.
+            report["groups"][group] = summarise(cases[:done], dice, differing, foreground, scored, args.precision)
+            report["complete"] = False
+            write_report(out, report, seconds, args.precision)
+    report["complete"] = True
+    write_report(out, report, seconds, args.precision)
     for group, result in report["groups"].items():
         print(f"{group}: max |dDice| {result['max_abs_difference']:.4f} (tolerance {TOLERANCE}), "
               f"mean Dice {result['mean_dice']}, within: {result['within_tolerance']}")
