@@ -234,7 +234,7 @@ class VolumeSegmenter:
         from monai.data import MetaTensor
 
         canonical = self.transforms({IMAGE_KEY: volume.image})[IMAGE_KEY]
-        if self.device.type == "cuda" and torch.cuda.is_available():
+        if self.device.type == "cuda":  # resolve_device has checked that CUDA is there
             canonical = MetaTensor(canonical.as_tensor().pin_memory(), meta=canonical.meta, applied_operations=canonical.applied_operations)
         return canonical
 
