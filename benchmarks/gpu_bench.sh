@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The speed issue's measurements on a lent, offline GPU machine (the `device` tool), in ONE call,
-# then the default model's training (benchmarks/gpu_continue.sh) with the minutes left.
+# The speed issue's measurements on a lent, offline GPU machine (the `device` tool), in one or two calls.
 #
-#   bash benchmarks/gpu_bench.sh prepare          # here (registries reachable): .whl/ and .devdata/
-#   bash benchmarks/gpu_bench.sh run MINUTES      # there, carry [".whl", ".devdata"], timeout_s = 60 * MINUTES
+#   bash benchmarks/gpu_bench.sh prepare                  # here (registries reachable): .whl/ and .devdata/
+#   bash benchmarks/gpu_bench.sh run SECONDS [STEPS]      # there, carry [".whl", ".devdata"], timeout_s >= SECONDS
 #
-# `run` writes to $OUT: bench_cuda.{json,md} (sdseg3d bench on the GPU: tiny, paper, sd-v1, DDIM,
-# SwinUNETR, FLOP/s against a matmul), precision_cuda.json and precision_cpu.json (bf16 against fp32,
-# per-organ Dice on the test phantoms and the real CT, on the GPU and on the machine's CPU, which has
-# AMX), bench_cpu2.{json,md} (sdseg3d bench on 2 of its CPU cores: the "<= 60 s on 2 cores with bf16"
-# target), stability.json (sdseg3d stability of the default model, 10 seeds, test phantoms, on the GPU),
-# and, with the minutes left, training as `gpu_continue.sh train` writes it (run.log, run/). The CPU
-# measurements run beside the GPU ones, pinned to cores the GPU jobs do not use.
+# STEPS, comma-separated (default: all but train), each cut to what SECONDS leaves:
+#   tests      tests/test_gpu.py: CUDA labels as the CPU's, bit-identical run to run, components as SciPy's
+#   bench      sdseg3d bench on the GPU (tiny, paper, sd-v1, pipeline, DDIM, SwinUNETR, FLOP/s of a matmul)
+#   cpu        beside the GPU, pinned to 6 cores it does not use: sdseg3d bench on 2 cores (the "<= 60 s on
+#              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
+#   precision  bf16 against fp32 on the GPU: per-organ Dice on the 8 test phantoms and the real CT
+#   stability  sdseg3d stability of the default model, 10 seeds, the 8 test phantoms, on the GPU
+#   train      the default model's training (benchmarks/gpu_continue.sh train) with the minutes left
+# Reports land in $OUT as they are written (bench_cuda.{json,md}, bench_cpu2.{json,md}, precision_cuda.json,
+# precision_cpu.json, stability.json: 7 files); the logs come back as logs.tar.gz (the 8th).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,42 +22,64 @@ prepare)
     bash benchmarks/gpu_continue.sh prepare
     ;;
 run)
-    minutes="${2:?give the minutes of the call, e.g. 9}"
+    seconds="${2:?give the seconds of the call, e.g. 540}"
+    steps=",${3:-tests,bench,cpu,precision,stability},"
     : "${OUT:?the device tool sets OUT, the folder whose files come back}"
     start=$(date +%s)
+    deadline=$((start + seconds - 25))  # 25 s to stop the CPU lane, pack the logs and hand the files back
+    budget() { python3 -c "print(max(1, min($1, $deadline - $(date +%s))))"; }  # a step's cap, or what is left
+    wants() { [[ "$steps" == *",$1,"* ]]; }
+    logs=/tmp/gpu_bench_logs
+    mkdir -p "$logs"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-    lscpu | grep -E "Model name|^CPU\(s\)|amx|avx512_bf16" | cut -c1-200 || true
-    cores=$(nproc)
-    sdseg() { python3 -m sdseg_monai.cli "$@"; }
+    lscpu | grep -E "Model name|^CPU\(s\)" | cut -c1-120 || true
+    python3 -c "import torch; print('torch', torch.__version__, 'AMX', torch.cpu._is_amx_tile_supported())" || true
+    gpu_cores="6-$(($(nproc) - 1))"
     phantoms=/tmp/phantoms
-    sdseg phantom -o "$phantoms" --n 8 --seed 9000 --split test >/dev/null
-
-    # CPU, beside the GPU: 2 cores for the 2-core target, 4 for the precision check.
-    (taskset -c 0-1 env OMP_NUM_THREADS=2 timeout 300 python3 -m sdseg_monai.cli bench --device cpu --networks tiny --no-peer \
-        --real-ct .devdata/ct --json "$OUT/bench_cpu2.json" --markdown "$OUT/bench_cpu2.md" -q >"$OUT/bench_cpu2.log" 2>&1 || true) &
-    (taskset -c 2-5 env OMP_NUM_THREADS=4 timeout 400 python3 benchmarks/precision_dice.py --device cpu --precision bf16 \
-        --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu.json" >"$OUT/precision_cpu.log" 2>&1 || true) &
-
-    gpu_cores="6-$((cores - 1))"
-    taskset -c "$gpu_cores" timeout 240 python3 -m sdseg_monai.cli bench --device cuda --real-ct .devdata/ct \
-        --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$OUT/bench_cuda.log" 2>&1 || true
-    taskset -c "$gpu_cores" timeout 90 python3 benchmarks/precision_dice.py --device cuda --precision bf16 \
-        --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cuda.json" >"$OUT/precision_cuda.log" 2>&1 || true
-    taskset -c "$gpu_cores" timeout 150 python3 -m sdseg_monai.cli stability -m sdseg_monai/default_model \
-        --manifest "$phantoms/manifest.json" --data-root "$phantoms" --split test --seeds 10 --device cuda \
-        --json "$OUT/stability.json" -q >"$OUT/stability.log" 2>&1 || true
+    if wants cpu || wants precision || wants stability; then
+        taskset -c 0-5 python3 -m sdseg_monai.cli phantom -o "$phantoms" --n 8 --seed 9000 --split test >/dev/null &
+    fi
+    if wants tests; then
+        taskset -c "$gpu_cores" timeout "$(budget 100)" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+            >"$logs/test_gpu.log" 2>&1 || true
+        grep -E "differ|passed|failed|Error" "$logs/test_gpu.log" | tail -8 || true
+    fi
     wait
-
-    left=$(python3 -c "print(round(($minutes * 60 - ($(date +%s) - $start)) / 60 - 0.5, 1))")
-    echo "measurements done; $left minutes left for training"
-    if python3 -c "import sys; sys.exit(0 if $left >= 4 else 1)"; then
+    cpu_lane=()
+    if wants cpu; then
+        taskset -c 0-1 env OMP_NUM_THREADS=2 timeout "$(budget 900)" python3 -m sdseg_monai.cli bench --device cpu --networks tiny \
+            --no-peer --real-ct .devdata/ct --json "$OUT/bench_cpu2.json" --markdown "$OUT/bench_cpu2.md" >"$logs/bench_cpu2.log" 2>&1 &
+        cpu_lane+=($!)
+        taskset -c 2-5 env OMP_NUM_THREADS=4 timeout "$(budget 900)" python3 benchmarks/precision_dice.py --device cpu --precision bf16 \
+            --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu.json" >"$logs/precision_cpu.log" 2>&1 &
+        cpu_lane+=($!)
+    fi
+    if wants bench; then
+        taskset -c "$gpu_cores" timeout "$(budget 330)" python3 -m sdseg_monai.cli bench --device cuda --no-isolate --real-ct .devdata/ct \
+            --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$logs/bench_cuda.log" 2>&1 || true
+    fi
+    if wants precision; then
+        taskset -c "$gpu_cores" timeout "$(budget 90)" python3 benchmarks/precision_dice.py --device cuda --precision bf16 \
+            --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cuda.json" >"$logs/precision_cuda.log" 2>&1 || true
+    fi
+    if wants stability; then
+        taskset -c "$gpu_cores" timeout "$(budget 900)" python3 -m sdseg_monai.cli stability -m sdseg_monai/default_model \
+            --manifest "$phantoms/manifest.json" --data-root "$phantoms" --split test --seeds 10 --device cuda \
+            --json "$OUT/stability.json" -q >"$logs/stability.log" 2>&1 || true
+    fi
+    for pid in "${cpu_lane[@]}"; do wait "$pid" || true; done
+    if wants train; then
+        left=$(python3 -c "print(round(($deadline - $(date +%s)) / 60, 1))")
         bash benchmarks/gpu_continue.sh train "$left" || true
     fi
+    tar czf "$OUT/logs.tar.gz" -C "$logs" . || true
+    for log in "$logs"/*.log; do echo "== $(basename "$log")"; tail -4 "$log"; done
+    echo "gpu_bench: $(($(date +%s) - start)) s"
     ;;
 *)
-    sed -n '2,15p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac

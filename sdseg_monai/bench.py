@@ -280,6 +280,7 @@ class BenchReport:
     targets: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     wall_seconds: float = 0.0
+    incomplete: str | None = None
 
     def to_dict(self) -> dict:
         """The whole report as plain JSON types (non-finite numbers as None)."""
@@ -485,6 +486,12 @@ def _setup_child(case: dict):
     if device.type == "cuda":
         if device.index is not None:
             torch.cuda.set_device(device)
+        # In one process (--no-isolate), the last configuration's cached blocks would shrink the free
+        # memory that sizes the batch, and its peak would be this one's.
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     return device
 
@@ -793,12 +800,18 @@ def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def run_bench(options: BenchOptions | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
+def run_bench(
+    options: BenchOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
     """Measure everything :class:`BenchOptions` asks for, in one run on one machine.
 
     Args:
         options: what to measure (default: the full bench).
         progress: called with a line of text as each configuration starts and ends.
+        checkpoint: called with the report so far (``incomplete`` says where it stopped) before each
+            configuration starts, so that a run cut short (a time limit) keeps what it measured.
 
     Returns:
         the :class:`BenchReport`.
@@ -876,6 +889,10 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
 
         def measure(case: dict, label: str) -> dict:
             case = {**case, "device": str(device), "threads": threads, "batch_size": options.batch_size}
+            if checkpoint is not None:
+                report.incomplete = f"stopped before: {label}"
+                report.wall_seconds = time.perf_counter() - wall
+                checkpoint(report)
             say(f"{label} ...")
             began = time.perf_counter()
             result = _run_isolated(case) if options.isolate else run_case(case)
@@ -886,12 +903,14 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
 
         # One step, every network, organ set and precision, on the phantom (big networks on a slab).
         labels = {}
+        volumes_in_pipeline = options.pipeline_volumes if options.pipeline_volumes is not None else (8 if device.type == "cuda" else 2)
         for index, spec in enumerate(specs):
             config = network_config(spec)
             flops = part_flops(config)
             large = spec["preset"] in ("paper", "sd-v1") and large_slab is not None
             volume = phantom(min(large_slab, options.slab or large_slab)) if large else main_volume
-            runs = [(count, precision, True) for count in options.organ_counts for precision in precisions]
+            # Most organs first: the headline rows are measured before a time limit can cut the run short.
+            runs = [(count, precision, True) for count in sorted(options.organ_counts, reverse=True) for precision in precisions]
             # The first network (the default) once more with every pair decoded: what its calibrated skip saves.
             compare_skip = index == 0 and config.postprocessing.skip_decode_radius > 0
             if compare_skip:
@@ -916,16 +935,13 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
                     report.one_step.append(row)
                     if "error" not in result:
                         labels[(spec["name"], "real CT", row["organs"], resolved, skip)] = output
+            if index == 0 and volumes_in_pipeline > 0:  # the default's batch run next: on a GPU, the headline target
+                case = {"kind": "pipeline", "network": spec, "volume": volumes[main_volume]["path"], "volumes": volumes_in_pipeline,
+                        "precision": resolved}
+                result = measure(case, f"pipeline {spec['name']}, {volumes_in_pipeline} x {main_volume}")
+                report.pipeline.append(_pipeline_row(spec, main_volume, result, report.one_step))
 
         report.skip_decode = _skip_rows(report.one_step, labels)
-
-        volumes_in_pipeline = options.pipeline_volumes if options.pipeline_volumes is not None else (8 if device.type == "cuda" else 2)
-        if volumes_in_pipeline > 0:
-            spec = specs[0]
-            case = {"kind": "pipeline", "network": spec, "volume": volumes[main_volume]["path"], "volumes": volumes_in_pipeline,
-                    "precision": resolved}
-            result = measure(case, f"pipeline {spec['name']}, {volumes_in_pipeline} x {main_volume}")
-            report.pipeline.append(_pipeline_row(spec, main_volume, result, report.one_step))
 
         for spec in specs:
             if spec["name"] not in multistep_names:
@@ -954,6 +970,7 @@ def run_bench(options: BenchOptions | None = None, progress: Callable[[str], Non
     report.targets = _targets(report, device, resolved, tuple(options.shape), specs[0]["name"], main_volume)
     report.notes += _notes(report, options, device, large_slab)
     report.wall_seconds = time.perf_counter() - wall
+    report.incomplete = None
     return report
 
 
@@ -1240,6 +1257,8 @@ def _markdown(report: BenchReport) -> str:
         for t in report.targets:
             result = {True: "pass", False: "FAIL", None: "inconclusive"}[t["passed"]]
             lines.append(f"| {t['target']} | {_fmt(t['value'])} | {result} | {t['basis']} |")
+    if report.incomplete:
+        lines += ["", f"**Incomplete report** ({report.incomplete}): the run was cut short; the tables hold what it measured."]
     if report.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"

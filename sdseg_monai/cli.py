@@ -691,6 +691,9 @@ def bench(
     pipeline_volumes: Optional[int] = typer.Option(
         None, "--pipeline-volumes", min=0, help="Copies of the volume run through the batch runner, reading, inference and writing overlapped (default: 8 on a GPU, 2 on a CPU, 0 with --quick; 0: none)."
     ),
+    no_isolate: bool = typer.Option(
+        False, "--no-isolate", help="Every configuration in this one process: no start-up per configuration, but no peak RSS either."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines; only the tables."),
 ):
     """Speed on this machine, every ratio from one run: one step (tiny, paper, sd-v1; 1 and 13 organs; fp32 and auto) with
@@ -701,7 +704,8 @@ def bench(
 
     check_report_path(json_path, "--json")
     check_report_path(markdown, "--markdown")
-    overrides: dict = {"device": device, "precision": precision, "shape": tuple(shape), "batch_size": batch_size, "peer": not no_peer}
+    overrides: dict = {"device": device, "precision": precision, "shape": tuple(shape), "batch_size": batch_size, "peer": not no_peer,
+                       "isolate": not no_isolate}
     if networks is not None:
         overrides["networks"] = tuple(n.strip() for n in networks.split(",") if n.strip())
     if pipeline_volumes is not None:
@@ -711,7 +715,11 @@ def bench(
     elif real_ct is not None:
         overrides["real_ct"] = str(real_ct)
     options = BenchOptions.quick_defaults(**overrides) if quick else BenchOptions(**overrides)
-    report = run_bench(options, progress=None if quiet else (lambda line: typer.echo(line, err=True)))
+    report = run_bench(
+        options,
+        progress=None if quiet else (lambda line: typer.echo(line, err=True)),
+        checkpoint=(lambda partial: write_report(partial, json_path, markdown)) if json_path or markdown else None,
+    )
     typer.echo(report.to_markdown())
     for path in write_report(report, json_path, markdown):
         if not quiet:

@@ -49,15 +49,18 @@ def report(calibrated_micro):
     pipeline around it is the bundle's; SwinUNETR itself takes seconds a window on a CPU)."""
     patch = pytest.MonkeyPatch()
     patch.setattr(bench, "peer_network", lambda feature_size: torch.nn.Conv3d(1, 14, 3, padding=1))
+    checkpoints = []
     try:
-        yield run_bench(micro_options(calibrated_micro))
+        result = run_bench(micro_options(calibrated_micro), checkpoint=lambda partial: checkpoints.append((partial.to_dict(), partial.to_markdown())))
+        result.checkpoints = checkpoints  # the instance only: what test_checkpoints_* reads
+        yield result
     finally:
         patch.undo()
 
 
 def test_one_step_rows_have_every_stage_and_consistent_rates(report):
     rows = report.one_step
-    assert [(r["organs"], r["skip_decode"]) for r in rows] == [(1, True), (2, True), (2, False)]  # 13 organs -> the model's 2
+    assert [(r["organs"], r["skip_decode"]) for r in rows] == [(2, True), (1, True), (2, False)]  # 13 organs -> the model's 2
     for row in rows:
         assert "error" not in row
         assert set(row["stages"]) == STAGES and all(v >= 0 for v in row["stages"].values())
@@ -75,14 +78,14 @@ def test_one_step_rows_have_every_stage_and_consistent_rates(report):
         assert row["achieved_tflops"] == pytest.approx(total / row["seconds"] / 1e12)
         assert row["matmul_fraction"] == pytest.approx(row["achieved_tflops"] / report.matmul["fp32"]["tflops"])
         assert row["peak_rss_gb"] is None  # one process ran them all: no one's peak
-    assert rows[0]["organ_names"] == ["liver"]
+    assert rows[1]["organ_names"] == ["liver"]
     assert rows[0]["skip_decode_radius"] == 0.5 and rows[2]["skip_decode_radius"] == 0.0
     assert rows[2]["items"]["decoder"] == rows[2]["items"]["unet"]  # every pair decoded
 
 
 def test_skip_decode_and_multistep_ratios_come_from_the_measured_seconds(report):
     (skip,) = report.skip_decode
-    with_skip, every = report.one_step[1], report.one_step[2]
+    with_skip, every = report.one_step[0], report.one_step[2]
     assert skip["speed_up"] == pytest.approx(every["seconds"] / with_skip["seconds"])
     assert skip["voxels"] == 32 * 32 * 4 and 0 <= skip["voxels_differing"] <= skip["voxels"]
     assert skip["labels_identical"] == (skip["voxels_differing"] == 0)
@@ -105,7 +108,7 @@ def test_peer_and_targets(report):
     assert set(peer["stages"]) == {"read", "preprocess", "network", "postprocess", "write"}
     assert peer["seconds_per_window"] == pytest.approx(peer["stages"]["network"] / peer["windows"])
     assert peer["flops_per_window"] == pytest.approx(2 * 27 * 14 * 16**3, rel=0.01)  # the stand-in Conv3d
-    default = report.one_step[1]
+    default = report.one_step[0]
     vs_peer = next(t for t in report.targets if "SwinUNETR" in t["target"])
     assert vs_peer["value"] == pytest.approx(peer["seconds_per_volume"] / default["seconds_per_volume"])
     assert vs_peer["passed"] == (vs_peer["value"] >= 6)
@@ -119,12 +122,25 @@ def test_peer_and_targets(report):
 
 def test_pipeline_runs_copies_through_the_batch_runner_beside_one_volume(report):
     (row,) = report.pipeline  # 2 volumes on a CPU by default
-    single = report.one_step[1]  # same network, volume, every organ, skip as shipped
+    single = report.one_step[0]  # same network, volume, every organ, skip as shipped
     assert (row["volumes"], row["organs"], row["precision"], row["readers"]) == (2, 2, "fp32", 1)
     assert row["slices"] == 2 * single["slices"] and row["slices_per_s"] == pytest.approx(row["slices"] / row["seconds"])
     assert row["one_volume_slices_per_s"] == single["slices_per_s"]
     assert row["speed_up"] == pytest.approx(row["slices_per_s"] / single["slices_per_s"])
     assert "## Pipeline" in report.to_markdown() and BenchOptions.quick_defaults().pipeline_volumes == 0
+
+
+def test_checkpoints_keep_what_was_measured_before_each_configuration(report):
+    # One checkpoint before each configuration: 3 one-step, the pipeline (right after the default
+    # network's rows: on a GPU it is the headline), 1 multi-step, 1 peer.
+    stops = [data["incomplete"] for data, _ in report.checkpoints]
+    assert len(stops) == 6 and all(stop.startswith("stopped before: ") for stop in stops)
+    assert stops[3].startswith("stopped before: pipeline") and stops[4].startswith("stopped before: multi-step")
+    rows = [(len(d["one_step"]), len(d["pipeline"]), len(d["multistep"]), len(d["peer"])) for d, _ in report.checkpoints]
+    assert rows == [(0, 0, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (3, 1, 0, 0), (3, 1, 1, 0)]
+    assert report.checkpoints[4][0]["one_step"] == report.to_dict()["one_step"]  # finished rows are final rows
+    assert "**Incomplete report** (stopped before: pipeline" in report.checkpoints[3][1]
+    assert report.incomplete is None and "Incomplete" not in report.to_markdown()
 
 
 def test_report_serialises_and_tabulates(report):
@@ -170,8 +186,8 @@ def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
     assert quick.protocols == ((1, 1), (50, 1)) and quick.shape == (512, 512, 100)
     seen = {}
 
-    def fake_run_bench(options, progress=None):
-        seen["options"] = options
+    def fake_run_bench(options, progress=None, checkpoint=None):
+        seen["options"], seen["checkpoint"] = options, checkpoint
         return report
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
@@ -182,10 +198,13 @@ def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
     assert json.loads(json_path.read_text())["targets"] == report.to_dict()["targets"]
     assert md_path.read_text() == report.to_markdown()
     assert "## One step" in capsys.readouterr().out
+    assert seen["checkpoint"] is not None  # with --json or --markdown, a run cut short keeps its rows
     assert main(["bench", "--networks", "tiny,paper", "--real-ct", str(tmp_path), "-q"]) == 0
+    assert seen["checkpoint"] is None
     assert seen["options"].networks == ("tiny", "paper") and seen["options"].real_ct == str(tmp_path) and not seen["options"].quick
     assert seen["options"].pipeline_volumes is None  # 8 on a GPU, 2 on a CPU
     assert main(["bench", "--pipeline-volumes", "5", "-q"]) == 0 and seen["options"].pipeline_volumes == 5
+    assert seen["options"].isolate and main(["bench", "--no-isolate", "-q"]) == 0 and not seen["options"].isolate
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,84 @@
+"""The CUDA path: the same labels as the CPU, reproducible, components as SciPy finds them.
+
+Skipped where no CUDA device is present (here and in CI); `benchmarks/gpu_bench.sh run` runs them first
+on a lent GPU machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# TF32 convolutions and a different reduction order move a few probabilities across a threshold.
+MAX_DIFFERING_SHARE = 0.01
+MAX_DICE_CHANGE = 0.01
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from sdseg_monai.phantoms import phantom_volumes
+
+    return phantom_volumes(9000, shape=(128, 128, 24))
+
+
+def _labels(device: str, precision: str, image):
+    from sdseg_monai.inference import VolumeSegmenter
+    from sdseg_monai.model import default_model_path
+
+    result = VolumeSegmenter(default_model_path(), device=device, precision=precision).segment(image)
+    return result.labels, result.organs
+
+
+def _dice_by_organ(labels: np.ndarray, truth: np.ndarray, organs: dict[int, str]) -> dict[str, float | None]:
+    from sdseg_monai.metrics import binary_dice
+
+    return {name: binary_dice(labels == value, truth == value) for value, name in organs.items()}
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(phantom):
+    return _labels("cpu", "fp32", phantom[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_labels_agree_with_the_cpu_fp32_labels(phantom, cpu_reference, precision):
+    image, truth = phantom
+    cpu, organs = cpu_reference
+    gpu, gpu_organs = _labels("cuda", precision, image)
+    assert gpu.dtype == np.uint8 and gpu.shape == cpu.shape == tuple(image.shape) and gpu_organs == organs
+    foreground = int(((cpu > 0) | (gpu > 0)).sum())
+    differing = int((cpu != gpu).sum())
+    print(f"cuda {precision} against cpu fp32: {differing} of {foreground} foreground voxels differ")
+    assert foreground > 1000 and differing <= MAX_DIFFERING_SHARE * foreground
+    truth = truth.image[0].numpy()
+    cpu_dice, gpu_dice = _dice_by_organ(cpu, truth, organs), _dice_by_organ(gpu, truth, organs)
+    for name in organs.values():
+        if cpu_dice[name] is not None and gpu_dice[name] is not None:
+            assert abs(cpu_dice[name] - gpu_dice[name]) <= MAX_DICE_CHANGE, name
+
+
+def test_cuda_labels_are_bit_identical_run_to_run(phantom):
+    image, _ = phantom
+    first, _ = _labels("cuda", "bf16", image)
+    second, _ = _labels("cuda", "bf16", image)
+    assert np.array_equal(first, second)
+
+
+def test_largest_component_on_cuda_equals_scipy():
+    from scipy import ndimage
+
+    from sdseg_monai.transforms import largest_component
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        mask = rng.random(tuple(rng.integers(1, 40, size=3))) < rng.uniform(0.05, 0.6)
+        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        expected = np.zeros_like(mask)
+        if count:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            expected = components == int(np.argmax(sizes))
+        kept = largest_component(torch.from_numpy(mask).cuda())
+        assert kept.is_cuda and np.array_equal(kept.cpu().numpy(), expected)
