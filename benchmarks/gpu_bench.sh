@@ -11,6 +11,8 @@
 #              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
 #   precision  bf16 against fp32 on the GPU: per-organ Dice on the 8 test phantoms and the real CT
 #   stability  sdseg3d stability of the default model, 10 seeds, the 8 test phantoms, on the GPU
+#   profile    benchmarks/gpu_profile.py: where the GPU's time goes in one volume of the default model
+#   cpuct      beside the GPU, on 4 cores: bf16 against fp32 on the machine's CPU, the real CT alone
 #   train      the default model's training (benchmarks/gpu_continue.sh train) with the minutes left
 # Reports land in $OUT as they are written (bench_cuda.{json,md}, bench_cpu2.{json,md}, precision_cuda.json,
 # precision_cpu.json, stability.json: 7 files); the logs come back as logs.tar.gz (the 8th).
@@ -38,7 +40,7 @@ run)
     python3 -c "import torch; print('torch', torch.__version__, 'AMX', torch.cpu._is_amx_tile_supported())" || true
     gpu_cores="6-$(($(nproc) - 1))"
     phantoms=/tmp/phantoms
-    if wants cpu || wants precision || wants stability; then
+    if wants cpu || wants cpuct || wants precision || wants stability; then
         taskset -c 0-5 python3 -m sdseg_monai.cli phantom -o "$phantoms" --n 8 --seed 9000 --split test >/dev/null &
     fi
     if wants tests; then
@@ -56,6 +58,11 @@ run)
             --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu.json" >"$logs/precision_cpu.log" 2>&1 &
         cpu_lane+=($!)
     fi
+    if wants cpuct; then
+        taskset -c 2-5 env OMP_NUM_THREADS=4 timeout "$(budget 900)" python3 benchmarks/precision_dice.py --device cpu --precision bf16 \
+            --cases 0 --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu_ct.json" >"$logs/precision_cpu_ct.log" 2>&1 &
+        cpu_lane+=($!)
+    fi
     if wants bench; then
         taskset -c "$gpu_cores" timeout "$(budget 330)" python3 -m sdseg_monai.cli bench --device cuda --no-isolate --real-ct .devdata/ct \
             --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$logs/bench_cuda.log" 2>&1 || true
@@ -68,6 +75,9 @@ run)
         taskset -c "$gpu_cores" timeout "$(budget 900)" python3 -m sdseg_monai.cli stability -m sdseg_monai/default_model \
             --manifest "$phantoms/manifest.json" --data-root "$phantoms" --split test --seeds 10 --device cuda \
             --json "$OUT/stability.json" -q >"$logs/stability.log" 2>&1 || true
+    fi
+    if wants profile; then
+        taskset -c "$gpu_cores" timeout "$(budget 120)" python3 benchmarks/gpu_profile.py >"$logs/profile.log" 2>&1 || true
     fi
     for pid in "${cpu_lane[@]}"; do wait "$pid" || true; done
     if wants train; then

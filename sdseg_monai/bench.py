@@ -456,7 +456,7 @@ def part_flops(config) -> dict:
     from sdseg_monai.model import SDSeg
 
     with torch.device("meta"):
-        model = SDSeg(config)
+        model = SDSeg(config).requires_grad_(False)  # torch 2.11's flop counter fails on a meta parameter that needs grad
     size, latent, channels = config.preprocessing.slice_size, config.latent_size, config.latent_channels
     meta = {"device": "meta"}
     with torch.no_grad():
@@ -717,7 +717,7 @@ def peer_case(case: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        copy.deepcopy(net).to("meta")(torch.zeros(1, 1, roi, roi, roi, device="meta"))
+        copy.deepcopy(net).to("meta").requires_grad_(False)(torch.zeros(1, 1, roi, roi, roi, device="meta"))
     out["flops_per_window"] = float(counter.get_total_flops())
     out["slices"] = int(volume.shape[2])
     return out
