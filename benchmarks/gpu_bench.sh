@@ -64,20 +64,20 @@ run)
         cpu_lane+=($!)
     fi
     if wants bench; then
-        taskset -c "$gpu_cores" timeout "$(budget 330)" python3 -m sdseg_monai.cli bench --device cuda --no-isolate --real-ct .devdata/ct \
+        taskset -c "$gpu_cores" timeout "$(budget 220)" python3 -m sdseg_monai.cli bench --device cuda --no-isolate --real-ct .devdata/ct \
             --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$logs/bench_cuda.log" 2>&1 || true
     fi
     if wants precision; then
-        taskset -c "$gpu_cores" timeout "$(budget 90)" python3 benchmarks/precision_dice.py --device cuda --precision bf16 \
+        taskset -c "$gpu_cores" timeout "$(budget 60)" python3 benchmarks/precision_dice.py --device cuda --precision bf16 \
             --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cuda.json" >"$logs/precision_cuda.log" 2>&1 || true
+    fi
+    if wants profile; then
+        taskset -c "$gpu_cores" timeout "$(budget 60)" python3 benchmarks/gpu_profile.py >"$logs/profile.log" 2>&1 || true
     fi
     if wants stability; then
         taskset -c "$gpu_cores" timeout "$(budget 900)" python3 -m sdseg_monai.cli stability -m sdseg_monai/default_model \
             --manifest "$phantoms/manifest.json" --data-root "$phantoms" --split test --seeds 10 --device cuda \
             --json "$OUT/stability.json" -q >"$logs/stability.log" 2>&1 || true
-    fi
-    if wants profile; then
-        taskset -c "$gpu_cores" timeout "$(budget 120)" python3 benchmarks/gpu_profile.py >"$logs/profile.log" 2>&1 || true
     fi
     for pid in "${cpu_lane[@]}"; do wait "$pid" || true; done
     if wants train; then
