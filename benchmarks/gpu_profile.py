@@ -1,10 +1,14 @@
-"""Where a GPU's time goes in one volume of the packaged default model (issue 19's >= 500 slices/s).
+"""Where a GPU's time goes in one volume of the packaged default model, per precision (issue 19).
 
-Times each stage of one 512x512x100 phantom apart (read, preprocess, inference on the prepared volume,
-inverting to the input grid), the inference at several batch sizes, then prints torch.profiler's
-tables for one inference: the kernels by GPU time and the operators by host time.
+Times one 512x512x100 phantom's read and preprocessing apart, then, for each variant, the inference
+on the prepared volume (best of 3) and the voxels it labels differently from fp32, then prints
+torch.profiler's tables for each variant: kernels by GPU time, operators by host time.
 
-    python benchmarks/gpu_profile.py [--precision bf16] [--batch-sizes 0,128,512]   # 0: the default
+Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the decoder wholly in
+bf16, the rest under autocast: what ``--precision bf16`` runs on a GPU); ``bf16-autocast`` (all of it
+under autocast, the decoder's GroupNorms in fp32).
+
+    python benchmarks/gpu_profile.py [--variants fp32,bf16,bf16-autocast] [--batch-size N] [--rows 15]
 """
 
 from __future__ import annotations
@@ -16,30 +20,42 @@ from pathlib import Path
 
 import torch
 
-from sdseg_monai.bench import write_phantom
+from sdseg_monai.bench import sync, write_phantom
 from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
+VARIANTS = ("fp32", "bf16", "bf16-autocast")
 
-def timed(fn, repeats: int = 3) -> float:
+
+def timed(fn, device: str, repeats: int = 3) -> float:
     """Best of ``repeats`` wall times of ``fn()``, the device synchronised around each."""
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync(device)
         began = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - began)
     return best
+
+
+def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSegmenter:
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
+    segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size)
+    if variant == "bf16-autocast":  # the decoder back in fp32: autocast decides per operation
+        segmenter.model.cast_decoder(torch.float32)
+    return segmenter
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100))
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--batch-sizes", default="0,128,512")
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: by free memory)")
+    parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--device", default="cuda", help="cuda (a CPU runs the same steps, for a quick check of the script)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = write_phantom(tuple(args.shape), Path(folder))
@@ -47,29 +63,31 @@ def main() -> int:
         volume = read_volume(path)
         print(f"read: {time.perf_counter() - began:.3f} s")
     depth = args.shape[2]
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        segmenter = VolumeSegmenter(default_model_path(), device="cuda", precision=args.precision, batch_size=batch or None)
+    reference, tables = None, []
+    for variant in args.variants.split(","):
+        segmenter = segmenter_for(variant, args.device, args.batch_size)
         began = time.perf_counter()
         canonical = segmenter.prepare(volume)
         prepare = time.perf_counter() - began
-        segmenter.segment(volume, canonical=canonical)  # warm-up
-        inference = timed(lambda: segmenter.segment_canonical(canonical))
-        whole = timed(lambda: segmenter.segment(volume, canonical=canonical), repeats=2)
-        print(f"batch {segmenter.batch_size} pairs, chunks of {segmenter.chunk_slices} slices: prepare {prepare:.3f} s; "
-              f"inference {inference:.3f} s ({depth / inference:.0f} slices/s); with inversion to the input grid "
-              f"{whole:.3f} s ({depth / whole:.0f} slices/s)")
-    segmenter = VolumeSegmenter(default_model_path(), device="cuda", precision=args.precision)
-    canonical = segmenter.prepare(volume)
-    segmenter.segment_canonical(canonical)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profile:
-        segmenter.segment_canonical(canonical)
-        torch.cuda.synchronize()
-    averages = profile.key_averages()
-    print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows // 2, max_name_column_width=60))
-    launches = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"GPU kernels and copies: {launches}")
+        labels = segmenter.segment_canonical(canonical)  # also the warm-up
+        reference = labels if reference is None else reference
+        seconds = timed(lambda: segmenter.segment_canonical(canonical), args.device)
+        differing = int((labels != reference).sum())
+        print(f"{variant}: batch {segmenter.batch_size} pairs, chunks of {segmenter.chunk_slices} slices; prepare {prepare:.3f} s; "
+              f"inference {seconds:.3f} s ({depth / seconds:.0f} slices/s); {differing} voxels labelled unlike the first variant's",
+              flush=True)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            segmenter.segment_canonical(canonical)
+            sync(args.device)
+        averages = profile.key_averages()
+        by = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+        tables.append(f"== {variant}\n" + averages.table(sort_by=by, row_limit=args.rows, max_name_column_width=50)
+                      + averages.table(sort_by="self_cpu_time_total", row_limit=max(1, args.rows // 2), max_name_column_width=50))
+        segmenter = None  # its memory back before the next variant's batch is sized
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print("\n".join(tables))
     return 0
 
 

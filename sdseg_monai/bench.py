@@ -103,8 +103,15 @@ def matmul_tflops(device, n: int, dtype=None, repeats: int | None = None) -> flo
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    seconds = min(timed(lambda: a @ b, device) for _ in range(repeats or (5 if device.type == "cuda" else 3)))
+    # fp32 on CUDA: in TF32, as cuDNN runs fp32 convolutions by default (else the pipeline's fp32
+    # convolutions would reach more than "the limit").
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    try:
+        a @ b
+        seconds = min(timed(lambda: a @ b, device) for _ in range(repeats or (5 if device.type == "cuda" else 3)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n**3 / seconds / 1e12
 
 
@@ -217,7 +224,8 @@ class BenchOptions:
         real_ct: the real CT's folder (default: ``../shared/data/ct`` when present; None skips it).
         organ_counts: organ sets per network: 1 (the liver) and the model's 13.
         batch_size: (slice, organ) pairs per forward (default: the pipeline's).
-        multistep_slices: central slices that the multi-step protocols run on.
+        multistep_slices: central slices that the multi-step protocols run on (None: 2 on a CPU, 16 on
+            a GPU, where 2 slices' pairs are too few to fill it).
         protocols: (DDIM steps, samples averaged); must include (1, 1).
         multistep_networks: networks the multi-step protocols run on (default: tiny on a CPU, all
             on a GPU).
@@ -240,7 +248,7 @@ class BenchOptions:
     real_ct: str | None = "auto"
     organ_counts: tuple[int, ...] = (1, 13)
     batch_size: int | None = None
-    multistep_slices: int = 2
+    multistep_slices: int | None = None
     protocols: tuple[tuple[int, int], ...] = PROTOCOLS
     multistep_networks: tuple[str, ...] | None = None
     peer: bool = True
@@ -599,7 +607,9 @@ def multistep_case(case: dict) -> dict:
     slices = _model_slices(model, case["volume"], case["slices"])
     options = dict(seed=0, batch_size=case["batch_size"], precision=case["precision"])
     run = lambda steps, samples, radius: model.predict(slices, num_steps=steps, num_samples=samples, skip_decode_radius=radius, **options)  # noqa: E731
-    model.predict(slices[:1], organs=[0], **options)  # warm-up: one pair, one-time costs out of the timings
+    # Warm-up at the measured batch shapes: on a GPU the first call of a shape picks its kernels and
+    # grows the allocator (a one-pair warm-up left one step timed slower than DDIM 10).
+    run(1, 1, 0.0)
     rows = []
     for steps, samples in case["protocols"]:
         seconds = timed(lambda: run(steps, samples, 0.0), device)
@@ -840,12 +850,14 @@ def run_bench(
     real_ct = _real_ct(options.real_ct)
     precisions = ["fp32"] + ([resolved] if resolved != "fp32" else [])
     large_slab = options.large_slab if options.large_slab != "auto" else (2 if device.type == "cpu" else None)
+    multistep_slices = options.multistep_slices or (16 if device.type == "cuda" else 2)
     multistep_names = options.multistep_networks
     if multistep_names is None:
         multistep_names = tuple(s["name"] for s in specs) if device.type == "cuda" else tuple(s["name"] for s in specs[:1])
     threads = torch.get_num_threads()
     report = BenchReport(
-        options={**asdict(options), "resolved_precision": resolved, "precisions": precisions, "large_slab": large_slab},
+        options={**asdict(options), "resolved_precision": resolved, "precisions": precisions, "large_slab": large_slab,
+                 "multistep_slices": multistep_slices},
         machine=machine_info(device),
         versions=versions(),
         matmul={},
@@ -854,7 +866,8 @@ def run_bench(
         report.notes.append(f"precision {options.precision} resolves to fp32 on this {device.type}: fp32 ran once")
     for precision in precisions:
         n = 8192 if device.type == "cuda" else 2048
-        report.matmul[precision] = {"n": n, "tflops": matmul_tflops(device, n, precision_dtype(precision))}
+        report.matmul[precision] = {"n": n, "tflops": matmul_tflops(device, n, precision_dtype(precision)),
+                                    "tf32": device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32}
         say(f"matmul {precision}: {report.matmul[precision]['tflops']:.3f} TFLOP/s")
 
     reference_slices = int(options.shape[2])
@@ -946,9 +959,9 @@ def run_bench(
         for spec in specs:
             if spec["name"] not in multistep_names:
                 continue
-            case = {"kind": "multistep", "network": spec, "volume": volumes[main_volume]["path"], "slices": options.multistep_slices,
+            case = {"kind": "multistep", "network": spec, "volume": volumes[main_volume]["path"], "slices": multistep_slices,
                     "precision": resolved, "protocols": [list(p) for p in options.protocols]}
-            result = measure(case, f"multi-step {spec['name']}, {options.multistep_slices} slice(s)")
+            result = measure(case, f"multi-step {spec['name']}, {multistep_slices} slice(s)")
             report.multistep.append(_multistep_row(spec, result))
 
         import importlib.util
@@ -1186,7 +1199,7 @@ def _markdown(report: BenchReport) -> str:
         + (f"; CPU busy with other work {m['cpu_busy_before']:.0%} before, {m['cpu_busy_after']:.0%} after"
            if m.get("cpu_busy_before") is not None and m.get("cpu_busy_after") is not None else "") + ".",
         f"Versions: sdseg3d {v['sdseg3d']}, torch {v['torch']}, monai {v['monai']}, diffusers {v['diffusers']}, python {v['python']}.",
-        "Matmul: " + ", ".join(f"{p} {_fmt(x['tflops'], 3)} TFLOP/s (n={x['n']})" for p, x in report.matmul.items())
+        "Matmul: " + ", ".join(f"{p}{' (TF32)' if x.get('tf32') else ''} {_fmt(x['tflops'], 3)} TFLOP/s (n={x['n']})" for p, x in report.matmul.items())
         + f". Wall time {report.wall_seconds:.0f} s" + (" (--quick)" if report.options.get("quick") else "") + ".",
         "",
         "| volume | shape | spacing (mm) |",

@@ -11,6 +11,7 @@ back onto the input's exact grid.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device, resolve_precision
+from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, precision_dtype, resolve_device, resolve_precision
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -130,6 +131,14 @@ class Segmentation:
         return write_label_volume(self.labels, self.volume, output, self.sidecar())
 
 
+def decoder_in_low_precision(device: torch.device) -> bool:
+    """Whether a precision below fp32 casts the decoder (:meth:`SDSeg.cast_decoder`) rather than
+    autocasting it in channels-last: on a GPU, where autocast's fp32 GroupNorms and their layout copies
+    cost most of the decoder's time; not on a CPU, where autocast with channels-last is what measured
+    2.8-3.2x faster on the decoder with AMX."""
+    return device.type == "cuda"
+
+
 class VolumeSegmenter:
     """Initialise once, segment many volumes.
 
@@ -139,9 +148,11 @@ class VolumeSegmenter:
         organs: organ names to segment (default: all the model's organs).
         batch_size: (slice, organ) pairs per forward pass (default: automatic).
         seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
-        precision: inference precision (``"auto"``: bf16/fp16 autocast on CUDA, bf16 on a CPU with
-            AMX or AVX-512 BF16, fp32 on other CPUs; see :func:`~sdseg_monai.model.resolve_precision`).
-            Below fp32 the model's weights are put in channels-last memory format.
+        precision: inference precision (``"auto"``: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on
+            other CPUs and on CUDA; see :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
+            a CPU the model runs under autocast with its weights channels-last; on a GPU its decoder
+            runs wholly in that precision (a copy of the model, when one is given) and the rest
+            under autocast (see :func:`decoder_in_low_precision`).
         num_steps, num_samples: see :class:`OneStepInferer`.
         postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
             largest-component organs); False gives SDSeg's plain rounding at 0.5.
@@ -173,19 +184,25 @@ class VolumeSegmenter:
         check_num_shifts(num_shifts)
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
+        self.precision = resolve_precision(self.device, precision)
+        low_precision_decoder = self.precision != "fp32" and decoder_in_low_precision(self.device)
         if not isinstance(model, SDSeg):
             model = SDSeg.from_pretrained(model)
+        elif low_precision_decoder:
+            model = copy.deepcopy(model)  # casting the decoder must leave the caller's model as it was
         self.model = model.to(self.device).eval()
+        if low_precision_decoder:
+            self.model.cast_decoder(precision_dtype(self.precision))
+        elif self.precision != "fp32":
+            # NHWC convolutions are what AMX runs fastest in bf16 (part of the 2.46x issue 19 measured on
+            # an AMX CPU); in fp32 on an AVX2 CPU they measured no faster. Not on a GPU: there every
+            # GroupNorm copied its NHWC input back to NCHW (a third of the profiled GPU time).
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.config = self.model.config
         self.classes = self.model.class_indices(organs)
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
         self.batch_size = batch_size or default_batch_size(self.device, self.config)
         self.seed = int(seed)
-        self.precision = resolve_precision(self.device, precision)
-        if self.precision != "fp32":
-            # NHWC convolutions are what AMX and tensor cores run fastest in bf16/fp16 (part of the 2.46x
-            # issue 19 measured on an AMX CPU); in fp32 on an AVX2 CPU they measured no faster.
-            self.model = self.model.to(memory_format=torch.channels_last)
         post = self.config.postprocessing if postprocess else Postprocessing()
         if threshold is not None:
             post = replace(post, default_threshold=float(threshold), thresholds={})

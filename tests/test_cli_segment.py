@@ -179,6 +179,8 @@ def test_auto_precision_follows_the_cpu_and_the_sidecar_records_it(model_dir, sc
     assert resolve_precision(cpu) == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert resolve_precision(cpu) == "bf16" and resolve_precision(cpu, "fp32") == "fp32"
+    cuda = torch.device("cuda")  # bf16 autocast measured slower than fp32 on an H200 (issue 19)
+    assert resolve_precision(cuda) == "fp32" and resolve_precision(cuda, "bf16") == "bf16"
     with pytest.raises(SDSegInputError, match="precision must be one of"):
         resolve_precision(cpu, "int8")
     for precision in ("auto", "fp32"):  # auto is bf16 here (patched CPU): the sidecar says what ran
