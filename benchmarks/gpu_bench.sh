@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_bench.sh prepare                  # here (registries reachable): .whl/ and .devdata/
 #   bash benchmarks/gpu_bench.sh run SECONDS [STEPS]      # there, carry [".whl", ".devdata"], timeout_s >= SECONDS
 #
-# STEPS, comma-separated (default: all but train), each cut to what SECONDS leaves:
+# STEPS, comma-separated (default: all but cpuct and train), each cut to what SECONDS leaves:
 #   tests      tests/test_gpu.py: CUDA labels as the CPU's, bit-identical run to run, components as SciPy's
-#   bench      sdseg3d bench on the GPU (tiny, paper, sd-v1, pipeline, DDIM, SwinUNETR, FLOP/s of a matmul)
+#   bench      sdseg3d bench on the GPU, fp32 beside bf16 (tiny, paper, sd-v1, pipeline, DDIM, SwinUNETR, matmul FLOP/s)
 #   cpu        beside the GPU, pinned to 6 cores it does not use: sdseg3d bench on 2 cores (the "<= 60 s on
 #              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
 #   precision  bf16 against fp32 on the GPU: per-organ Dice on the 8 test phantoms and the real CT
@@ -25,7 +25,7 @@ prepare)
     ;;
 run)
     seconds="${2:?give the seconds of the call, e.g. 540}"
-    steps=",${3:-tests,bench,cpu,precision,stability},"
+    steps=",${3:-tests,bench,cpu,precision,profile,stability},"
     : "${OUT:?the device tool sets OUT, the folder whose files come back}"
     start=$(date +%s)
     deadline=$((start + seconds - 25))  # 25 s to stop the CPU lane, pack the logs and hand the files back
@@ -64,7 +64,7 @@ run)
         cpu_lane+=($!)
     fi
     if wants bench; then
-        taskset -c "$gpu_cores" timeout "$(budget 220)" python3 -m sdseg_monai.cli bench --device cuda --no-isolate --real-ct .devdata/ct \
+        taskset -c "$gpu_cores" timeout "$(budget 220)" python3 -m sdseg_monai.cli bench --device cuda --precision bf16 --no-isolate --real-ct .devdata/ct \
             --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$logs/bench_cuda.log" 2>&1 || true
     fi
     if wants precision; then
