@@ -4,11 +4,12 @@ Times one 512x512x100 phantom's read and preprocessing apart, then, for each var
 on the prepared volume (best of 3) and the voxels it labels differently from fp32, then prints
 torch.profiler's tables for each variant: kernels by GPU time, operators by host time.
 
-Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the decoder wholly in
-bf16, the rest under autocast: what ``--precision bf16`` runs on a GPU); ``bf16-autocast`` (all of it
-under autocast, the decoder's GroupNorms in fp32).
+Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the network wholly in
+bf16, outside autocast: what ``--precision bf16`` runs on a GPU, :meth:`SDSeg.cast_for_inference`);
+``bf16-decoder`` (the decoder wholly in bf16, the vision encoder and UNet under autocast);
+``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32).
 
-    python benchmarks/gpu_profile.py [--variants fp32,bf16,bf16-autocast] [--batch-size N] [--rows 15]
+    python benchmarks/gpu_profile.py [--variants fp32,bf16,bf16-decoder,bf16-autocast] [--batch-size N] [--rows 15]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
-VARIANTS = ("fp32", "bf16", "bf16-autocast")
+VARIANTS = ("fp32", "bf16", "bf16-decoder", "bf16-autocast")
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -44,8 +45,10 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size)
-    if variant == "bf16-autocast":  # the decoder back in fp32: autocast decides per operation
-        segmenter.model.cast_decoder(torch.float32)
+    if variant in ("bf16-decoder", "bf16-autocast") and segmenter.model.cast_dtype is not None:
+        segmenter.model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
+        if variant == "bf16-decoder":
+            segmenter.model.cast_decoder(torch.bfloat16)
     return segmenter
 
 

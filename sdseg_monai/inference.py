@@ -131,11 +131,11 @@ class Segmentation:
         return write_label_volume(self.labels, self.volume, output, self.sidecar())
 
 
-def decoder_in_low_precision(device: torch.device) -> bool:
-    """Whether a precision below fp32 casts the decoder (:meth:`SDSeg.cast_decoder`) rather than
-    autocasting it in channels-last: on a GPU, where autocast's fp32 GroupNorms and their layout copies
-    cost most of the decoder's time; not on a CPU, where autocast with channels-last is what measured
-    2.8-3.2x faster on the decoder with AMX."""
+def casts_below_fp32(device: torch.device) -> bool:
+    """Whether a precision below fp32 casts the network (:meth:`SDSeg.cast_for_inference`) rather
+    than autocasting it in channels-last: on a GPU, where autocast's fp32 GroupNorms and their layout
+    copies cost most of the time; not on a CPU, where autocast with channels-last is what measured
+    2.46x faster end to end with AMX."""
     return device.type == "cuda"
 
 
@@ -150,9 +150,8 @@ class VolumeSegmenter:
         seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
         precision: inference precision (``"auto"``: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on
             other CPUs and on CUDA; see :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
-            a CPU the model runs under autocast with its weights channels-last; on a GPU its decoder
-            runs wholly in that precision (a copy of the model, when one is given) and the rest
-            under autocast (see :func:`decoder_in_low_precision`).
+            a CPU the model runs under autocast with its weights channels-last; on a GPU it runs wholly
+            in that precision (a copy of the model, when one is given; see :func:`casts_below_fp32`).
         num_steps, num_samples: see :class:`OneStepInferer`.
         postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
             largest-component organs); False gives SDSeg's plain rounding at 0.5.
@@ -185,14 +184,14 @@ class VolumeSegmenter:
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         self.precision = resolve_precision(self.device, precision)
-        low_precision_decoder = self.precision != "fp32" and decoder_in_low_precision(self.device)
+        cast = self.precision != "fp32" and casts_below_fp32(self.device)
         if not isinstance(model, SDSeg):
             model = SDSeg.from_pretrained(model)
-        elif low_precision_decoder:
-            model = copy.deepcopy(model)  # casting the decoder must leave the caller's model as it was
+        elif cast:
+            model = copy.deepcopy(model)  # casting must leave the caller's model as it was
         self.model = model.to(self.device).eval()
-        if low_precision_decoder:
-            self.model.cast_decoder(precision_dtype(self.precision))
+        if cast:
+            self.model.cast_for_inference(precision_dtype(self.precision))
         elif self.precision != "fp32":
             # NHWC convolutions are what AMX runs fastest in bf16 (part of the 2.46x issue 19 measured on
             # an AMX CPU); in fp32 on an AVX2 CPU they measured no faster. Not on a GPU: there every

@@ -6,6 +6,7 @@ UNet call at t = T - 1 on seeded noise, then z0_hat is decoded into a probabilit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +43,10 @@ def check_num_shifts(num_shifts: int) -> None:
     """Refuse a shift count that :data:`SHIFT_OFFSETS` does not define."""
     if num_shifts not in SHIFT_OFFSETS:
         raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def decoded_to_probabilities(decoded: torch.Tensor) -> torch.Tensor:
@@ -310,7 +315,7 @@ class SDSeg(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image slices (B, 3, H, W) in [-1, 1] -> image latents c (B, z, H/f, W/f)."""
-        return self.vision_encoder(images)
+        return self.vision_encoder(images.to(_weight_dtype(self.vision_encoder)))
 
     @torch.no_grad()
     def empty_latent(self) -> torch.Tensor:
@@ -340,6 +345,25 @@ class SDSeg(nn.Module):
         with torch.autocast(z0.device.type, enabled=False):
             return decoded_to_probabilities(self.autoencoder.decode((z0.float() / self.latent_scale).to(dtype)).sample)
 
+    @property
+    def cast_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`cast_for_inference` put the UNet in; None while it is fp32."""
+        dtype = _weight_dtype(self.unet)
+        return None if dtype == torch.float32 else dtype
+
+    def cast_for_inference(self, dtype: torch.dtype) -> SDSeg:
+        """Put the vision encoder, the UNet (and its null context) and the mask decoder in ``dtype``, in
+        place, so that :meth:`predict` runs them wholly in bf16 or fp16, outside autocast (``float32``
+        undoes it). Under autocast every GroupNorm runs in fp32, with a cast before and after it: on a
+        GPU those casts and channels-last copies were most of the time (issue 19's profile on an H200).
+        The autoencoder's encoder (the empty mask's latent), the noise and the schedule stay fp32, and
+        the one-step arithmetic on the UNet's output runs in fp32."""
+        self.vision_encoder.to(dtype)
+        self.unet.to(dtype)
+        if self.null_context is not None:
+            self.null_context.data = self.null_context.data.to(dtype)
+        return self.cast_decoder(dtype)
+
     def cast_decoder(self, dtype: torch.dtype) -> SDSeg:
         """Put the mask decoder (and its post-quantisation convolution) in ``dtype``, in place, so that
         :meth:`decode_probabilities` runs it wholly in bf16 or fp16. Under autocast its GroupNorms
@@ -355,6 +379,8 @@ class SDSeg(nn.Module):
     def denoise(self, z_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor | None):
         """The UNet on [z_t || c] at timesteps t (and organ class ids when there are several)."""
         x = torch.cat([z_t, cond.to(z_t.dtype)], dim=1)
+        if self.cast_dtype is not None:  # a cast UNet runs outside autocast: its input in its dtype
+            x = x.to(self.cast_dtype)
         kwargs = {}
         if self.config.num_classes > 1:
             if class_ids is None:
@@ -496,7 +522,8 @@ class SDSeg(nn.Module):
         measure = return_distances or skip_decode_radius > 0
         noises = [self.initial_noise(seed + n) for n in range(num_samples)]
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
-        with autocast(device, precision):
+        # A model cast by cast_for_inference runs in its dtype; autocast would put its GroupNorms back in fp32.
+        with autocast(device, precision) if self.cast_dtype is None else contextlib.nullcontext():
             cond = torch.cat([self.encode_images(images[i : i + batch].to(device)) for i in range(0, n_slices, batch)])
             for start in range(0, n_slices * n_organs, batch):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
@@ -691,7 +718,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The precision ``"auto"`` means on ``device``: bf16 on a CPU with AMX or AVX-512 BF16 (2.35x
     faster end to end on 2 AMX cores, issue 19); fp32 on other CPUs, where bf16 is emulated, and on
     CUDA, where bf16 autocast measured slower than fp32 (TF32 convolutions) on an H200 and the
-    bf16 decoder of :meth:`SDSeg.cast_decoder` is not measured yet. Explicit choices are returned as given."""
+    all-bf16 network of :meth:`SDSeg.cast_for_inference` is not measured yet. Explicit choices are
+    returned as given."""
     if precision not in PRECISIONS:
         raise SDSegInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
@@ -706,8 +734,6 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 def autocast(device: torch.device, precision: str = "auto"):
     """Mixed precision for inference, as :func:`resolve_precision` decides; none for fp32."""
-    import contextlib
-
     precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()

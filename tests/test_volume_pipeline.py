@@ -238,31 +238,37 @@ def test_below_fp32_the_weights_go_channels_last_and_labels_stay_reproducible(tm
     assert np.array_equal(first, VolumeSegmenter(micro_model(32), device="cpu", precision="bf16", seed=1).segment(image_path).labels)
 
 
-def test_on_a_gpu_below_fp32_the_decoder_runs_wholly_in_bf16_on_a_copy_of_the_model(tmp_path, monkeypatch):
+def test_on_a_gpu_below_fp32_the_network_runs_wholly_in_bf16_on_a_copy_of_the_model(tmp_path, monkeypatch):
     import torch
 
     import sdseg_monai.inference as inference
 
-    monkeypatch.setattr(inference, "decoder_in_low_precision", lambda device: True)  # the GPU's choice, on this CPU
+    monkeypatch.setattr(inference, "casts_below_fp32", lambda device: True)  # the GPU's choice, on this CPU
     labels = ellipsoid_labels((30, 28, 3), (1.5, 1.5, 3.0))
     image_path, _ = write_case(tmp_path, labels, affine_for((1.5, 1.5, 3.0), "ras"))
     model = micro_model(32)
     segmenter = VolumeSegmenter(model, device="cpu", precision="bf16", seed=1)
-    decoder = segmenter.model.autoencoder.decoder
-    assert segmenter.model is not model and {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+    cast = segmenter.model
+    assert cast is not model and cast.cast_dtype == torch.bfloat16 and model.cast_dtype is None
+    for part in (cast.vision_encoder, cast.unet, cast.autoencoder.decoder):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's model is as it was
-    assert {p.dtype for p in segmenter.model.autoencoder.encoder.parameters()} == {torch.float32}  # the empty latent's
-    assert all(m.weight.is_contiguous() for m in segmenter.model.modules() if isinstance(m, torch.nn.Conv2d))  # no NHWC
+    assert {p.dtype for p in cast.autoencoder.encoder.parameters()} == {torch.float32}  # the empty latent's
+    assert all(m.weight.is_contiguous() for m in cast.modules() if isinstance(m, torch.nn.Conv2d))  # no NHWC
     seen = []
-    decoder.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    for part in (cast.vision_encoder, cast.unet, cast.autoencoder.decoder):
+        part.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
     first = segmenter.segment(image_path).labels
-    assert seen and set(seen) == {(torch.bfloat16, False)}  # in bf16 throughout, outside autocast
+    assert len(seen) >= 3 and set(seen) == {(torch.bfloat16, False)}  # in bf16 throughout, outside autocast
     again = VolumeSegmenter(model, device="cpu", precision="bf16", seed=1).segment(image_path).labels
     assert np.array_equal(first, again)
     slices = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fp32 = model.predict(slices, precision="fp32")
-    bf16 = segmenter.model.predict(slices, precision="bf16")
-    assert bf16.dtype == torch.float32 and 0 < (fp32 - bf16).abs().max() < 0.05  # bf16's resolution, not another answer
+    for steps in (1, 3):  # one step, and a DDIM chain
+        fp32 = model.predict(slices, num_steps=steps, precision="fp32")
+        bf16 = cast.predict(slices, num_steps=steps, precision="bf16")
+        assert bf16.dtype == torch.float32 and 0 < (fp32 - bf16).abs().max() < 0.05  # bf16's resolution, not another answer
+    cast.cast_for_inference(torch.float32)  # undone (the weights keep bf16's rounding): autocast decides again
+    assert cast.cast_dtype is None and {p.dtype for p in cast.parameters()} == {torch.float32}
 
 
 def test_only_one_chunk_of_native_maps_is_held(tmp_path):
