@@ -11,8 +11,9 @@
 #              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
 #   precision  bf16 against fp32 on the GPU: per-organ Dice on the 8 test phantoms and the real CT
 #   stability  sdseg3d stability of the default model, 10 seeds, the 8 test phantoms, on the GPU
-#   profile    benchmarks/gpu_profile.py: where the GPU's time goes in one volume of the default model
+#   profile    benchmarks/gpu_profile.py: fp32, bf16 (cast), bf16 decoder only, autocast, compiled; profiles
 #   cpuct      beside the GPU, on 4 cores: bf16 against fp32 on the machine's CPU, the real CT alone
+#   cpuprofile beside the GPU, on 4 cores: gpu_profile.py on the CPU (fp32, autocast bf16, the cast network)
 #   train      the default model's training (benchmarks/gpu_continue.sh train) with the minutes left
 # Reports land in $OUT as they are written (bench_cuda.{json,md}, bench_cpu2.{json,md}, precision_cuda.json,
 # precision_cpu.json, stability.json: 7 files); the logs come back as logs.tar.gz (the 8th).
@@ -58,6 +59,11 @@ run)
             --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu.json" >"$logs/precision_cpu.log" 2>&1 &
         cpu_lane+=($!)
     fi
+    if wants cpuprofile; then  # autocast bf16 (as shipped on an AMX CPU) against the cast network, on 4 cores
+        taskset -c 2-5 env OMP_NUM_THREADS=4 timeout "$(budget 900)" python3 benchmarks/gpu_profile.py --device cpu --shape 512 512 12 \
+            --variants fp32,bf16,bf16-cast --repeats 1 --rows 10 >"$logs/cpu_profile.log" 2>&1 &
+        cpu_lane+=($!)
+    fi
     if wants cpuct; then
         taskset -c 2-5 env OMP_NUM_THREADS=4 timeout "$(budget 900)" python3 benchmarks/precision_dice.py --device cpu --precision bf16 \
             --cases 0 --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cpu_ct.json" >"$logs/precision_cpu_ct.log" 2>&1 &
@@ -72,7 +78,7 @@ run)
             --phantoms "$phantoms" --real-ct .devdata/ct --json "$OUT/precision_cuda.json" >"$logs/precision_cuda.log" 2>&1 || true
     fi
     if wants profile; then
-        taskset -c "$gpu_cores" timeout "$(budget 60)" python3 benchmarks/gpu_profile.py >"$logs/profile.log" 2>&1 || true
+        taskset -c "$gpu_cores" timeout "$(budget 240)" python3 benchmarks/gpu_profile.py >"$logs/profile.log" 2>&1 || true
     fi
     if wants stability; then
         taskset -c "$gpu_cores" timeout "$(budget 900)" python3 -m sdseg_monai.cli stability -m sdseg_monai/default_model \

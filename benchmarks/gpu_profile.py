@@ -1,15 +1,18 @@
 """Where a GPU's time goes in one volume of the packaged default model, per precision (issue 19).
 
-Times one 512x512x100 phantom's read and preprocessing apart, then, for each variant, the inference
-on the prepared volume (best of 3) and the voxels it labels differently from fp32, then prints
-torch.profiler's tables for each variant: kernels by GPU time, operators by host time.
+Times one 512x512x100 phantom's read apart, then for each variant: its preprocessing, the inference on
+the prepared volume (best of 3), the voxels it labels unlike the first variant, and torch.profiler's
+tables (kernels by GPU time, operators by host time), printed as each variant ends.
 
 Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the network wholly in
 bf16, outside autocast: what ``--precision bf16`` runs on a GPU, :meth:`SDSeg.cast_for_inference`);
 ``bf16-decoder`` (the decoder wholly in bf16, the vision encoder and UNet under autocast);
-``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32).
+``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32); ``bf16-cast`` (the network cast
+on any device: on a CPU, beside the autocast ``bf16`` runs there); ``bf16-compile`` (cast, then the
+UNet and the decoder through ``torch.compile(dynamic=True)``; its first call, compiling, is timed apart).
+A variant that fails prints its error and the others run.
 
-    python benchmarks/gpu_profile.py [--variants fp32,bf16,bf16-decoder,bf16-autocast] [--batch-size N] [--rows 15]
+    python benchmarks/gpu_profile.py [--variants fp32,bf16,...] [--batch-size N] [--rows 15] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
-VARIANTS = ("fp32", "bf16", "bf16-decoder", "bf16-autocast")
+VARIANTS = ("fp32", "bf16", "bf16-decoder", "bf16-autocast", "bf16-cast", "bf16-compile")
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -45,20 +48,27 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size)
-    if variant in ("bf16-decoder", "bf16-autocast") and segmenter.model.cast_dtype is not None:
-        segmenter.model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
+    model = segmenter.model
+    if variant in ("bf16-decoder", "bf16-autocast") and model.cast_dtype is not None:
+        model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
         if variant == "bf16-decoder":
-            segmenter.model.cast_decoder(torch.bfloat16)
+            model.cast_decoder(torch.bfloat16)
+    if variant in ("bf16-cast", "bf16-compile") and model.cast_dtype is None:
+        model.cast_for_inference(torch.bfloat16)
+    if variant == "bf16-compile":
+        model.unet = torch.compile(model.unet, dynamic=True)
+        model.autoencoder.decoder = torch.compile(model.autoencoder.decoder, dynamic=True)
     return segmenter
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="fp32,bf16,bf16-decoder,bf16-autocast,bf16-compile")
     parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: by free memory)")
     parser.add_argument("--rows", type=int, default=15)
-    parser.add_argument("--device", default="cuda", help="cuda (a CPU runs the same steps, for a quick check of the script)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant after the first; the best counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = write_phantom(tuple(args.shape), Path(folder))
@@ -66,31 +76,35 @@ def main() -> int:
         volume = read_volume(path)
         print(f"read: {time.perf_counter() - began:.3f} s")
     depth = args.shape[2]
-    reference, tables = None, []
+    reference = None
     for variant in args.variants.split(","):
-        segmenter = segmenter_for(variant, args.device, args.batch_size)
-        began = time.perf_counter()
-        canonical = segmenter.prepare(volume)
-        prepare = time.perf_counter() - began
-        labels = segmenter.segment_canonical(canonical)  # also the warm-up
-        reference = labels if reference is None else reference
-        seconds = timed(lambda: segmenter.segment_canonical(canonical), args.device)
+        try:
+            segmenter = segmenter_for(variant, args.device, args.batch_size)
+            began = time.perf_counter()
+            canonical = segmenter.prepare(volume)
+            prepare = time.perf_counter() - began
+            first = timed(lambda: segmenter.segment_canonical(canonical), args.device, repeats=1)  # the warm-up
+            labels = segmenter.segment_canonical(canonical)
+            reference = labels if reference is None else reference
+            seconds = timed(lambda: segmenter.segment_canonical(canonical), args.device, args.repeats)
+        except Exception as error:  # noqa: BLE001  (a measurement script: one variant's failure is its result)
+            print(f"{variant}: failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}", flush=True)
+            continue
         differing = int((labels != reference).sum())
         print(f"{variant}: batch {segmenter.batch_size} pairs, chunks of {segmenter.chunk_slices} slices; prepare {prepare:.3f} s; "
-              f"inference {seconds:.3f} s ({depth / seconds:.0f} slices/s); {differing} voxels labelled unlike the first variant's",
-              flush=True)
+              f"first call {first:.3f} s; inference {seconds:.3f} s ({depth / seconds:.0f} slices/s); "
+              f"{differing} voxels labelled unlike the first variant's", flush=True)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with torch.profiler.profile(activities=activities) as profile:
             segmenter.segment_canonical(canonical)
             sync(args.device)
         averages = profile.key_averages()
         by = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
-        tables.append(f"== {variant}\n" + averages.table(sort_by=by, row_limit=args.rows, max_name_column_width=50)
-                      + averages.table(sort_by="self_cpu_time_total", row_limit=max(1, args.rows // 2), max_name_column_width=50))
+        print(f"== {variant}\n" + averages.table(sort_by=by, row_limit=args.rows, max_name_column_width=50)
+              + averages.table(sort_by="self_cpu_time_total", row_limit=max(1, args.rows // 2), max_name_column_width=50), flush=True)
         segmenter = None  # its memory back before the next variant's batch is sized
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print("\n".join(tables))
     return 0
 
 
