@@ -366,10 +366,8 @@ class SDSeg(nn.Module):
 
     def cast_decoder(self, dtype: torch.dtype) -> SDSeg:
         """Put the mask decoder (and its post-quantisation convolution) in ``dtype``, in place, so that
-        :meth:`decode_probabilities` runs it wholly in bf16 or fp16. Under autocast its GroupNorms
-        would run in fp32 instead, with a cast before and after each: on a GPU those casts and the
-        GroupNorms' memory traffic were most of the decoder's time (issue 19's profile on an H200).
-        The autoencoder's encoder, which computes the empty mask's latent, stays in fp32."""
+        :meth:`decode_probabilities` runs it wholly in that dtype, outside autocast (the decoder part
+        of :meth:`cast_for_inference`; the autoencoder's encoder stays fp32)."""
         self.autoencoder.decoder.to(dtype)
         if self.autoencoder.post_quant_conv is not None:
             self.autoencoder.post_quant_conv.to(dtype)
