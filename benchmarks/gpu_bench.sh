@@ -15,8 +15,11 @@
 #   cpuct      beside the GPU, on 4 cores: bf16 against fp32 on the machine's CPU, the real CT alone
 #   cpuprofile beside the GPU, on 4 cores: gpu_profile.py on the CPU (fp32, autocast bf16, the cast network)
 #   train      the default model's training (benchmarks/gpu_continue.sh train) with the minutes left
+#              (after the CPU lane ends; its run.log and run/ count against $OUT's 8 files: give it alone)
+# cpu, cpuprofile and cpuct share cores 2-5: give one of them per call.
 # Reports land in $OUT as they are written (bench_cuda.{json,md}, bench_cpu2.{json,md}, precision_cuda.json,
-# precision_cpu.json, stability.json: 7 files); the logs come back as logs.tar.gz (the 8th).
+# precision_cpu.json or precision_cpu_ct.json, stability.json: at most 7 files); the logs, the profiles'
+# among them, come back as logs.tar.gz (the 8th).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,7 +98,7 @@ run)
     echo "gpu_bench: $(($(date +%s) - start)) s"
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
