@@ -31,7 +31,7 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, precision_dtype, resolve_device, resolve_precision
+from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device, resolve_precision
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -131,11 +131,11 @@ class Segmentation:
         return write_label_volume(self.labels, self.volume, output, self.sidecar())
 
 
-def casts_below_fp32(device: torch.device) -> bool:
-    """Whether a precision below fp32 casts the network (:meth:`SDSeg.cast_for_inference`) rather
-    than autocasting it in channels-last: on a GPU, where autocast's fp32 GroupNorms and their layout
-    copies cost most of the time; not on a CPU, where autocast with channels-last is what measured
-    2.46x faster end to end with AMX."""
+def casts_to_bf16(device: torch.device) -> bool:
+    """Whether bf16 casts the network (:meth:`SDSeg.cast_for_inference`) rather than autocasting it
+    in channels-last: on a GPU, where autocast's fp32 GroupNorms and their layout copies cost most of
+    the time; not on a CPU, where autocast with channels-last is what measured 2.46x faster end to end
+    with AMX. fp16 always autocasts: its range is fp32's only inside autocast's fp32 operations."""
     return device.type == "cuda"
 
 
@@ -150,8 +150,9 @@ class VolumeSegmenter:
         seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
         precision: inference precision (``"auto"``: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on
             other CPUs and on CUDA; see :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
-            a CPU the model runs under autocast with its weights channels-last; on a GPU it runs wholly
-            in that precision (a copy of the model, when one is given; see :func:`casts_below_fp32`).
+            a CPU the model runs under autocast with its weights channels-last; on a GPU bf16 runs the
+            network wholly in bf16 (a copy of the model, when one is given; see :func:`casts_to_bf16`)
+            and fp16 under autocast.
         num_steps, num_samples: see :class:`OneStepInferer`.
         postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
             largest-component organs); False gives SDSeg's plain rounding at 0.5.
@@ -184,15 +185,15 @@ class VolumeSegmenter:
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         self.precision = resolve_precision(self.device, precision)
-        cast = self.precision != "fp32" and casts_below_fp32(self.device)
+        cast = self.precision == "bf16" and casts_to_bf16(self.device)
         if not isinstance(model, SDSeg):
             model = SDSeg.from_pretrained(model)
         elif cast:
             model = copy.deepcopy(model)  # casting must leave the caller's model as it was
         self.model = model.to(self.device).eval()
         if cast:
-            self.model.cast_for_inference(precision_dtype(self.precision))
-        elif self.precision != "fp32":
+            self.model.cast_for_inference(torch.bfloat16)
+        elif self.precision != "fp32" and self.device.type == "cpu":
             # NHWC convolutions are what AMX runs fastest in bf16 (part of the 2.46x issue 19 measured on
             # an AMX CPU); in fp32 on an AVX2 CPU they measured no faster. Not on a GPU: there every
             # GroupNorm copied its NHWC input back to NCHW (a third of the profiled GPU time).

@@ -243,7 +243,7 @@ def test_on_a_gpu_below_fp32_the_network_runs_wholly_in_bf16_on_a_copy_of_the_mo
 
     import sdseg_monai.inference as inference
 
-    monkeypatch.setattr(inference, "casts_below_fp32", lambda device: True)  # the GPU's choice, on this CPU
+    monkeypatch.setattr(inference, "casts_to_bf16", lambda device: True)  # the GPU's choice, on this CPU
     labels = ellipsoid_labels((30, 28, 3), (1.5, 1.5, 3.0))
     image_path, _ = write_case(tmp_path, labels, affine_for((1.5, 1.5, 3.0), "ras"))
     model = micro_model(32)
