@@ -4,13 +4,15 @@ Times one 512x512x100 phantom's read apart, then for each variant: its preproces
 the prepared volume (best of 3), the voxels it labels unlike the first variant, and torch.profiler's
 tables (kernels by GPU time, operators by host time), printed as each variant ends.
 
-Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the network wholly in
-bf16, outside autocast: what ``--precision bf16`` runs on a GPU, :meth:`SDSeg.cast_for_inference`);
-``bf16-decoder`` (the decoder wholly in bf16, the vision encoder and UNet under autocast);
-``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32); ``bf16-cast`` (the network cast
-on any device: on a CPU, beside the autocast ``bf16`` runs there); ``bf16-compile`` (cast, then the
-UNet and the decoder through ``torch.compile(dynamic=True)``; its first call, compiling, is timed apart).
-A variant that fails prints its error and the others run.
+Variants: ``fp32`` (TF32 convolutions, as cuDNN runs them by default); ``bf16`` (the network wholly
+in bf16, outside autocast: what ``--precision bf16`` runs on a GPU,
+:meth:`SDSeg.cast_for_inference`); ``bf16-decoder`` (the decoder wholly in bf16, the vision encoder
+and UNet under autocast); ``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32);
+``-cl`` after a variant puts the weights channels-last (``bf16-autocast-cl`` is what bf16 ran as on
+a GPU before); ``bf16-cast`` (the network cast on any device: on a CPU, beside the autocast ``bf16``
+runs there); ``bf16-compile`` (cast, then the UNet and the decoder through
+``torch.compile(dynamic=True)``; its first call, compiling, is timed apart). A variant that fails
+prints its error and the others run.
 
     python benchmarks/gpu_profile.py [--variants fp32,bf16,...] [--batch-size N] [--rows 15] [--repeats 3] [--device cuda]
 """
@@ -29,7 +31,7 @@ from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
-VARIANTS = ("fp32", "bf16", "bf16-decoder", "bf16-autocast", "bf16-cast", "bf16-compile")
+VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast", "bf16-compile")
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -49,7 +51,7 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size)
     model = segmenter.model
-    if variant in ("bf16-decoder", "bf16-autocast") and model.cast_dtype is not None:
+    if variant in ("bf16-decoder", "bf16-autocast", "bf16-autocast-cl") and model.cast_dtype is not None:
         model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
         if variant == "bf16-decoder":
             model.cast_decoder(torch.bfloat16)
@@ -58,13 +60,15 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
     if variant == "bf16-compile":
         model.unet = torch.compile(model.unet, dynamic=True)
         model.autoencoder.decoder = torch.compile(model.autoencoder.decoder, dynamic=True)
+    if variant.endswith("-cl"):
+        segmenter.model = model.to(memory_format=torch.channels_last)
     return segmenter
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100))
-    parser.add_argument("--variants", default="fp32,bf16,bf16-decoder,bf16-autocast,bf16-compile")
+    parser.add_argument("--variants", default="fp32,bf16,bf16-cl,bf16-decoder,bf16-autocast,bf16-autocast-cl,bf16-compile")
     parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: by free memory)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu")
