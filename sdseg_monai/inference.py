@@ -312,10 +312,8 @@ class VolumeSegmenter:
         if measure:
             options = {**options, "return_distances": True}
         volume = image.as_tensor() if hasattr(image, "as_tensor") else image
-        if self.device.type == "cuda":  # an asynchronous copy from page-locked memory (see prepare)
-            volume = (volume if volume.is_pinned() else volume.pin_memory()).to(self.device, non_blocking=True)
-        else:
-            volume = volume.to(self.device)
+        # Asynchronous from page-locked memory (see prepare); from pageable memory torch copies safely.
+        volume = volume.to(self.device, non_blocking=True)
         geometry = SliceGeometry((size_x, size_y), self.config.preprocessing.slice_size)
         for start in range(0, depth, self.chunk_slices):
             indices = range(start, min(start + self.chunk_slices, depth))

@@ -339,11 +339,9 @@ class SDSeg(nn.Module):
         """z0_hat -> decoder -> clamp to [-1, 1] -> [0, 1] -> channel mean: (B, H, W) probabilities.
 
         A decoder cast by :meth:`cast_decoder` runs wholly in its dtype, outside autocast."""
-        dtype = self.autoencoder.decoder.conv_in.weight.dtype
-        if dtype == torch.float32:
-            return decoded_to_probabilities(self.autoencoder.decode(z0 / self.latent_scale).sample)
-        with torch.autocast(z0.device.type, enabled=False):
-            return decoded_to_probabilities(self.autoencoder.decode((z0.float() / self.latent_scale).to(dtype)).sample)
+        dtype = _weight_dtype(self.autoencoder.decoder)
+        with contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(z0.device.type, enabled=False):
+            return decoded_to_probabilities(self.autoencoder.decode((z0 / self.latent_scale).to(dtype)).sample)
 
     @property
     def cast_dtype(self) -> torch.dtype | None:

@@ -32,9 +32,9 @@ def _labels(device: str, precision: str, image):
 
 
 def _dice_by_organ(labels: np.ndarray, truth: np.ndarray, organs: dict[int, str]) -> dict[str, float | None]:
-    from sdseg_monai.metrics import binary_dice
+    from sdseg_monai.metrics import organ_scores
 
-    return {name: binary_dice(labels == value, truth == value) for value, name in organs.items()}
+    return {score.name: score.dice for score in organ_scores(labels, truth, organs)}
 
 
 @pytest.fixture(scope="module")
