@@ -526,11 +526,13 @@ def segment_case(case: dict) -> dict:
     import numpy as np
 
     from sdseg_monai.data import read_volume
-    from sdseg_monai.inference import VolumeSegmenter
+    from sdseg_monai.inference import VolumeSegmenter, model_for_precision
+    from sdseg_monai.model import resolve_precision
     from sdseg_monai.transforms import IMAGE_KEY
 
     device = _setup_child(case)
-    model = build_network(case["network"], device)
+    # Laid out for its precision once, here: the segmenters below run this very model, whose parts the hooks time.
+    model = model_for_precision(build_network(case["network"], device), device, resolve_precision(device, case["precision"]), owned=True)
     organs = _organ_names(model, case["organs"])
     common = dict(device=device, batch_size=case["batch_size"], precision=case["precision"], seed=0)
     # One slice, one organ, every pair decoded: one-time costs (allocations, kernel choice) out of the timings.
@@ -600,10 +602,11 @@ def multistep_case(case: dict) -> dict:
     """SDSeg's one step against DDIM chains and averaged samples on the same slices and network
     (``SDSeg.predict``, every organ, every pair decoded in all of them), plus one step with the
     model's calibrated skip (as shipped)."""
+    from sdseg_monai.inference import model_for_precision
     from sdseg_monai.model import resolve_precision
 
     device = _setup_child(case)
-    model = build_network(case["network"], device)
+    model = model_for_precision(build_network(case["network"], device), device, resolve_precision(device, case["precision"]), owned=True)
     slices = _model_slices(model, case["volume"], case["slices"])
     options = dict(seed=0, batch_size=case["batch_size"], precision=case["precision"])
     run = lambda steps, samples, radius: model.predict(slices, num_steps=steps, num_samples=samples, skip_decode_radius=radius, **options)  # noqa: E731

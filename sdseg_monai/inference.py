@@ -139,6 +139,22 @@ def casts_to_bf16(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def model_for_precision(model: SDSeg, device: torch.device, precision: str, owned: bool = False) -> SDSeg:
+    """``model`` on ``device`` in eval mode, as a resolved ``precision`` runs it: with bf16 on a GPU
+    cast (:func:`casts_to_bf16`; a copy unless ``owned``, and as it is when already cast); below fp32
+    on a CPU with its weights channels-last (NHWC convolutions are what AMX runs fastest in bf16, part
+    of the 2.46x issue 19 measured; in fp32 on an AVX2 CPU they measured no faster; not on a GPU,
+    where every GroupNorm copied its NHWC input back to NCHW, a third of the profiled GPU time)."""
+    if precision == "bf16" and casts_to_bf16(device):
+        if model.cast_dtype != torch.bfloat16:
+            model = (model if owned else copy.deepcopy(model)).cast_for_inference(torch.bfloat16)
+        return model.to(device).eval()
+    model = model.to(device).eval()
+    if precision != "fp32" and device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 class VolumeSegmenter:
     """Initialise once, segment many volumes.
 
@@ -151,8 +167,8 @@ class VolumeSegmenter:
         precision: inference precision (``"auto"``: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on
             other CPUs and on CUDA; see :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
             a CPU the model runs under autocast with its weights channels-last; on a GPU bf16 runs the
-            network wholly in bf16 (a copy of the model, when one is given; see :func:`casts_to_bf16`)
-            and fp16 under autocast.
+            network wholly in bf16 (a copy of the model, when one is given; see
+            :func:`model_for_precision`) and fp16 under autocast.
         num_steps, num_samples: see :class:`OneStepInferer`.
         postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
             largest-component organs); False gives SDSeg's plain rounding at 0.5.
@@ -185,19 +201,8 @@ class VolumeSegmenter:
         self.device = resolve_device(device)
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         self.precision = resolve_precision(self.device, precision)
-        cast = self.precision == "bf16" and casts_to_bf16(self.device)
-        if not isinstance(model, SDSeg):
-            model = SDSeg.from_pretrained(model)
-        elif cast:
-            model = copy.deepcopy(model)  # casting must leave the caller's model as it was
-        self.model = model.to(self.device).eval()
-        if cast:
-            self.model.cast_for_inference(torch.bfloat16)
-        elif self.precision != "fp32" and self.device.type == "cpu":
-            # NHWC convolutions are what AMX runs fastest in bf16 (part of the 2.46x issue 19 measured on
-            # an AMX CPU); in fp32 on an AVX2 CPU they measured no faster. Not on a GPU: there every
-            # GroupNorm copied its NHWC input back to NCHW (a third of the profiled GPU time).
-            self.model = self.model.to(memory_format=torch.channels_last)
+        loaded = not isinstance(model, SDSeg)
+        self.model = model_for_precision(SDSeg.from_pretrained(model) if loaded else model, self.device, self.precision, owned=loaded)
         self.config = self.model.config
         self.classes = self.model.class_indices(organs)
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}

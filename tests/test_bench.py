@@ -171,6 +171,17 @@ def test_reports_are_written_atomically(report, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temporary left
 
 
+def test_stage_hooks_time_the_cast_model_a_gpu_runs_in_bf16(model_dir, monkeypatch):
+    import sdseg_monai.inference as inference
+
+    monkeypatch.setattr(inference, "casts_to_bf16", lambda device: True)  # the GPU's choice, on this CPU
+    monkeypatch.setattr(bench, "matmul_tflops", lambda *args, **kwargs: 1.0)  # an emulated bf16 matmul takes minutes here
+    report = run_bench(micro_options(model_dir, precision="bf16", organ_counts=(2,), multistep_networks=(), peer=False, pipeline_volumes=0))
+    row = next(r for r in report.one_step if r["precision"] == "bf16")
+    assert row["items"]["encoder"] == 4 and row["items"]["unet"] == 8 and row["items"]["decoder"] > 0
+    assert row["stages"]["decoder"] > 0
+
+
 def test_isolated_configuration_measures_its_own_peak_rss(model_dir):
     # The uncalibrated micro model: one configuration, one fresh process.
     isolated = run_bench(micro_options(model_dir, organ_counts=(1,), multistep_networks=(), peer=False, isolate=True, pipeline_volumes=0))
