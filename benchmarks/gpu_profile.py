@@ -26,24 +26,12 @@ from pathlib import Path
 
 import torch
 
-from sdseg_monai.bench import sync, write_phantom
+from sdseg_monai.bench import sync, timed, write_phantom
 from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
 VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast", "bf16-compile")
-
-
-def timed(fn, device: str, repeats: int = 3) -> float:
-    """Best of ``repeats`` wall times of ``fn()``, the device synchronised around each."""
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        began = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSegmenter:
@@ -87,10 +75,11 @@ def main() -> int:
             began = time.perf_counter()
             canonical = segmenter.prepare(volume)
             prepare = time.perf_counter() - began
-            first = timed(lambda: segmenter.segment_canonical(canonical), args.device, repeats=1)  # the warm-up
-            labels = segmenter.segment_canonical(canonical)
+            began = time.perf_counter()
+            labels = segmenter.segment_canonical(canonical)  # also the warm-up (a compiled variant compiles here)
+            first = time.perf_counter() - began  # segment_canonical returns labels on the host: the device is done
             reference = labels if reference is None else reference
-            seconds = timed(lambda: segmenter.segment_canonical(canonical), args.device, args.repeats)
+            seconds = min(timed(lambda: segmenter.segment_canonical(canonical), args.device) for _ in range(args.repeats))
         except Exception as error:  # noqa: BLE001  (a measurement script: one variant's failure is its result)
             print(f"{variant}: failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}", flush=True)
             continue
