@@ -110,7 +110,8 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
         what: ``"image"`` or ``"label map"``, for messages; label maps load as integers.
 
     Returns:
-        a :class:`Volume` whose image is a (1, X, Y, Z) ``MetaTensor`` in the file's array order.
+        a :class:`Volume` whose image is a (1, X, Y, Z) ``MetaTensor`` in the file's array order and
+        memory layout (not necessarily C-contiguous).
     """
     from monai.data import MetaTensor
 
@@ -143,7 +144,9 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
             raise SDSegInputError(f"{what} holds non-integer values", path)
         data = rounded
     meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS"}
-    image = MetaTensor(np.ascontiguousarray(data, dtype=dtype)[None], affine=affine, meta=meta)
+    # A copy (never a view of a memory-mapped input) in the file's own layout: NIfTI stores Fortran
+    # order, where an axial slice is contiguous; reordering it to C order took longer than the conversion.
+    image = MetaTensor(np.array(data, dtype=dtype, order="K")[None], affine=affine, meta=meta)
     return Volume(image=image, source=str(path), header=nifti.header, shape=shape, nonfinite_voxels=nonfinite)
 
 

@@ -378,8 +378,9 @@ class VolumeSegmenter:
     def segment_canonical(self, image: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Label map (X, Y, Z) uint8 of a canonical, windowed (1, X, Y, Z) volume, chunk by chunk.
         Maps stay on the segmenter's device; only the labels come back."""
-        _, size_x, size_y, depth = image.shape
-        labels = torch.zeros((size_x, size_y, depth), dtype=torch.uint8, device=self.device)
+        # In the image's memory layout (a NIfTI's Fortran order), which the written file keeps.
+        plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+        labels = torch.zeros_like(plain[0], dtype=torch.uint8, device=self.device)
         label_values = [self.config.organ_labels[k] for k in self.classes]
         for chunk in self._smoothed(self._probability_chunks(image, progress)):
             # An organ with no decoded pair in the chunk is all zero there: it claims no voxel (skipping

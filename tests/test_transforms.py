@@ -6,7 +6,14 @@ import torch
 from monai.data import MetaTensor
 
 from sdseg_monai.config import Preprocessing
-from sdseg_monai.transforms import SliceGeometry, axial_slices, canonical_transforms, fuse_probabilities
+from sdseg_monai.transforms import (
+    FillNonFinite,
+    SliceGeometry,
+    WindowIntensity,
+    axial_slices,
+    canonical_transforms,
+    fuse_probabilities,
+)
 
 
 def test_hu_window_maps_to_minus_one_one_and_clips():
@@ -17,11 +24,49 @@ def test_hu_window_maps_to_minus_one_one_and_clips():
     assert sts.flatten()[2].item() == pytest.approx((37.5 + 100) / 1200 * 2 - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16])
+def test_window_is_bit_identical_to_monais_scale_intensity_range(dtype):
+    from monai.transforms import Orientation, ScaleIntensityRange
+
+    hu = (torch.randn((1, 37, 29, 11), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 600).to(dtype)
+    hu = Orientation(axcodes="RAS")(MetaTensor(hu, affine=torch.diag(torch.tensor([-1.0, -1.0, 2.5, 1.0]))))
+    fused_differs = []
+    for low, high in ((-175, 250), (-100, 1100), (-57.3, 181.9)):
+        reference = ScaleIntensityRange(low, high, -1.0, 1.0, clip=True)(hu)
+        out = WindowIntensity(low, high)(hu)
+        assert out.dtype == reference.dtype == torch.float32
+        assert torch.equal(out.as_tensor(), reference.as_tensor())
+        # meta and the reorientation stay, so that Invertd can undo it
+        assert torch.equal(out.affine, hu.affine) and len(out.applied_operations) == len(hu.applied_operations) == 1
+        fused = (hu.as_tensor().to(torch.float32) * (2.0 / (high - low)) - (2.0 * low / (high - low) + 1.0)).clamp(-1, 1)
+        fused_differs.append(not torch.equal(fused, reference.as_tensor()))
+    # Negative control: the same window as one multiply-add is not bit-identical, so the equality
+    # above checks the arithmetic, not a tolerance.
+    assert any(fused_differs)
+    with pytest.raises(ValueError, match="high > low"):
+        WindowIntensity(250, 250)
+
+
+def test_fill_nonfinite_fills_nan_and_inf_and_passes_finite_volumes_through():
+    fill = FillNonFinite(-175.0)
+    holes = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 2.0])
+    assert fill(holes).tolist() == [1.0, -175.0, -175.0, -175.0, 2.0]
+    finite = torch.tensor([1.0, 2.0])
+    assert fill(finite) is finite  # checked without a copy
+    # finite voxels whose sum overflows take the exact path, which changes nothing
+    huge = torch.full((4,), 3e38)
+    assert torch.equal(fill(huge), huge)
+    integers = torch.tensor([1, 2], dtype=torch.int16)
+    assert fill(integers) is integers
+
+
 def test_replicate_and_two_and_a_half_d_channels():
     volume = torch.arange(4 * 3 * 5, dtype=torch.float32).reshape(1, 4, 3, 5)
     grey = axial_slices(volume, [0, 4], "replicate")
     assert grey.shape == (2, 3, 4, 3)
     assert torch.equal(grey[1, 0], volume[0, :, :, 4]) and torch.equal(grey[1, 0], grey[1, 2])
+    run = axial_slices(volume, range(1, 4), "replicate")  # a run of slices: a view, the same values
+    assert torch.equal(run, axial_slices(volume, [1, 2, 3], "replicate"))
     stacked = axial_slices(volume, [0, 2, 4], "2.5d")
     assert torch.equal(stacked[1, 0], volume[0, :, :, 1]) and torch.equal(stacked[1, 2], volume[0, :, :, 3])
     assert torch.equal(stacked[0, 0], volume[0, :, :, 0])  # the edge slice repeats at the ends

@@ -224,6 +224,31 @@ def test_same_input_same_seed_gives_bit_identical_labels(tmp_path):
     assert first.any()  # random weights still claim voxels: the comparison is not of two empty maps
 
 
+def test_the_files_layout_is_kept_from_read_to_written_labels_and_changes_no_label(tmp_path):
+    from dataclasses import replace
+
+    from monai.data import MetaTensor
+
+    labels = ellipsoid_labels((30, 28, 5), (1.5, 1.5, 3.0))
+    image_path = tmp_path / "case.nii"  # uncompressed: nibabel memory-maps it
+    nib.save(nib.Nifti1Image(image_from_labels(labels), affine_for((1.5, 1.5, 3.0), "lps")), str(image_path))
+    before = image_path.read_bytes()
+    volume = read_volume(image_path)
+    array = volume.image.as_tensor()[0].numpy()
+    assert array.flags.f_contiguous and not array.flags.c_contiguous  # NIfTI's own order: no reordering copy
+    array[0, 0, 0] = 1234.0  # a copy, not a view of the mapped file
+    assert image_path.read_bytes() == before
+    volume = read_volume(image_path)
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", seed=2)
+    result = segmenter.segment(volume)
+    assert result.labels.flags.f_contiguous  # written without a reordering copy
+    c_order = MetaTensor(volume.image.as_tensor().contiguous(), meta=volume.image.meta)
+    assert np.array_equal(segmenter.segment(replace(volume, image=c_order)).labels, result.labels)
+    assert result.labels.any()
+    out, _ = result.save(tmp_path / "mask.nii.gz")
+    assert np.array_equal(np.asanyarray(nib.load(str(out)).dataobj), result.labels)
+
+
 def test_below_fp32_the_weights_go_channels_last_and_labels_stay_reproducible(tmp_path):
     import torch
 
