@@ -11,9 +11,11 @@
 #              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
 #   precision  bf16 against fp32 on the GPU: per-organ Dice on the 8 test phantoms and the real CT
 #   stability  sdseg3d stability of the default model, 10 seeds, the 8 test phantoms, on the GPU
-#   profile    benchmarks/gpu_profile.py: fp32, bf16 (cast), bf16 decoder only, autocast, compiled; profiles
+#   profile    benchmarks/gpu_profile.py: fp32, bf16 (cast), each with diffusers' stock upsampling, compiled,
+#              bf16 decoder only, autocast; profiles
 #   cpuct      beside the GPU, on 4 cores: bf16 against fp32 on the machine's CPU, the real CT alone
-#   cpuprofile beside the GPU, on 4 cores: gpu_profile.py on the CPU (fp32, autocast bf16, the cast network)
+#   cpuprofile beside the GPU, on 4 cores: gpu_profile.py on the CPU (fp32, autocast bf16 with fused and with
+#              stock upsampling, the cast network)
 #   train      the default model's training (benchmarks/gpu_continue.sh train) with the minutes left
 #              (after the CPU lane ends; its run.log and run/ count against $OUT's 8 files: give it alone)
 # cpu, cpuprofile and cpuct share cores 2-5: give one of them per call.
@@ -64,7 +66,7 @@ run)
     fi
     if wants cpuprofile; then  # autocast bf16 (as shipped on an AMX CPU) against the cast network, on 4 cores
         taskset -c 2-5 env OMP_NUM_THREADS=4 timeout "$(budget 900)" python3 benchmarks/gpu_profile.py --device cpu --shape 512 512 12 \
-            --variants fp32,bf16,bf16-cast --repeats 1 --rows 10 >"$logs/cpu_profile.log" 2>&1 &
+            --variants fp32,bf16,bf16-stock,bf16-cast --repeats 1 --rows 10 >"$logs/cpu_profile.log" 2>&1 &
         cpu_lane+=($!)
     fi
     if wants cpuct; then

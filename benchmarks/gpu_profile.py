@@ -11,7 +11,9 @@ and UNet under autocast); ``bf16-autocast`` (all of it under autocast, every Gro
 ``-cl`` after a variant puts the weights channels-last (``bf16-autocast-cl`` is what bf16 ran as on
 a GPU before); ``bf16-cast`` (the network cast on any device: on a CPU, beside the autocast ``bf16``
 runs there); ``bf16-compile`` (cast, then the UNet and the decoder through
-``torch.compile(dynamic=True)``; its first call, compiling, is timed apart). A variant that fails
+``torch.compile(dynamic=True)``; its first call, compiling, is timed apart); ``-stock`` after a
+variant puts diffusers' own upsampling layers back (nearest 2x, then the 3x3 convolution) in place of
+the fused ones the model runs (``sdseg_monai.layers.fuse_upsample_convs``). A variant that fails
 prints its error and the others run.
 
     python benchmarks/gpu_profile.py [--variants fp32,bf16,...] [--batch-size N] [--rows 15] [--repeats 3] [--device cuda]
@@ -31,7 +33,10 @@ from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.model import default_model_path
 
-VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast", "bf16-compile")
+VARIANTS = (
+    "fp32", "bf16", "fp32-stock", "bf16-stock", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast",
+    "bf16-compile",
+)
 
 
 def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSegmenter:
@@ -50,13 +55,21 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
         model.autoencoder.decoder = torch.compile(model.autoencoder.decoder, dynamic=True)
     if variant.endswith("-cl"):
         segmenter.model = model.to(memory_format=torch.channels_last)
+    if variant.endswith("-stock"):
+        from diffusers.models.upsampling import Upsample2D
+
+        from sdseg_monai.layers import FusedUpsample2D
+
+        for layer in model.modules():
+            if type(layer) is FusedUpsample2D:
+                layer.__class__ = Upsample2D
     return segmenter
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100))
-    parser.add_argument("--variants", default="fp32,bf16,bf16-cl,bf16-decoder,bf16-autocast,bf16-autocast-cl,bf16-compile")
+    parser.add_argument("--variants", default="fp32,bf16,fp32-stock,bf16-stock,bf16-compile,bf16-decoder,bf16-autocast,bf16-autocast-cl,bf16-cl")
     parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: by free memory)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu")

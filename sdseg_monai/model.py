@@ -24,6 +24,7 @@ from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai import diffusion
 from sdseg_monai.config import SDSegConfig
 from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.layers import drop_unit_output_scale, fuse_upsample_convs
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -131,64 +132,6 @@ def build_unet(config: SDSegConfig) -> nn.Module:
     return unet
 
 
-def _plain_resnet_block_class():
-    """A ``ResnetBlock2D`` subclass whose forward skips the division by ``output_scale_factor`` 1.0 (a
-    whole pass over every activation, about 4 % of the decoder's time). Built on first use, so that
-    importing this module does not import diffusers."""
-    global _PLAIN_RESNET_BLOCK
-    if _PLAIN_RESNET_BLOCK is None:
-        from diffusers.models.resnet import ResnetBlock2D
-
-        class PlainResnetBlock2D(ResnetBlock2D):
-            """diffusers' forward for a block without time embedding, resampling or output scale: the
-            same operations in the same order, without ``/ 1.0`` (exact: x / 1.0 == x)."""
-
-            def forward(self, input_tensor, temb=None, *args, **kwargs):
-                hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
-                hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states))))
-                if self.conv_shortcut is not None:
-                    input_tensor = self.conv_shortcut(input_tensor)
-                if torch.is_grad_enabled():
-                    return input_tensor + hidden_states
-                return hidden_states.add_(input_tensor)  # the same sum (addition commutes), one buffer fewer
-
-        PlainResnetBlock2D.__module__ = __name__
-        PlainResnetBlock2D.__qualname__ = "PlainResnetBlock2D"
-        _PLAIN_RESNET_BLOCK = PlainResnetBlock2D
-    return _PLAIN_RESNET_BLOCK
-
-
-_PLAIN_RESNET_BLOCK = None
-
-
-def __getattr__(name: str):
-    # Pickles and copies find the class by its module attribute.
-    if name == "PlainResnetBlock2D":
-        return _plain_resnet_block_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def drop_unit_output_scale(module: nn.Module) -> int:
-    """Make every plain ``ResnetBlock2D`` of ``module`` (no time embedding, no up/downsampling, output
-    scale 1) a :func:`_plain_resnet_block_class` block. Returns how many."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    plain_class = _plain_resnet_block_class()
-    count = 0
-    for block in module.modules():
-        plain = (
-            type(block) is ResnetBlock2D
-            and block.output_scale_factor == 1.0
-            and block.time_emb_proj is None
-            and block.upsample is None
-            and block.downsample is None
-        )
-        if plain:
-            block.__class__ = plain_class
-            count += 1
-    return count
-
-
 def set_attention_heads(module: nn.Module, heads: int) -> None:
     """Give every attention layer ``heads`` heads, whatever its width (the LDM UNet's convention)."""
     from diffusers.models.attention_processor import Attention
@@ -228,6 +171,8 @@ class SDSeg(nn.Module):
         drop_unit_output_scale(self.autoencoder)
         drop_unit_output_scale(self.vision_encoder)
         self.unet = build_unet(config)
+        for part in (self.autoencoder, self.unet):
+            fuse_upsample_convs(part)
         if config.backbone == "unet2d_condition":
             dim = int(config.unet.get("cross_attention_dim", 768))
             # Fusion is by concatenation; cross-attention only ever sees this learned constant.

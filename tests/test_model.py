@@ -331,39 +331,6 @@ def test_a_model_retargeted_to_larger_slices_segments_them(micro_model):
         with_training_changes(micro_model, slice_size=60)
 
 
-def test_plain_resnet_blocks_compute_what_diffusers_computes_without_the_unit_scale_pass(micro_model):
-    import copy
-    import io
-
-    from diffusers.models.resnet import ResnetBlock2D
-
-    from sdseg_monai.model import PlainResnetBlock2D, drop_unit_output_scale
-
-    # Every resnet of the autoencoder and the vision encoder is plain; the UNet's take a time embedding.
-    for part in (micro_model.autoencoder, micro_model.vision_encoder):
-        blocks = [m for m in part.modules() if isinstance(m, ResnetBlock2D)]
-        assert blocks and all(type(m) is PlainResnetBlock2D for m in blocks)
-    assert all(type(m) is ResnetBlock2D for m in micro_model.unet.modules() if isinstance(m, ResnetBlock2D))
-
-    torch.manual_seed(3)
-    stock = ResnetBlock2D(in_channels=16, out_channels=24, temb_channels=None, groups=8).eval()
-    plain = copy.deepcopy(stock)
-    assert drop_unit_output_scale(plain) == 1 and type(plain) is PlainResnetBlock2D
-    x = torch.randn(2, 16, 12, 12)
-    with torch.inference_mode():
-        assert torch.equal(plain(x, None), stock(x, None))
-    assert torch.equal(plain(x, None), stock(x, None))  # with autograd too
-    # Blocks that scale their output, or take a time embedding, keep diffusers' forward.
-    scaled = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=None, groups=8, output_scale_factor=2.0)
-    timed = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=32, groups=8)
-    assert drop_unit_output_scale(scaled) == 0 and drop_unit_output_scale(timed) == 0
-    # Models with plain blocks still pickle (torch.save of a whole model, DDP spawn) and copy.
-    buffer = io.BytesIO()
-    torch.save(plain, buffer)
-    buffer.seek(0)
-    assert type(torch.load(buffer, weights_only=False)) is PlainResnetBlock2D
-
-
 def test_cuda_batch_size_follows_the_decoder_memory_of_the_model():
     from sdseg_monai.model import decoder_bytes_per_pair, default_batch_size
 
