@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sdseg_monai import allocator
 from sdseg_monai.errors import SDSegInputError
 
 # The CT the issue's targets speak of: 512x512x100 over a 400x400x250 mm field of view.
@@ -284,6 +285,7 @@ class BenchReport:
     multistep: list = field(default_factory=list)
     peer: list = field(default_factory=list)
     skip_decode: list = field(default_factory=list)
+    allocator: list = field(default_factory=list)
     pipeline: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -580,6 +582,7 @@ def segment_case(case: dict) -> dict:
             "write": write,
         },
         "items": dict(stages.items),
+        "freed_memory_kept": allocator.keep_freed_memory(),  # as the segmenter left it (it applies on a CPU)
         **memory,
     }
 
@@ -795,7 +798,7 @@ def _run_isolated(case: dict) -> dict:
     import subprocess
 
     package_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])), **case.get("env", {})}
     with tempfile.TemporaryDirectory(prefix="sdseg3d_bench_case_") as folder:
         result_path = Path(folder) / "result.json"
         process = subprocess.run(
@@ -951,6 +954,20 @@ def run_bench(
                     report.one_step.append(row)
                     if "error" not in result:
                         labels[(spec["name"], "real CT", row["organs"], resolved, skip)] = output
+            if index == 0 and device.type == "cpu" and options.isolate and allocator.supported():
+                # The headline run once more with the C library's own malloc (a fresh process): what keeping
+                # freed memory (sdseg_monai.allocator, process-wide) is worth, side by side.
+                count = max(options.organ_counts)
+                kept = next((r for r in report.one_step if r["network"] == spec["name"] and r["volume"] == main_volume
+                             and not r.get("error") and r["organs"] == min(count, config.num_classes)
+                             and r["precision"] == resolved and r["skip_decode"]), None)
+                if kept is not None:
+                    output = scratch / "labels_system_malloc.nii.gz"
+                    case = {"kind": "segment", "network": spec, "organs": count, "precision": resolved, "skip_decode": True,
+                            "volume": volumes[main_volume]["path"], "output": str(output), "env": {allocator.OPT_OUT: "system"}}
+                    result = measure(case, f"one step {spec['name']}, {kept['organs']} organ(s), {resolved}, {main_volume}, system malloc")
+                    kept_labels = labels.get((spec["name"], main_volume, kept["organs"], resolved, True))
+                    report.allocator.append(_allocator_row(kept, result, kept_labels, output))
             if index == 0 and volumes_in_pipeline > 0:  # the default's batch run next: on a GPU, the headline target
                 case = {"kind": "pipeline", "network": spec, "volume": volumes[main_volume]["path"], "volumes": volumes_in_pipeline,
                         "precision": resolved}
@@ -1051,6 +1068,28 @@ def _skip_rows(rows, labels) -> list[dict]:
             "voxels_differing": int((a != b).sum()), "voxels": int(a.size), "labels_identical": bool((a == b).all()),
         })
     return out
+
+
+def _allocator_row(kept: dict, result: dict, kept_labels, system_labels) -> dict:
+    """The headline run with freed memory kept (as shipped) against the C library's own malloc: time
+    ratio, peak RSS of each, and the voxels labelled differently (none expected: only timing changes)."""
+    import nibabel as nib
+    import numpy as np
+
+    row = {key: kept[key] for key in ("network", "volume", "organs", "precision")}
+    if "error" in result:
+        return {**row, "error": result["error"]}
+    a = np.asanyarray(nib.load(str(kept_labels)).dataobj)
+    b = np.asanyarray(nib.load(str(system_labels)).dataobj)
+    return {
+        **row,
+        "seconds_kept": kept["seconds"], "seconds_system": result["seconds"],
+        "speed_up": _ratio(result["seconds"], kept["seconds"]),
+        "decoder_seconds_kept": kept["stages"]["decoder"], "decoder_seconds_system": result["stages"]["decoder"],
+        "peak_rss_gb_kept": kept.get("peak_rss_gb"), "peak_rss_gb_system": result.get("peak_rss_gb"),
+        "applied": [kept.get("freed_memory_kept"), result.get("freed_memory_kept")],
+        "voxels_differing": int((a != b).sum()), "voxels": int(a.size),
+    }
 
 
 def _pipeline_row(spec, volume: str, result, one_step) -> dict:
@@ -1237,6 +1276,17 @@ def _markdown(report: BenchReport) -> str:
         for r in report.skip_decode:
             lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {_fmt(r['decoded_share'])} | {_fmt(r['seconds_skip'], 1)} | "
                          f"{_fmt(r['seconds_decode_all'], 1)} | {_fmt(r['speed_up'])}x | {r['voxels_differing']:,} of {r['voxels']:,} |")
+    if report.allocator:
+        lines += ["", "## C allocator (freed memory kept for reuse, as shipped, against the C library's own malloc)", "",
+                  "| network | volume | organs | precision | s (kept) | s (system) | speed-up | decoder s (kept / system) | peak RSS GB (kept / system) | voxels differing |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report.allocator:
+            if r.get("error"):
+                lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {r['precision']} | failed: {r['error']} ||||||")
+                continue
+            lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {r['precision']} | {_fmt(r['seconds_kept'], 1)} | "
+                         f"{_fmt(r['seconds_system'], 1)} | {_fmt(r['speed_up'])}x | {_fmt(r['decoder_seconds_kept'])} / {_fmt(r['decoder_seconds_system'])} | "
+                         f"{_fmt(r['peak_rss_gb_kept'])} / {_fmt(r['peak_rss_gb_system'])} | {r['voxels_differing']:,} of {r['voxels']:,} |")
     if report.pipeline:
         lines += ["", "## Pipeline (volumes one after another; reading, inference and writing overlap)", "",
                   "| network | volume | volumes | organs | precision | readers | slices/s | one volume alone, slices/s | speed-up | peak RSS GB |",

@@ -189,6 +189,18 @@ def test_isolated_configuration_measures_its_own_peak_rss(model_dir):
     assert "error" not in row and 0.1 < row["peak_rss_gb"] < 64
     rss = next(t for t in isolated.targets if "RSS" in t["target"])
     assert rss["value"] == row["peak_rss_gb"] and rss["passed"] == (rss["value"] <= 3)
+    # Beside it, in its own process, the same run with the C library's own malloc: same labels.
+    from sdseg_monai.allocator import supported
+
+    if supported():
+        (compared,) = isolated.allocator
+        assert compared["applied"] == [True, False]  # kept in the shipped run, not in the control
+        assert compared["seconds_kept"] == row["seconds"] and compared["seconds_system"] > 0
+        assert compared["speed_up"] == compared["seconds_system"] / compared["seconds_kept"]
+        assert compared["voxels_differing"] == 0 and compared["voxels"] == 32 * 32 * 4
+        assert "## C allocator" in isolated.to_markdown()
+    else:
+        assert isolated.allocator == []
 
 
 def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
