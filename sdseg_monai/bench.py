@@ -63,7 +63,8 @@ GB = 1e9
 QUICK_HELP = (
     "A central 4-slice slab of the 512x512x100 phantom (2.5 mm slices) instead of the whole "
     "volume, the tiny (default) network only, no real CT, multi-step on 1 slice as DDIM 50 with 1 "
-    "sample only, SwinUNETR timed on one 96^3 window, no pipeline row; per-volume numbers are extrapolated to 100 "
+    "sample only, SwinUNETR timed on one 96^3 window, no pipeline row and no allocator comparison; per-volume "
+    "numbers are extrapolated to 100 "
     "slices (and SwinUNETR's is a lower bound: its network alone)."
 )
 
@@ -236,6 +237,8 @@ class BenchOptions:
         peer_feature_size, peer_roi, peer_spacing: the bundle's (tests shrink them).
         pipeline_volumes: copies of the volume the batch runner segments one after another, reading,
             inference and writing overlapped (None: 8 on a GPU, 2 on a CPU; 0 leaves it out).
+        compare_allocator: on a CPU, run the headline configuration once more with the C library's
+            own malloc (:mod:`sdseg_monai.allocator`), in its own process (needs ``isolate``).
         isolate: one fresh process per measured configuration (peak RSS is meaningful only then).
         quick: set by :meth:`quick_defaults`, recorded in the report.
     """
@@ -258,6 +261,7 @@ class BenchOptions:
     peer_roi: int = PEER_ROI
     peer_spacing: tuple[float, float, float] = PEER_SPACING
     pipeline_volumes: int | None = None
+    compare_allocator: bool = True
     isolate: bool = True
     quick: bool = False
 
@@ -266,7 +270,7 @@ class BenchOptions:
         """The ``--quick`` run (under 2 minutes on 2 CPU cores); see :data:`QUICK_HELP`."""
         settings = dict(
             networks=("tiny",), slab=4, real_ct=None, multistep_slices=1, protocols=QUICK_PROTOCOLS,
-            peer_windows=1, pipeline_volumes=0, quick=True,
+            peer_windows=1, pipeline_volumes=0, compare_allocator=False, quick=True,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -490,6 +494,8 @@ def _setup_child(case: dict):
 
     from sdseg_monai.model import resolve_device  # the package set HF_HUB_OFFLINE before diffusers
 
+    # As the sdseg3d command runs (and SwinUNETR too, to be fair to it); the allocator control opts out.
+    allocator.keep_freed_memory()
     if case.get("threads"):
         torch.set_num_threads(int(case["threads"]))
     device = resolve_device(case["device"])
@@ -954,7 +960,7 @@ def run_bench(
                     report.one_step.append(row)
                     if "error" not in result:
                         labels[(spec["name"], "real CT", row["organs"], resolved, skip)] = output
-            if index == 0 and device.type == "cpu" and options.isolate and allocator.supported():
+            if index == 0 and options.compare_allocator and device.type == "cpu" and options.isolate and allocator.supported():
                 # The headline run once more with the C library's own malloc (a fresh process): what keeping
                 # freed memory (sdseg_monai.allocator, process-wide) is worth, side by side.
                 count = max(options.organ_counts)
