@@ -29,8 +29,10 @@ def test_plain_resnet_blocks_compute_what_diffusers_computes_without_the_unit_sc
     plain = copy.deepcopy(stock)
     assert drop_unit_output_scale(plain) == 1 and type(plain) is PlainResnetBlock2D
     x = torch.randn(2, 16, 12, 12)
+    before = x.clone()
     with torch.inference_mode():
-        assert torch.equal(plain(x, None), stock(x, None))
+        assert torch.equal(plain(x, None), stock(x, None))  # in-place SiLU and sum: the same values
+    assert torch.equal(x, before)  # and the input untouched
     assert torch.equal(plain(x, None), stock(x, None))  # with autograd too
     # Blocks that scale their output, or take a time embedding, keep diffusers' forward.
     scaled = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=None, groups=8, output_scale_factor=2.0)

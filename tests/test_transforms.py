@@ -7,6 +7,7 @@ from monai.data import MetaTensor
 
 from sdseg_monai.config import Preprocessing
 from sdseg_monai.transforms import (
+    AXIS_LABELS,
     FillNonFinite,
     SliceGeometry,
     WindowIntensity,
@@ -29,7 +30,7 @@ def test_window_is_bit_identical_to_monais_scale_intensity_range(dtype):
     from monai.transforms import Orientation, ScaleIntensityRange
 
     hu = (torch.randn((1, 37, 29, 11), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 600).to(dtype)
-    hu = Orientation(axcodes="RAS")(MetaTensor(hu, affine=torch.diag(torch.tensor([-1.0, -1.0, 2.5, 1.0]))))
+    hu = Orientation(axcodes="RAS", labels=AXIS_LABELS)(MetaTensor(hu, affine=torch.diag(torch.tensor([-1.0, -1.0, 2.5, 1.0]))))
     fused_differs = []
     for low, high in ((-175, 250), (-100, 1100), (-57.3, 181.9)):
         reference = ScaleIntensityRange(low, high, -1.0, 1.0, clip=True)(hu)
