@@ -306,6 +306,14 @@ def test_only_one_chunk_of_native_maps_is_held(tmp_path):
     segmenter.inferer = lambda x, net: seen.append(x.shape[0]) or inner(x, net)
     segmenter.segment(image_path)
     assert sum(seen) == 23 and max(seen) == segmenter.chunk_slices < 23
+    # A chunk is as many slices as one batch of pairs holds: one UNet forward each (22 pairs, 4
+    # organs: 5 slices, 5 forwards for 23 slices; chunks of 6 slices would have needed 7).
+    batched = VolumeSegmenter(micro_model(32), device="cpu", batch_size=22)
+    forwards = []
+    hook = batched.model.unet.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape[0]))
+    batched.segment(image_path)
+    hook.remove()
+    assert batched.chunk_slices == 5 and forwards == [20, 20, 20, 20, 12]
 
 
 def test_segment_array_and_organ_subset():
