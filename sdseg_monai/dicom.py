@@ -504,7 +504,9 @@ def read_stack(stack: Stack):
 
     if not stack.ok:
         raise SDSegInputError(f"series {stack.key}: {stack.message}")
-    volume = np.empty((stack.frames[0].columns, stack.frames[0].rows, len(stack.frames)), dtype=np.float32)
+    # Slice-major (Z, rows, columns): each image lands in one contiguous block, and the (X, Y, Z) view
+    # below is in Fortran order, as a NIfTI reads (an axial slice contiguous).
+    planes = np.empty((len(stack.frames), stack.frames[0].rows, stack.frames[0].columns), dtype=np.float32)
     cache: dict = {}
     for k, frame in enumerate(stack.frames):
         try:
@@ -512,7 +514,11 @@ def read_stack(stack: Stack):
         except _UnreadableFrame as e:
             stack.fail("unreadable_slices", f"slice {k + 1} of {len(stack.frames)}: {e}")
             raise SDSegInputError(f"series {stack.key}: {stack.message}") from None
-        volume[:, :, k] = (stored.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)).T
+        plane = planes[k]
+        plane[...] = stored  # the same float32 arithmetic as stored.astype(float32) * slope + intercept
+        plane *= np.float32(frame.slope)
+        plane += np.float32(frame.intercept)
+    volume = planes.transpose(2, 1, 0)
     affine = stack.affine()
     meta = {"filename_or_obj": str(stack.frames[0].path.parent), "original_affine": affine.copy(), "space": "RAS",
             "modality": "CT", "study_uid": stack.study_uid, "series_uid": stack.series_uid, "series_key": stack.key}

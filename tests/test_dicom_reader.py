@@ -57,6 +57,7 @@ def test_planes_read_on_the_source_grid_in_hu(tmp_path, plane, row_dir, col_dir)
     assert stack.spacing == pytest.approx((0.8, 0.7, 3.0))
     volume = _check_geometry(stack, datasets)
     assert volume.shape == (1, 20, 16, 8) and np.array_equal(volume[0].numpy(), IMAGE.astype(np.float32))
+    assert volume[0].numpy().flags.f_contiguous  # slice-major, as a NIfTI reads: an axial slice contiguous
 
 
 def test_slice_order_comes_from_positions_not_instance_numbers(tmp_path):
