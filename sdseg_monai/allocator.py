@@ -56,8 +56,13 @@ def _glibc_mallopt():
     return mallopt
 
 
+def opted_out() -> bool:
+    """Whether the environment asks for the C library's own settings (``SDSEG3D_MALLOC=system``)."""
+    return os.environ.get(OPT_OUT, "").strip().lower() == "system"
+
+
 def _apply() -> bool:
     mallopt = _glibc_mallopt()
-    if mallopt is None or os.environ.get(OPT_OUT, "").strip().lower() == "system":
+    if mallopt is None or opted_out():
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, KEPT_BYTES))

@@ -63,9 +63,8 @@ GB = 1e9
 QUICK_HELP = (
     "A central 4-slice slab of the 512x512x100 phantom (2.5 mm slices) instead of the whole "
     "volume, the tiny (default) network only, no real CT, multi-step on 1 slice as DDIM 50 with 1 "
-    "sample only, SwinUNETR timed on one 96^3 window, no pipeline row and no allocator comparison; per-volume "
-    "numbers are extrapolated to 100 "
-    "slices (and SwinUNETR's is a lower bound: its network alone)."
+    "sample only, SwinUNETR timed on one 96^3 window, no pipeline row and no allocator comparison; "
+    "per-volume numbers are extrapolated to 100 slices (and SwinUNETR's is a lower bound: its network alone)."
 )
 
 
@@ -238,7 +237,8 @@ class BenchOptions:
         pipeline_volumes: copies of the volume the batch runner segments one after another, reading,
             inference and writing overlapped (None: 8 on a GPU, 2 on a CPU; 0 leaves it out).
         compare_allocator: on a CPU, run the headline configuration once more with the C library's
-            own malloc (:mod:`sdseg_monai.allocator`), in its own process (needs ``isolate``).
+            own malloc (:mod:`sdseg_monai.allocator`), in its own process (needs ``isolate``; not
+            when ``SDSEG3D_MALLOC=system`` already opts every run out).
         isolate: one fresh process per measured configuration (peak RSS is meaningful only then).
         quick: set by :meth:`quick_defaults`, recorded in the report.
     """
@@ -960,7 +960,8 @@ def run_bench(
                     report.one_step.append(row)
                     if "error" not in result:
                         labels[(spec["name"], "real CT", row["organs"], resolved, skip)] = output
-            if index == 0 and options.compare_allocator and device.type == "cpu" and options.isolate and allocator.supported():
+            compare_allocator = options.compare_allocator and options.isolate and allocator.supported() and not allocator.opted_out()
+            if index == 0 and compare_allocator and device.type == "cpu":
                 # The headline run once more with the C library's own malloc (a fresh process): what keeping
                 # freed memory (sdseg_monai.allocator, process-wide) is worth, side by side.
                 count = max(options.organ_counts)
@@ -1236,6 +1237,18 @@ def _fmt(value, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def _section(title: str, columns: list[str], rows: list[dict], keys: tuple[str, ...], cells: Callable[[dict], list]) -> list[str]:
+    """Markdown lines of a table under a heading (none without rows): a row's ``cells``, or for a
+    failed row its ``keys`` and the error."""
+    if not rows:
+        return []
+    lines = ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        values = [row[key] for key in keys] + [f"failed: {row['error']}"] if row.get("error") else cells(row)
+        lines.append("| " + " | ".join(str(v) for v in values) + " |" + " |" * (len(columns) - len(values)))
+    return lines
+
+
 def _markdown(report: BenchReport) -> str:
     m, v = report.machine, report.versions
     lines = [
@@ -1282,27 +1295,22 @@ def _markdown(report: BenchReport) -> str:
         for r in report.skip_decode:
             lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {_fmt(r['decoded_share'])} | {_fmt(r['seconds_skip'], 1)} | "
                          f"{_fmt(r['seconds_decode_all'], 1)} | {_fmt(r['speed_up'])}x | {r['voxels_differing']:,} of {r['voxels']:,} |")
-    if report.allocator:
-        lines += ["", "## C allocator (freed memory kept for reuse, as shipped, against the C library's own malloc)", "",
-                  "| network | volume | organs | precision | s (kept) | s (system) | speed-up | decoder s (kept / system) | peak RSS GB (kept / system) | voxels differing |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report.allocator:
-            if r.get("error"):
-                lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {r['precision']} | failed: {r['error']} ||||||")
-                continue
-            lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {r['precision']} | {_fmt(r['seconds_kept'], 1)} | "
-                         f"{_fmt(r['seconds_system'], 1)} | {_fmt(r['speed_up'])}x | {_fmt(r['decoder_seconds_kept'])} / {_fmt(r['decoder_seconds_system'])} | "
-                         f"{_fmt(r['peak_rss_gb_kept'])} / {_fmt(r['peak_rss_gb_system'])} | {r['voxels_differing']:,} of {r['voxels']:,} |")
-    if report.pipeline:
-        lines += ["", "## Pipeline (volumes one after another; reading, inference and writing overlap)", "",
-                  "| network | volume | volumes | organs | precision | readers | slices/s | one volume alone, slices/s | speed-up | peak RSS GB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report.pipeline:
-            if r.get("error"):
-                lines.append(f"| {r['network']} | {r['volume']} | failed: {r['error']} |||||||")
-                continue
-            lines.append(f"| {r['network']} | {r['volume']} | {r['volumes']} | {r['organs']} | {r['precision']} | {r['readers']} | "
-                         f"{_fmt(r['slices_per_s'])} | {_fmt(r['one_volume_slices_per_s'])} | {_fmt(r['speed_up'])}x | {_fmt(r.get('peak_rss_gb'))} |")
+    lines += _section(
+        "C allocator (freed memory kept for reuse, as shipped, against the C library's own malloc)",
+        ["network", "volume", "organs", "precision", "s (kept)", "s (system)", "speed-up", "decoder s (kept / system)",
+         "peak RSS GB (kept / system)", "voxels differing"],
+        report.allocator, ("network", "volume", "organs", "precision"),
+        lambda r: [r["network"], r["volume"], r["organs"], r["precision"], _fmt(r["seconds_kept"], 1), _fmt(r["seconds_system"], 1),
+                   f"{_fmt(r['speed_up'])}x", f"{_fmt(r['decoder_seconds_kept'])} / {_fmt(r['decoder_seconds_system'])}",
+                   f"{_fmt(r['peak_rss_gb_kept'])} / {_fmt(r['peak_rss_gb_system'])}", f"{r['voxels_differing']:,} of {r['voxels']:,}"],
+    )
+    lines += _section(
+        "Pipeline (volumes one after another; reading, inference and writing overlap)",
+        ["network", "volume", "volumes", "organs", "precision", "readers", "slices/s", "one volume alone, slices/s", "speed-up", "peak RSS GB"],
+        report.pipeline, ("network", "volume"),
+        lambda r: [r["network"], r["volume"], r["volumes"], r["organs"], r["precision"], r["readers"], _fmt(r["slices_per_s"]),
+                   _fmt(r["one_volume_slices_per_s"]), f"{_fmt(r['speed_up'])}x", _fmt(r.get("peak_rss_gb"))],
+    )
     if report.multistep:
         lines += ["", "## Multi-step, multi-sample (the same network)", "", "| network | slices x organs | protocol | decodes | s/slice | x one step |", "|---|---|---|---|---|---|"]
         for row in report.multistep:
