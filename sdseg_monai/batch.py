@@ -45,6 +45,9 @@ SUMMARY_FIELDS = ("case", "study_uid", "series_uid", "status", "reason", "messag
 PREFETCH = 2  # series read and prepared ahead of inference, beyond those being read
 WRITE_BEHIND = 2  # segmented series waiting for the writer thread
 CUDA_READERS = 4  # reader threads on a GPU, where reading (gzip, DICOM decoding) can be the slowest stage
+# Processes that encode DICOM SEG objects on a GPU: pydicom holds the GIL, and one 512x512x100 SEG
+# takes 0.9-1.6 s of a CPU, longer than a GPU takes to segment the series.
+CUDA_SEG_WRITERS = 4
 # Outcomes of the run itself, beside the reader's QC codes (sdseg_monai.dicom.REASONS).
 RUN_REASONS = {
     "read_error": ("failed", "the image could not be read"),
@@ -159,11 +162,13 @@ class BatchRunner:
         shard: (index, count): this run's share of the cases.
         readers: threads that read and prepare cases ahead of inference (None: 1 on a CPU, where the
             cores are inference's, CUDA_READERS on a GPU).
+        seg_writers: processes that encode DICOM SEG objects while later cases run (None: 0 on a CPU,
+            where the writer thread encodes them, CUDA_SEG_WRITERS on a GPU).
     """
 
     def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, precision="auto", dicom_seg=None,
                  seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1),
-                 readers: int | None = None):
+                 readers: int | None = None, seg_writers: int | None = None):
         from sdseg_monai.inference import VolumeSegmenter
 
         if seg_type not in SEG_TYPES:
@@ -178,7 +183,9 @@ class BatchRunner:
         self.dicom_seg = dicom_seg_available() if dicom_seg is None else bool(dicom_seg)
         self.seg_type, self.save_image, self.overwrite = seg_type, save_image, overwrite
         self.include_derived, self.shard = include_derived, shard
-        self.readers = max(1, int(readers)) if readers else (CUDA_READERS if self.segmenter.device.type == "cuda" else 1)
+        on_gpu = self.segmenter.device.type == "cuda"
+        self.readers = max(1, int(readers)) if readers else (CUDA_READERS if on_gpu else 1)
+        self.seg_writers = max(0, int(seg_writers)) if seg_writers is not None else (CUDA_SEG_WRITERS if on_gpu else 0)
         self.options = {"organs": sorted(self.segmenter.organs.values()), "seed": self.segmenter.seed,
                         "precision": self.segmenter.precision,
                         "dicom_seg": self.dicom_seg, "seg_type": seg_type, "save_image": save_image,
@@ -223,8 +230,9 @@ class BatchRunner:
         """Segment every case of this shard; write outputs, done-records and the summary.
 
         Three stages overlap: reader threads read and prepare the next cases, this thread segments,
-        and a writer thread writes the last case's files. ``progress`` is called (from the writer
-        thread) as each case is finished."""
+        and a writer thread writes the last case's files (handing DICOM SEG objects to
+        ``seg_writers`` processes, when there are any, and finishing each case when its SEG is
+        written). ``progress`` is called (from the writer thread) as each case is finished."""
         cases = self.plan(input_dir)
         todo = []
         for case in cases:
@@ -238,13 +246,31 @@ class BatchRunner:
         writes: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND)
         failures: list[BaseException] = []
 
+        seg_pool = self._seg_pool()
+        encoding: deque = deque()  # (case, start, future of its SEG), oldest first
+
+        def finish_encoded(keep: int):
+            """Finish the cases whose SEG is written, in order, until at most ``keep`` are pending."""
+            while encoding and (len(encoding) > keep or encoding[0][2].done()):
+                case, start, future = encoding.popleft()
+                with self._recording(case, start, writing=True):
+                    future.result()
+                    self._finish(case, start)
+                finished.step(case.row)
+
         def write_behind():
             try:
                 while (item := writes.get()) is not None:
                     case, volume, result, start = item
-                    with self._recording(case, start):
-                        self._write(case, volume, result, start)
-                    finished.step(case.row)
+                    future = None
+                    with self._recording(case, start, writing=True):
+                        future = self._write(case, volume, result, start, seg_pool)
+                    if future is None:
+                        finished.step(case.row)
+                    else:
+                        encoding.append((case, start, future))
+                    finish_encoded(keep=self.seg_writers)
+                finish_encoded(keep=0)
             except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
                 failures.append(e)
                 while writes.get() is not None:  # never leave the segmenting thread blocked on a full queue
@@ -267,6 +293,8 @@ class BatchRunner:
         finally:
             writes.put(None)
             writer.join()
+            if seg_pool is not None:
+                seg_pool.shutdown(wait=True, cancel_futures=True)
         if failures:
             raise failures[0]
         rows = [c.row for c in cases]
@@ -286,14 +314,16 @@ class BatchRunner:
         return case.row
 
     @contextmanager
-    def _recording(self, case: BatchCase, start: float):
+    def _recording(self, case: BatchCase, start: float, writing: bool = False):
         """Records a failure of the block in the case's row instead of raising it (one bad series never
-        stops the run), and the seconds since ``start``."""
+        stops the run), and the seconds since ``start``. An input error while ``writing`` (e.g. a SEG
+        the source headers cannot carry) is an inference_error, not a read_error."""
         try:
             yield
         except SDSegInputError as e:
             stack_reason = case.stack.reason if case.stack is not None else "ok"
-            case.row.update(status="failed", reason=stack_reason if stack_reason != "ok" else "read_error", message=str(e))
+            reason = "inference_error" if writing else stack_reason if stack_reason != "ok" else "read_error"
+            case.row.update(status="failed", reason=reason, message=str(e))
         except Exception as e:  # noqa: BLE001
             case.row.update(status="failed", reason="inference_error", message=type(e).__name__)
         case.row["seconds"] = round(time.perf_counter() - start, 3)
@@ -338,8 +368,20 @@ class BatchRunner:
         image = read_stack(case.stack)
         return Volume(image=image, source=case.key, header=None, shape=tuple(image.shape[1:]))
 
-    def _write(self, case: BatchCase, volume, result, start: float) -> None:
-        """The case's outputs from its segmentation ``result``; its done-record last."""
+    def _seg_pool(self):
+        """The processes that encode DICOM SEG objects, or None (the writer thread encodes them). Spawned,
+        not forked: a forked child of a process that has initialised CUDA cannot use it, nor be trusted."""
+        if not (self.dicom_seg and self.seg_writers):
+            return None
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(max_workers=self.seg_writers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _write(self, case: BatchCase, volume, result, start: float, seg_pool=None):
+        """The case's outputs from its segmentation ``result``; its done-record last. With ``seg_pool``
+        a DICOM SEG is encoded there: the future of it is returned, and :meth:`_finish` follows its
+        result. Returns None when the case is finished."""
         from sdseg_monai.data import atomic_paths, write_label_volume
 
         case.out_dir.mkdir(parents=True, exist_ok=True)
@@ -358,27 +400,42 @@ class BatchRunner:
 
             with atomic_paths(case.out_dir / "image.nii.gz") as (tmp,):
                 nib.save(nib.Nifti1Image(np.asarray(volume.image[0], dtype=np.float32), volume.affine), str(tmp))
+        else:
+            (case.out_dir / "image.nii.gz").unlink(missing_ok=True)
         if self.dicom_seg and case.stack is not None:
-            self.write_seg(case.stack, result.labels, result.organs, case.out_dir / "seg.dcm", self.seg_type)
+            job = self.seg_job(case.stack, result.labels, result.organs, case.out_dir / "seg.dcm", self.seg_type)
+            if seg_pool is not None:
+                return seg_pool.submit(write_seg_job, job)
+            write_seg_job(job)
         else:
             (case.out_dir / "seg.dcm").unlink(missing_ok=True)  # a previous run's, with other options
-        if not self.save_image:
-            (case.out_dir / "image.nii.gz").unlink(missing_ok=True)
+        self._finish(case, start)
+        return None
+
+    def _finish(self, case: BatchCase, start: float) -> None:
+        """The done-record, written last: it marks the case done."""
         case.row["seconds"] = round(time.perf_counter() - start, 3)
         record = {"key": self.done_key(case), "row": case.row}
-        atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")  # last: marks the case done
+        atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")
 
-    def write_seg(self, stack, labels, label_values, output: Path, seg_type: str) -> Path:
-        """``labels`` (on ``stack``'s grid) as a DICOM SEG of the source series, one segment per
-        organ of ``label_values`` (the label values segmented)."""
-        from sdseg_monai.dicom import source_headers
-        from sdseg_monai.dicom_seg import write_dicom_seg
+    def seg_job(self, stack, labels, label_values, output: Path, seg_type: str) -> dict:
+        """What :func:`write_seg_job` needs to write ``labels`` (on ``stack``'s grid) as a DICOM SEG of
+        the source series, one segment per organ of ``label_values`` (the label values segmented):
+        plain values and paths, so that another process can do it."""
+        from sdseg_monai.dicom import source_paths
 
         multiframe = stack.frames[0].number is not None
         config = self.segmenter.config
-        organs = [o for o in config.organs if int(o["label"]) in label_values]
-        return write_dicom_seg(labels, source_headers(stack), output, organs=organs, dataset=config.dataset, seg_type=seg_type,
-                               frame_numbers=[f.number for f in stack.frames] if multiframe else None, model_hash=self.model_hash)
+        return {
+            "labels": labels, "sources": source_paths(stack), "output": output,
+            "organs": [o for o in config.organs if int(o["label"]) in label_values], "dataset": config.dataset,
+            "seg_type": seg_type, "frame_numbers": [f.number for f in stack.frames] if multiframe else None,
+            "model_hash": self.model_hash,
+        }
+
+    def write_seg(self, stack, labels, label_values, output: Path, seg_type: str) -> Path:
+        """``labels`` as a DICOM SEG of ``stack``, in this process (see :meth:`seg_job`)."""
+        return write_seg_job(self.seg_job(stack, labels, label_values, output, seg_type))
 
     # -- summary ----------------------------------------------------------------------------------
     def write_summary(self, rows: list[dict]) -> Path | None:
@@ -390,6 +447,16 @@ class BatchRunner:
         atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
         parts = sorted(self.output_dir.glob(f"{PART_PREFIX}*-of-{count}.jsonl"))
         return merge_summaries(self.output_dir) if len(parts) == count else None
+
+
+def write_seg_job(job: dict) -> Path:
+    """Write the DICOM SEG a :meth:`BatchRunner.seg_job` describes, reading the source headers (no
+    pixels) from its files; a module-level function, so that a spawned process can run it."""
+    from sdseg_monai.dicom import read_headers
+    from sdseg_monai.dicom_seg import write_dicom_seg
+
+    return write_dicom_seg(job["labels"], read_headers(job["sources"]), job["output"], organs=job["organs"], dataset=job["dataset"],
+                           seg_type=job["seg_type"], frame_numbers=job["frame_numbers"], model_hash=job["model_hash"])
 
 
 def exit_code(rows: list[dict], cases: list[BatchCase]) -> int:

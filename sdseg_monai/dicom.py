@@ -525,11 +525,20 @@ def read_stack(stack: Stack):
     return MetaTensor(volume[None], affine=affine, meta=meta)
 
 
+def source_paths(stack: Stack) -> list[Path]:
+    """The files a DICOM SEG of ``stack`` references, in slice order for single-frame series (one
+    per slice), or the one multi-frame file."""
+    return list(dict.fromkeys(f.path for f in stack.frames))
+
+
+def read_headers(paths) -> list:
+    """The datasets of ``paths``, without pixels."""
+    return [_read_header(Path(p)) for p in paths]
+
+
 def source_headers(stack: Stack) -> list:
-    """The source datasets (no pixels) a DICOM SEG of ``stack`` references, in slice order for
-    single-frame series (one per slice), or the one multi-frame dataset."""
-    paths = list(dict.fromkeys(f.path for f in stack.frames))
-    return [_read_header(p) for p in paths]
+    """The source datasets (no pixels) a DICOM SEG of ``stack`` references (see :func:`source_paths`)."""
+    return read_headers(source_paths(stack))
 
 
 def read_ct_series(folder: str | os.PathLike, include_derived: bool = False):

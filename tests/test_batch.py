@@ -263,3 +263,42 @@ def pydicom_seg_type(path):
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True).SegmentationType
+
+
+def test_seg_writer_processes_write_what_the_writer_thread_writes(model_dir, tmp_path):
+    """On a GPU, DICOM SEG objects are encoded in spawned processes while later series run; each case is
+    finished (done-record, progress) once its SEG is written, and a SEG that fails there fails its case only."""
+    pytest.importorskip("highdicom")
+    from dicom_series import enhanced_ct
+    from test_dicom_seg import _highdicom_labels
+
+    from sdseg_monai.batch import BatchRunner
+    from sdseg_monai.dicom import index_tree, source_headers
+
+    write(ct_slices(IMAGE, study=uid(3), series=uid(3, 1)), tmp_path / "in" / "ct")
+    frames = ct_slices(IMAGE[::-1], study=uid(3), series=uid(3, 2))
+    write([enhanced_ct(frames, uid(3, 2))], tmp_path / "in" / "mf", names=["mf.dcm"])
+    write(ct_slices(IMAGE[:, ::-1], study=uid(4), series=uid(4, 1)), tmp_path / "in" / "ct2")
+    broken = tmp_path / "processes" / uid(4) / uid(4, 1) / "seg.dcm"
+    broken.mkdir(parents=True)  # a folder where the SEG file goes: write_dicom_seg refuses it, in its process
+    calls = []
+    runner = BatchRunner(model_dir, tmp_path / "processes", dicom_seg=True, seg_writers=2)
+    report = runner.run(tmp_path / "in", progress=lambda done, total, row: calls.append(done))
+    rows = {r["case"]: r for r in report.rows}
+    assert (rows[uid(4, 1)]["status"], rows[uid(4, 1)]["reason"]) == ("failed", "inference_error")  # a write, not a read
+    assert "output path is a folder" in rows[uid(4, 1)]["message"]
+    assert not (broken.parent / "done.json").exists() and report.exit_code == 3
+    assert calls == [0, 1, 2, 3]
+    in_thread = BatchRunner(model_dir, tmp_path / "thread", dicom_seg=True, seg_writers=0).run(tmp_path / "in")
+    assert in_thread.exit_code == 0
+    for stack in index_tree(tmp_path / "in").stacks:
+        if stack.key == uid(4, 1):
+            continue
+        multiframe = stack.frames[0].number is not None
+        numbers = [f.number for f in stack.frames] if multiframe else None
+        folders = [tmp_path / side / stack.study_uid / stack.key for side in ("processes", "thread")]
+        assert all((folder / "done.json").is_file() for folder in folders)
+        label = np.asarray(nib.load(str(folders[0] / "label.nii.gz")).dataobj)
+        assert label.any() and np.array_equal(label, np.asarray(nib.load(str(folders[1] / "label.nii.gz")).dataobj))
+        for folder in folders:
+            assert np.array_equal(_highdicom_labels(folder / "seg.dcm", source_headers(stack), numbers), label), (folder, stack.key)
