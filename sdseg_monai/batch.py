@@ -163,7 +163,10 @@ class BatchRunner:
         readers: threads that read and prepare cases ahead of inference (None: 1 on a CPU, where the
             cores are inference's, CUDA_READERS on a GPU).
         seg_writers: processes that encode DICOM SEG objects while later cases run (None: 0 on a CPU,
-            where the writer thread encodes them, CUDA_SEG_WRITERS on a GPU).
+            where the writer thread encodes them, CUDA_SEG_WRITERS on a GPU). They are spawned, so a
+            script that calls :meth:`run` needs the ``if __name__ == "__main__":`` guard that
+            multiprocessing asks for; without it the processes fail to start and the writer thread
+            writes the SEGs itself.
     """
 
     def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, precision="auto", dicom_seg=None,
@@ -247,14 +250,23 @@ class BatchRunner:
         failures: list[BaseException] = []
 
         seg_pool = self._seg_pool()
-        encoding: deque = deque()  # (case, start, future of its SEG), oldest first
+        live_pool = [seg_pool]  # [None] once its processes have died (see finish_encoded)
+        encoding: deque = deque()  # (case, start, SEG job, its future), oldest first
 
         def finish_encoded(keep: int):
-            """Finish the cases whose SEG is written, in order, until at most ``keep`` are pending."""
-            while encoding and (len(encoding) > keep or encoding[0][2].done()):
-                case, start, future = encoding.popleft()
+            """Finish the cases whose SEG is written, in order, until at most ``keep`` are pending. If
+            the processes could not start (a script without a ``__main__`` guard re-runs itself in a
+            spawned process and fails there), the SEGs are written in this thread instead."""
+            from concurrent.futures.process import BrokenProcessPool
+
+            while encoding and (len(encoding) > keep or encoding[0][3].done()):
+                case, start, job, future = encoding.popleft()
                 with self._recording(case, start, writing=True):
-                    future.result()
+                    try:
+                        future.result()
+                    except BrokenProcessPool:
+                        live_pool[0] = None
+                        write_seg_job(job)
                     self._finish(case, start)
                 finished.step(case.row)
 
@@ -262,13 +274,13 @@ class BatchRunner:
             try:
                 while (item := writes.get()) is not None:
                     case, volume, result, start = item
-                    future = None
+                    pending = None
                     with self._recording(case, start, writing=True):
-                        future = self._write(case, volume, result, start, seg_pool)
-                    if future is None:
+                        pending = self._write(case, volume, result, start, live_pool[0])
+                    if pending is None:
                         finished.step(case.row)
                     else:
-                        encoding.append((case, start, future))
+                        encoding.append((case, start, *pending))
                     finish_encoded(keep=self.seg_writers)
                 finish_encoded(keep=0)
             except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
@@ -380,8 +392,8 @@ class BatchRunner:
 
     def _write(self, case: BatchCase, volume, result, start: float, seg_pool=None):
         """The case's outputs from its segmentation ``result``; its done-record last. With ``seg_pool``
-        a DICOM SEG is encoded there: the future of it is returned, and :meth:`_finish` follows its
-        result. Returns None when the case is finished."""
+        a DICOM SEG is encoded there: (its job, its future) is returned, and :meth:`_finish` follows
+        the future's result. Returns None when the case is finished."""
         from sdseg_monai.data import atomic_paths, write_label_volume
 
         case.out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +417,12 @@ class BatchRunner:
         if self.dicom_seg and case.stack is not None:
             job = self.seg_job(case.stack, result.labels, result.organs, case.out_dir / "seg.dcm", self.seg_type)
             if seg_pool is not None:
-                return seg_pool.submit(write_seg_job, job)
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    return job, seg_pool.submit(write_seg_job, job)
+                except BrokenProcessPool:  # its processes died: written here instead
+                    pass
             write_seg_job(job)
         else:
             (case.out_dir / "seg.dcm").unlink(missing_ok=True)  # a previous run's, with other options

@@ -302,3 +302,38 @@ def test_seg_writer_processes_write_what_the_writer_thread_writes(model_dir, tmp
         assert label.any() and np.array_equal(label, np.asarray(nib.load(str(folders[1] / "label.nii.gz")).dataobj))
         for folder in folders:
             assert np.array_equal(_highdicom_labels(folder / "seg.dcm", source_headers(stack), numbers), label), (folder, stack.key)
+
+
+def test_seg_writer_processes_that_cannot_start_leave_the_segs_to_the_writer_thread(model_dir, tmp_path, monkeypatch):
+    """A script without a __main__ guard re-runs itself in each spawned process, which then dies: the
+    pool breaks, and every SEG is still written (in the writer thread), every case finished."""
+    pytest.importorskip("highdicom")
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from sdseg_monai.batch import BatchRunner
+
+    class BrokenPool:
+        """The first SEG is pending when the processes die; the next submit finds the pool broken."""
+
+        submitted: list = []
+
+        def submit(self, fn, *args):
+            self.submitted.append(Future())
+            if len(self.submitted) > 1:
+                self.submitted[0].set_exception(BrokenProcessPool("a child process terminated abruptly"))
+                raise BrokenProcessPool("a child process terminated abruptly")
+            return self.submitted[0]
+
+        def shutdown(self, **options):
+            pass
+
+    monkeypatch.setattr(BatchRunner, "_seg_pool", lambda self: BrokenPool())
+    for index in (1, 2):
+        write(ct_slices(IMAGE, study=uid(5), series=uid(5, index)), tmp_path / "in" / f"ct{index}")
+    report = BatchRunner(model_dir, tmp_path / "out", dicom_seg=True, seg_writers=2).run(tmp_path / "in")
+    assert report.exit_code == 0 and len(BrokenPool.submitted) == 2  # one pending, one refused
+    assert [r["status"] for r in report.rows] == ["ok", "ok"]
+    for index in (1, 2):
+        folder = tmp_path / "out" / uid(5) / uid(5, index)
+        assert (folder / "seg.dcm").is_file() and (folder / "done.json").is_file()
