@@ -160,7 +160,7 @@ class VolumeSegmenter:
     """Initialise once, segment many volumes.
 
     On a CPU it makes the process's C allocator keep freed memory for reuse
-    (:func:`~sdseg_monai.allocator.keep_freed_memory`: 1.25x faster; ``SDSEG3D_MALLOC=system`` opts out).
+    (:func:`~sdseg_monai.allocator.keep_freed_memory`: about 1.2x faster; ``SDSEG3D_MALLOC=system`` opts out).
 
     Args:
         model: an :class:`SDSeg` or a saved model folder.
