@@ -100,3 +100,28 @@ def test_overlapped_batch_run_on_cuda_equals_case_by_case(model_dir, tmp_path):
 
     a, b = labels(tmp_path / "overlapped"), labels(tmp_path / "one_by_one")
     assert sorted(a) == sorted(b) and len(a) == 3 and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 0.1)])
+def test_fused_upsampling_on_cuda_decodes_what_diffusers_decodes(dtype, tolerance):
+    """The fused upsamplers (one transposed convolution) against diffusers' nearest 2x + 3x3, on the
+    default model's decoder, on CUDA in fp32 (TF32 convolutions) and wholly in bf16."""
+    import copy
+
+    from diffusers.models.upsampling import Upsample2D
+
+    from sdseg_monai.layers import FusedUpsample2D
+    from sdseg_monai.model import SDSeg, default_model_path
+
+    fused = SDSeg.from_pretrained(default_model_path()).to("cuda").eval()
+    if dtype != torch.float32:
+        fused.cast_decoder(dtype)
+    stock = copy.deepcopy(fused)
+    for layer in stock.modules():
+        if type(layer) is FusedUpsample2D:
+            layer.__class__ = Upsample2D
+    latents = torch.randn((16, 4, 32, 32), generator=torch.Generator().manual_seed(0)).cuda() * 2
+    with torch.inference_mode():
+        a, b = fused.decode_probabilities(latents), stock.decode_probabilities(latents)
+    assert (a - b).abs().max().item() < tolerance
+    assert ((a >= 0.5) != (b >= 0.5)).float().mean().item() < 1e-3
