@@ -56,13 +56,9 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
     if variant.endswith("-cl"):
         segmenter.model = model.to(memory_format=torch.channels_last)
     if variant.endswith("-stock"):
-        from diffusers.models.upsampling import Upsample2D
+        from sdseg_monai.layers import unfuse_upsample_convs
 
-        from sdseg_monai.layers import FusedUpsample2D
-
-        for layer in model.modules():
-            if type(layer) is FusedUpsample2D:
-                layer.__class__ = Upsample2D
+        unfuse_upsample_convs(model)
     return segmenter
 
 

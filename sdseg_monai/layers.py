@@ -7,7 +7,7 @@ state-dict names stay), built on first use so that importing this module does no
 - :func:`fuse_upsample_convs`: nearest 2x upsampling followed by a 3x3 convolution, computed as one
   stride-2 transposed convolution of the low-resolution map (16 instead of 36 multiply-adds per
   input pixel and channel pair, and no upsampled copy of the input); the decoder spends a third of
-  its convolution work in these layers.
+  its convolution work in these layers (:func:`unfuse_upsample_convs` puts diffusers' back, to compare).
 """
 
 from __future__ import annotations
@@ -161,5 +161,19 @@ def fuse_upsample_convs(module: nn.Module) -> int:
         )
         if fusable:
             layer.__class__ = fused_class
+            count += 1
+    return count
+
+
+def unfuse_upsample_convs(module: nn.Module) -> int:
+    """Put diffusers' own ``Upsample2D`` forward back on every fused upsampler of ``module`` (to
+    compare against it). Returns how many."""
+    from diffusers.models.upsampling import Upsample2D
+
+    fused_class = _fused_upsample_class()
+    count = 0
+    for layer in module.modules():
+        if type(layer) is fused_class:
+            layer.__class__ = Upsample2D
             count += 1
     return count

@@ -108,18 +108,14 @@ def test_fused_upsampling_on_cuda_decodes_what_diffusers_decodes(dtype, toleranc
     default model's decoder, on CUDA in fp32 (TF32 convolutions) and wholly in bf16."""
     import copy
 
-    from diffusers.models.upsampling import Upsample2D
-
-    from sdseg_monai.layers import FusedUpsample2D
+    from sdseg_monai.layers import unfuse_upsample_convs
     from sdseg_monai.model import SDSeg, default_model_path
 
     fused = SDSeg.from_pretrained(default_model_path()).to("cuda").eval()
     if dtype != torch.float32:
         fused.cast_decoder(dtype)
     stock = copy.deepcopy(fused)
-    for layer in stock.modules():
-        if type(layer) is FusedUpsample2D:
-            layer.__class__ = Upsample2D
+    unfuse_upsample_convs(stock)
     latents = torch.randn((16, 4, 32, 32), generator=torch.Generator().manual_seed(0)).cuda() * 2
     with torch.inference_mode():
         a, b = fused.decode_probabilities(latents), stock.decode_probabilities(latents)
