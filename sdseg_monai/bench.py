@@ -929,6 +929,8 @@ def run_bench(
         # One step, every network, organ set and precision, on the phantom (big networks on a slab).
         labels = {}
         volumes_in_pipeline = options.pipeline_volumes if options.pipeline_volumes is not None else (8 if device.type == "cuda" else 2)
+        compare_allocator = (options.compare_allocator and options.isolate and device.type == "cpu"
+                             and allocator.supported() and not allocator.opted_out())
         for index, spec in enumerate(specs):
             config = network_config(spec)
             flops = part_flops(config)
@@ -960,14 +962,11 @@ def run_bench(
                     report.one_step.append(row)
                     if "error" not in result:
                         labels[(spec["name"], "real CT", row["organs"], resolved, skip)] = output
-            compare_allocator = options.compare_allocator and options.isolate and allocator.supported() and not allocator.opted_out()
-            if index == 0 and compare_allocator and device.type == "cpu":
+            if index == 0 and compare_allocator:
                 # The headline run once more with the C library's own malloc (a fresh process): what keeping
                 # freed memory (sdseg_monai.allocator, process-wide) is worth, side by side.
                 count = max(options.organ_counts)
-                kept = next((r for r in report.one_step if r["network"] == spec["name"] and r["volume"] == main_volume
-                             and not r.get("error") and r["organs"] == min(count, config.num_classes)
-                             and r["precision"] == resolved and r["skip_decode"]), None)
+                kept = _one_step(report.one_step, spec["name"], main_volume, min(count, config.num_classes), resolved)
                 if kept is not None:
                     output = scratch / "labels_system_malloc.nii.gz"
                     case = {"kind": "segment", "network": spec, "organs": count, "precision": resolved, "skip_decode": True,
@@ -1049,22 +1048,34 @@ def _one_step_row(spec, volume, result, flops, matmul, skip) -> dict:
     return row
 
 
-def _skip_rows(rows, labels) -> list[dict]:
-    """Calibrated skip against every pair decoded, for each volume both ran on: time ratio and the
-    voxels labelled differently."""
+def _one_step(rows, network: str, volume: str, organs: int, precision: str, skip: bool = True) -> dict | None:
+    """The measured (not failed) one-step row of that network, volume, organ count, precision and skip."""
+    key = (network, volume, organs, precision, skip)
+    return next((r for r in rows if not r.get("error") and (r["network"], r["volume"], r["organs"], r["precision"], r["skip_decode"]) == key), None)
+
+
+def _labels_differing(path_a, path_b) -> tuple[int, int]:
+    """(voxels labelled differently, voxels) between two label files of the same grid."""
     import nibabel as nib
     import numpy as np
 
+    a = np.asanyarray(nib.load(str(path_a)).dataobj)
+    b = np.asanyarray(nib.load(str(path_b)).dataobj)
+    return int((a != b).sum()), int(a.size)
+
+
+def _skip_rows(rows, labels) -> list[dict]:
+    """Calibrated skip against every pair decoded, for each volume both ran on: time ratio and the
+    voxels labelled differently."""
     out = []
     for row in rows:
         if row.get("error") or row["skip_decode"]:
             continue
         key = (row["network"], row["volume"], row["organs"], row["precision"])
-        partner = next((r for r in rows if not r.get("error") and r["skip_decode"] and (r["network"], r["volume"], r["organs"], r["precision"]) == key), None)
+        partner = _one_step(rows, *key)
         if partner is None or (*key, True) not in labels:
             continue
-        a = np.asanyarray(nib.load(str(labels[(*key, True)])).dataobj)
-        b = np.asanyarray(nib.load(str(labels[(*key, False)])).dataobj)
+        differing, voxels = _labels_differing(labels[(*key, True)], labels[(*key, False)])
         out.append({
             "network": row["network"], "volume": row["volume"], "organs": row["organs"], "precision": row["precision"],
             "skip_decode_radius": partner["skip_decode_radius"],
@@ -1072,7 +1083,7 @@ def _skip_rows(rows, labels) -> list[dict]:
             "speed_up": row["seconds"] / partner["seconds"],
             "decoder_seconds_skip": partner["stages"]["decoder"], "decoder_seconds_decode_all": row["stages"]["decoder"],
             "decoded_share": partner["decoded_share"],
-            "voxels_differing": int((a != b).sum()), "voxels": int(a.size), "labels_identical": bool((a == b).all()),
+            "voxels_differing": differing, "voxels": voxels, "labels_identical": differing == 0,
         })
     return out
 
@@ -1080,14 +1091,10 @@ def _skip_rows(rows, labels) -> list[dict]:
 def _allocator_row(kept: dict, result: dict, kept_labels, system_labels) -> dict:
     """The headline run with freed memory kept (as shipped) against the C library's own malloc: time
     ratio, peak RSS of each, and the voxels labelled differently (none expected: only timing changes)."""
-    import nibabel as nib
-    import numpy as np
-
     row = {key: kept[key] for key in ("network", "volume", "organs", "precision")}
     if "error" in result:
         return {**row, "error": result["error"]}
-    a = np.asanyarray(nib.load(str(kept_labels)).dataobj)
-    b = np.asanyarray(nib.load(str(system_labels)).dataobj)
+    differing, voxels = _labels_differing(kept_labels, system_labels)
     return {
         **row,
         "seconds_kept": kept["seconds"], "seconds_system": result["seconds"],
@@ -1095,7 +1102,7 @@ def _allocator_row(kept: dict, result: dict, kept_labels, system_labels) -> dict
         "decoder_seconds_kept": kept["stages"]["decoder"], "decoder_seconds_system": result["stages"]["decoder"],
         "peak_rss_gb_kept": kept.get("peak_rss_gb"), "peak_rss_gb_system": result.get("peak_rss_gb"),
         "applied": [kept.get("freed_memory_kept"), result.get("freed_memory_kept")],
-        "voxels_differing": int((a != b).sum()), "voxels": int(a.size),
+        "voxels_differing": differing, "voxels": voxels,
     }
 
 
@@ -1105,8 +1112,7 @@ def _pipeline_row(spec, volume: str, result, one_step) -> dict:
     if "error" in result:
         return {**row, "error": result["error"]}
     row.update(result)
-    single = next((r for r in one_step if not r.get("error") and r["network"] == spec["name"] and r["volume"] == volume
-                   and r["organs"] == result["organs"] and r["precision"] == result["precision"] and r["skip_decode"]), None)
+    single = _one_step(one_step, spec["name"], volume, result["organs"], result["precision"])
     row["one_volume_slices_per_s"] = single["slices_per_s"] if single else None
     row["speed_up"] = _ratio(result["slices_per_s"], row["one_volume_slices_per_s"])
     return row
@@ -1290,11 +1296,13 @@ def _markdown(report: BenchReport) -> str:
         )
     lines.append("")
     lines.append("Stage columns are seconds over the slices measured; * per-volume seconds extrapolated from a slab.")
-    if report.skip_decode:
-        lines += ["", "## Skipped decodes", "", "| network | volume | organs | decoded | s (skip) | s (all) | speed-up | voxels differing |", "|---|---|---|---|---|---|---|---|"]
-        for r in report.skip_decode:
-            lines.append(f"| {r['network']} | {r['volume']} | {r['organs']} | {_fmt(r['decoded_share'])} | {_fmt(r['seconds_skip'], 1)} | "
-                         f"{_fmt(r['seconds_decode_all'], 1)} | {_fmt(r['speed_up'])}x | {r['voxels_differing']:,} of {r['voxels']:,} |")
+    lines += _section(
+        "Skipped decodes",
+        ["network", "volume", "organs", "decoded", "s (skip)", "s (all)", "speed-up", "voxels differing"],
+        report.skip_decode, ("network", "volume", "organs"),
+        lambda r: [r["network"], r["volume"], r["organs"], _fmt(r["decoded_share"]), _fmt(r["seconds_skip"], 1),
+                   _fmt(r["seconds_decode_all"], 1), f"{_fmt(r['speed_up'])}x", f"{r['voxels_differing']:,} of {r['voxels']:,}"],
+    )
     lines += _section(
         "C allocator (freed memory kept for reuse, as shipped, against the C library's own malloc)",
         ["network", "volume", "organs", "precision", "s (kept)", "s (system)", "speed-up", "decoder s (kept / system)",
