@@ -250,7 +250,6 @@ class BatchRunner:
         failures: list[BaseException] = []
 
         seg_pool = self._seg_pool()
-        live_pool = [seg_pool]  # [None] once its processes have died (see finish_encoded)
         encoding: deque = deque()  # (case, start, SEG job, its future), oldest first
 
         def finish_encoded(keep: int):
@@ -265,7 +264,6 @@ class BatchRunner:
                     try:
                         future.result()
                     except BrokenProcessPool:
-                        live_pool[0] = None
                         write_seg_job(job)
                     self._finish(case, start)
                 finished.step(case.row)
@@ -276,7 +274,7 @@ class BatchRunner:
                     case, volume, result, start = item
                     pending = None
                     with self._recording(case, start, writing=True):
-                        pending = self._write(case, volume, result, start, live_pool[0])
+                        pending = self._write(case, volume, result, start, seg_pool)
                     if pending is None:
                         finished.step(case.row)
                     else:
@@ -417,12 +415,7 @@ class BatchRunner:
         if self.dicom_seg and case.stack is not None:
             job = self.seg_job(case.stack, result.labels, result.organs, case.out_dir / "seg.dcm", self.seg_type)
             if seg_pool is not None:
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    return job, seg_pool.submit(write_seg_job, job)
-                except BrokenProcessPool:  # its processes died: written here instead
-                    pass
+                return job, _submit(seg_pool, write_seg_job, job)
             write_seg_job(job)
         else:
             (case.out_dir / "seg.dcm").unlink(missing_ok=True)  # a previous run's, with other options
@@ -464,6 +457,20 @@ class BatchRunner:
         atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
         parts = sorted(self.output_dir.glob(f"{PART_PREFIX}*-of-{count}.jsonl"))
         return merge_summaries(self.output_dir) if len(parts) == count else None
+
+
+def _submit(pool, fn, *args):
+    """``pool.submit(fn, *args)``; a pool whose processes have died gives a future holding that error,
+    so that the caller handles it in one place, as for a job they died in."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return pool.submit(fn, *args)
+    except BrokenProcessPool as error:
+        failed = Future()
+        failed.set_exception(error)
+        return failed
 
 
 def write_seg_job(job: dict) -> Path:
