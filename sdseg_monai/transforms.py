@@ -48,18 +48,25 @@ class FillNonFinite:
         return torch.nan_to_num(image, nan=self.value, posinf=self.value, neginf=self.value)
 
 
-class FillNonFinited:
-    """Dictionary version of :class:`FillNonFinite` on ``keys``."""
+class _OnKeys:
+    """Dictionary version of an array transform: applied to ``keys``, other entries passed on."""
 
-    def __init__(self, keys: str | Sequence[str], value: float):
+    def __init__(self, keys: str | Sequence[str], transform):
         self.keys = [keys] if isinstance(keys, str) else list(keys)
-        self.fill = FillNonFinite(value)
+        self.transform = transform
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
         for key in self.keys:
-            out[key] = self.fill(out[key])
+            out[key] = self.transform(out[key])
         return out
+
+
+class FillNonFinited(_OnKeys):
+    """Dictionary version of :class:`FillNonFinite` on ``keys``."""
+
+    def __init__(self, keys: str | Sequence[str], value: float):
+        super().__init__(keys, FillNonFinite(value))
 
 
 class WindowIntensity:
@@ -84,18 +91,11 @@ class WindowIntensity:
         return convert_to_dst_type(out, dst=image, dtype=torch.float32)[0]
 
 
-class WindowIntensityd:
+class WindowIntensityd(_OnKeys):
     """Dictionary version of :class:`WindowIntensity` on ``keys``."""
 
     def __init__(self, keys: str | Sequence[str], low: float, high: float):
-        self.keys = [keys] if isinstance(keys, str) else list(keys)
-        self.window = WindowIntensity(low, high)
-
-    def __call__(self, data: dict) -> dict:
-        out = dict(data)
-        for key in self.keys:
-            out[key] = self.window(out[key])
-        return out
+        super().__init__(keys, WindowIntensity(low, high))
 
 
 def canonical_transforms(preprocessing: Preprocessing, keys: Sequence[str] = (IMAGE_KEY,), label_keys: Sequence[str] = ()):
