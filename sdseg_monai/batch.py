@@ -153,7 +153,7 @@ class BatchRunner:
     Args:
         model: a saved model folder or bundle.
         output_dir: the output tree.
-        device, batch_size, organs, seed, precision: as :class:`~sdseg_monai.inference.VolumeSegmenter`.
+        device, batch_size, organs, seed, precision, compile: as :class:`~sdseg_monai.inference.VolumeSegmenter`.
         dicom_seg: write ``seg.dcm`` for DICOM cases (None: when the dicom extra is installed).
         seg_type: ``"binary"`` or ``"labelmap"``.
         save_image: also write the image read, as ``image.nii.gz``.
@@ -171,7 +171,7 @@ class BatchRunner:
 
     def __init__(self, model, output_dir, *, device="auto", batch_size=None, organs=None, seed=0, precision="auto", dicom_seg=None,
                  seg_type="binary", save_image=False, overwrite=False, include_derived=False, shard=(0, 1),
-                 readers: int | None = None, seg_writers: int | None = None):
+                 readers: int | None = None, seg_writers: int | None = None, compile: bool = False):
         from sdseg_monai.inference import VolumeSegmenter
 
         if seg_type not in SEG_TYPES:
@@ -182,7 +182,7 @@ class BatchRunner:
         self.model_dir = Path(model)
         self.model_hash = model_hash(self.model_dir)
         self.segmenter = VolumeSegmenter(self.model_dir, device=device, organs=organs, batch_size=batch_size, seed=seed,
-                                         precision=precision)
+                                         precision=precision, compile=compile)
         self.dicom_seg = dicom_seg_available() if dicom_seg is None else bool(dicom_seg)
         self.seg_type, self.save_image, self.overwrite = seg_type, save_image, overwrite
         self.include_derived, self.shard = include_derived, shard
@@ -193,6 +193,8 @@ class BatchRunner:
                         "precision": self.segmenter.precision,
                         "dicom_seg": self.dicom_seg, "seg_type": seg_type, "save_image": save_image,
                         "include_derived": include_derived}
+        if self.segmenter.compiled:  # only then: the done-records of runs from before this option still match
+            self.options["compiled"] = True
 
     # -- planning ---------------------------------------------------------------------------------
     def plan(self, input_dir) -> list[BatchCase]:

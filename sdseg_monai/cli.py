@@ -31,6 +31,7 @@ app = typer.Typer(
 NO_POSTPROCESS_OPTION = typer.Option(False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing.")
 DECODE_ALL_OPTION = typer.Option(False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower).")
 SHIFTS_OPTION = typer.Option(1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass).")
+COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the network with torch.compile once at start (tens of seconds; for GPUs, slower on a CPU).")
 
 
 def _print_version(value: bool):
@@ -177,6 +178,7 @@ def segment(
     decode_all: bool = DECODE_ALL_OPTION,
     shifts: int = SHIFTS_OPTION,
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    compile_: bool = COMPILE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
@@ -203,6 +205,7 @@ def segment(
         skip_decode=not decode_all,
         num_shifts=shifts,
         precision=precision,
+        compile=compile_,
     )
     bar = _SliceBar(volume.shape[2], enabled=not quiet)
     try:
@@ -229,6 +232,7 @@ def batch(
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    compile_: bool = COMPILE_OPTION,
     dicom_seg: Optional[bool] = typer.Option(None, "--dicom-seg/--no-dicom-seg", help="Write seg.dcm for DICOM series (default: when the dicom extra is installed)."),
     seg_type: str = typer.Option("binary", "--seg-type", help="DICOM SEG type: binary (what viewers show) or labelmap."),
     save_image: bool = typer.Option(False, "--save-image", help="Also write the image read, as image.nii.gz."),
@@ -259,7 +263,7 @@ def batch(
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     runner = BatchRunner(_resolve_model(model), output, device=device, batch_size=batch_size, organs=_split_names(organs_),
                          seed=seed, precision=precision, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
-                         include_derived=include_derived, shard=part)
+                         include_derived=include_derived, shard=part, compile=compile_)
     bar = None
     if not quiet:
         from monai.utils import optional_import
@@ -742,6 +746,7 @@ def serve_dicom(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    compile_: bool = COMPILE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
 ):
     """A DICOM node: receive CT series (C-STORE, C-ECHO), segment each once complete, send its DICOM SEG on. Stops on Ctrl-C / SIGTERM."""
@@ -759,7 +764,7 @@ def serve_dicom(
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)  # its INFO and DEBUG lines can carry header text
     node = DicomNode(_resolve_model(model), store, ae_title=ae_title, port=port, host=host, forward=peer, allow=allowed,
                      quiet_seconds=quiet_seconds, seg_type=seg_type, retry_seconds=retry_seconds, device=device,
-                     batch_size=batch_size, organs=_split_names(organs_), precision=precision)
+                     batch_size=batch_size, organs=_split_names(organs_), precision=precision, compile=compile_)
     serve(node)
 
 

@@ -121,7 +121,7 @@ class DicomNode:
         seg_type: ``"binary"`` or ``"labelmap"`` (falls back to binary where the peer refuses it).
         retry_seconds, max_retry_seconds: back-off of a failed send: retry_seconds, doubling up to
             max_retry_seconds.
-        **segmenter_options: ``device``, ``batch_size``, ``organs``, ``seed``, ``precision`` (as ``batch``).
+        **segmenter_options: ``device``, ``batch_size``, ``organs``, ``seed``, ``precision``, ``compile`` (as ``batch``).
     """
 
     def __init__(self, model, store, *, ae_title: str = "SDSEG", port: int = 11112, host: str = "",

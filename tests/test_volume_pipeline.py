@@ -209,6 +209,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "num_shifts": 1,
         },
         "precision": resolve_precision(torch.device("cpu")),  # what "auto" ran on this CPU
+        "compiled": False,
         "nonfinite_input_voxels": 0,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
