@@ -10,8 +10,8 @@ in bf16, outside autocast: what ``--precision bf16`` runs on a GPU,
 and UNet under autocast); ``bf16-autocast`` (all of it under autocast, every GroupNorm in fp32);
 ``-cl`` after a variant puts the weights channels-last (``bf16-autocast-cl`` is what bf16 ran as on
 a GPU before); ``bf16-cast`` (the network cast on any device: on a CPU, beside the autocast ``bf16``
-runs there); ``bf16-compile`` (cast, then the UNet and the decoder through
-``torch.compile(dynamic=True)``; its first call, compiling, is timed apart); ``-stock`` after a
+runs there); ``-compile`` after a variant runs it as ``--compile`` does (the UNet and the decoder
+through torch.compile, compiled when the segmenter starts: its setup time); ``-stock`` after a
 variant puts diffusers' own upsampling layers back (nearest 2x, then the 3x3 convolution) in place of
 the fused ones the model runs (``sdseg_monai.layers.fuse_upsample_convs``). A variant that fails
 prints its error and the others run.
@@ -35,24 +35,22 @@ from sdseg_monai.model import default_model_path
 
 VARIANTS = (
     "fp32", "bf16", "fp32-stock", "bf16-stock", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast",
-    "bf16-compile",
+    "fp32-compile", "bf16-compile",
 )
 
 
 def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSegmenter:
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
-    segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size)
+    segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size,
+                                compile=variant.endswith("-compile"))
     model = segmenter.model
     if variant in ("bf16-decoder", "bf16-autocast", "bf16-autocast-cl") and model.cast_dtype is not None:
         model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
         if variant == "bf16-decoder":
             model.cast_decoder(torch.bfloat16)
-    if variant in ("bf16-cast", "bf16-compile") and model.cast_dtype is None:
+    if variant == "bf16-cast" and model.cast_dtype is None:
         model.cast_for_inference(torch.bfloat16)
-    if variant == "bf16-compile":
-        model.unet = torch.compile(model.unet, dynamic=True)
-        model.autoencoder.decoder = torch.compile(model.autoencoder.decoder, dynamic=True)
     if variant.endswith("-cl"):
         segmenter.model = model.to(memory_format=torch.channels_last)
     if variant.endswith("-stock"):
@@ -65,7 +63,7 @@ def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSe
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100))
-    parser.add_argument("--variants", default="fp32,bf16,fp32-stock,bf16-stock,bf16-compile,bf16-decoder,bf16-autocast,bf16-autocast-cl,bf16-cl")
+    parser.add_argument("--variants", default="fp32,bf16,bf16-compile,fp32-stock,bf16-stock,bf16-decoder,bf16-autocast,bf16-autocast-cl,bf16-cl")
     parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: by free memory)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu")
@@ -80,12 +78,14 @@ def main() -> int:
     reference = None
     for variant in args.variants.split(","):
         try:
+            began = time.perf_counter()
             segmenter = segmenter_for(variant, args.device, args.batch_size)
+            setup = time.perf_counter() - began  # loading, and for -compile the compiling
             began = time.perf_counter()
             canonical = segmenter.prepare(volume)
             prepare = time.perf_counter() - began
             began = time.perf_counter()
-            labels = segmenter.segment_canonical(canonical)  # also the warm-up (a compiled variant compiles here)
+            labels = segmenter.segment_canonical(canonical)  # also the warm-up
             first = time.perf_counter() - began  # segment_canonical returns labels on the host: the device is done
             reference = labels if reference is None else reference
             seconds = min(timed(lambda: segmenter.segment_canonical(canonical), args.device) for _ in range(args.repeats))
@@ -93,7 +93,7 @@ def main() -> int:
             print(f"{variant}: failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}", flush=True)
             continue
         differing = int((labels != reference).sum())
-        print(f"{variant}: batch {segmenter.batch_size} pairs, chunks of {segmenter.chunk_slices} slices; prepare {prepare:.3f} s; "
+        print(f"{variant}: batch {segmenter.batch_size} pairs, chunks of {segmenter.chunk_slices} slices; setup {setup:.1f} s; prepare {prepare:.3f} s; "
               f"first call {first:.3f} s; inference {seconds:.3f} s ({depth / seconds:.0f} slices/s); "
               f"{differing} voxels labelled unlike the first variant's", flush=True)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])

@@ -695,6 +695,9 @@ def bench(
     pipeline_volumes: Optional[int] = typer.Option(
         None, "--pipeline-volumes", min=0, help="Copies of the volume run through the batch runner, reading, inference and writing overlapped (default: 8 on a GPU, 2 on a CPU, 0 with --quick; 0: none)."
     ),
+    compile_pipeline: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help="Run the pipeline once more compiled (torch.compile; default: on a GPU)."
+    ),
     no_isolate: bool = typer.Option(
         False, "--no-isolate", help="Every configuration in this one process: no start-up per configuration, but no peak RSS either."
     ),
@@ -714,6 +717,8 @@ def bench(
         overrides["networks"] = tuple(n.strip() for n in networks.split(",") if n.strip())
     if pipeline_volumes is not None:
         overrides["pipeline_volumes"] = pipeline_volumes
+    if compile_pipeline is not None:
+        overrides["compile_pipeline"] = compile_pipeline
     if no_real_ct:
         overrides["real_ct"] = None
     elif real_ct is not None:

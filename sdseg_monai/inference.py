@@ -188,8 +188,8 @@ class VolumeSegmenter:
             whole pass (see :meth:`SDSeg.predict`).
         compile: compile the UNet and the decoder with ``torch.compile`` (a copy of the model, when one
             is given; see :meth:`SDSeg.compile_for_inference`), here, once, at construction: tens of
-            seconds, then fused kernels for every volume. Meant for GPUs; on this project's 2-core
-            AVX2 CPU the compiled decoder ran 1.17x slower.
+            seconds, then fused kernels for every volume. Meant for GPUs: on this project's 2-core
+            AVX2 CPU compiled inference ran 2.1x slower.
     """
 
     def __init__(

@@ -182,6 +182,22 @@ def test_stage_hooks_time_the_cast_model_a_gpu_runs_in_bf16(model_dir, monkeypat
     assert row["stages"]["decoder"] > 0
 
 
+def test_pipeline_runs_once_more_compiled_with_its_compiling_timed_apart(model_dir, monkeypatch):
+    from sdseg_monai.model import SDSeg
+
+    original = SDSeg.compile_for_inference
+    monkeypatch.setattr(SDSeg, "compile_for_inference", lambda self, backend="inductor": original(self, "eager"))  # inductor: a minute here
+    torch._dynamo.reset()
+    report = run_bench(micro_options(model_dir, organ_counts=(2,), multistep_networks=(), peer=False, pipeline_volumes=1, compile_pipeline=True))
+    plain, compiled = report.pipeline
+    assert (plain["compiled"], compiled["compiled"]) == (False, True) and "error" not in compiled
+    assert compiled["setup_seconds"] > plain["setup_seconds"] > 0  # compiling happens when the runner starts
+    assert compiled["slices"] == plain["slices"] == 4 and compiled["slices_per_s"] > 0
+    assert "| compiled | start s |" in report.to_markdown() and "| yes |" in report.to_markdown()
+    assert len(run_bench(micro_options(model_dir, organ_counts=(2,), multistep_networks=(), peer=False, pipeline_volumes=1)).pipeline) == 1  # CPU: plain only
+    torch._dynamo.reset()
+
+
 def test_isolated_configuration_measures_its_own_peak_rss(model_dir):
     # The uncalibrated micro model: one configuration, one fresh process.
     isolated = run_bench(micro_options(model_dir, organ_counts=(1,), multistep_networks=(), peer=False, isolate=True, pipeline_volumes=0))
@@ -227,6 +243,8 @@ def test_quick_defaults_and_cli_wiring(report, monkeypatch, tmp_path, capsys):
     assert seen["options"].networks == ("tiny", "paper") and seen["options"].real_ct == str(tmp_path) and not seen["options"].quick
     assert seen["options"].pipeline_volumes is None  # 8 on a GPU, 2 on a CPU
     assert main(["bench", "--pipeline-volumes", "5", "-q"]) == 0 and seen["options"].pipeline_volumes == 5
+    assert seen["options"].compile_pipeline is None  # compiled too on a GPU
+    assert main(["bench", "--compile", "-q"]) == 0 and seen["options"].compile_pipeline is True
     assert seen["options"].isolate and main(["bench", "--no-isolate", "-q"]) == 0 and not seen["options"].isolate
 
 
