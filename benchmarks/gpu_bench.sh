@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_bench.sh run SECONDS [STEPS]      # there, carry [".whl", ".devdata"], timeout_s >= SECONDS
 #
 # STEPS, comma-separated (default: all but cpuct and train), each cut to what SECONDS leaves:
-#   tests      tests/test_gpu.py: CUDA labels as the CPU's, bit-identical run to run, components as SciPy's
+#   tests      tests/test_gpu.py: CUDA labels as the CPU's, bit-identical run to run, components as SciPy's, compiled
 #   bench      sdseg3d bench on the GPU, fp32 beside bf16 (tiny, paper, sd-v1, pipeline, DDIM, SwinUNETR, matmul FLOP/s)
 #   cpu        beside the GPU, pinned to 6 cores it does not use: sdseg3d bench on 2 cores (the "<= 60 s on
 #              2 cores with bf16" target; the machine's CPU has AMX) and bf16 against fp32 on 4 cores
@@ -50,7 +50,7 @@ run)
         taskset -c 0-5 python3 -m sdseg_monai.cli phantom -o "$phantoms" --n 8 --seed 9000 --split test >/dev/null &
     fi
     if wants tests; then
-        taskset -c "$gpu_cores" timeout "$(budget 100)" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+        taskset -c "$gpu_cores" timeout "$(budget 150)" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
             >"$logs/test_gpu.log" 2>&1 || true
         grep -E "differ|passed|failed|Error" "$logs/test_gpu.log" | tail -8 || true
     fi

@@ -121,3 +121,20 @@ def test_fused_upsampling_on_cuda_decodes_what_diffusers_decodes(dtype, toleranc
         a, b = fused.decode_probabilities(latents), stock.decode_probabilities(latents)
     assert (a - b).abs().max().item() < tolerance
     assert ((a >= 0.5) != (b >= 0.5)).float().mean().item() < 1e-3
+
+
+def test_compiled_cuda_labels_agree_and_repeat(phantom, cpu_reference):
+    """--compile on the GPU (the packaged model; tens of seconds of compiling, so last in this file):
+    labels as the CPU's within the same share, and the same twice."""
+    from sdseg_monai.inference import VolumeSegmenter
+    from sdseg_monai.model import default_model_path
+
+    image, _ = phantom
+    cpu, _ = cpu_reference
+    segmenter = VolumeSegmenter(default_model_path(), device="cuda", precision="bf16", compile=True)
+    first, second = segmenter.segment(image).labels, segmenter.segment(image).labels
+    foreground = int(((cpu > 0) | (first > 0)).sum())
+    differing = int((cpu != first).sum())
+    print(f"cuda bf16 compiled against cpu fp32: {differing} of {foreground} foreground voxels differ")
+    assert differing <= MAX_DIFFERING_SHARE * foreground
+    assert np.array_equal(first, second)
