@@ -75,7 +75,7 @@ run)
         cpu_lane+=($!)
     fi
     if wants bench; then
-        taskset -c "$gpu_cores" timeout "$(budget 220)" python3 -m sdseg_monai.cli bench --device cuda --precision bf16 --no-isolate --real-ct .devdata/ct \
+        taskset -c "$gpu_cores" timeout "$(budget 300)" python3 -m sdseg_monai.cli bench --device cuda --precision bf16 --no-isolate --real-ct .devdata/ct \
             --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" >"$logs/bench_cuda.log" 2>&1 || true
     fi
     if wants precision; then
