@@ -130,6 +130,12 @@ def _split_names(value: Optional[str]) -> Optional[list[str]]:
 PRECISION_HELP = "auto (bf16 on a CPU with AMX / AVX-512 BF16; fp32 on other CPUs and on a GPU), fp32, bf16 or fp16."
 
 
+def _announce_compiling(compile_: bool, quiet: bool) -> None:
+    """torch.compile runs silently for tens of seconds before the first slice: say so first."""
+    if compile_ and not quiet:
+        typer.echo("compiling the network with torch.compile (once, before the first volume; tens of seconds)", err=True)
+
+
 def _resolve_model(model: Optional[Path]) -> Path:
     from sdseg_monai.model import default_model_path, model_files
 
@@ -195,6 +201,7 @@ def segment(
             f"{'x'.join(map(str, volume.shape))}",
             label,
         )
+    _announce_compiling(compile_, quiet)
     segmenter = VolumeSegmenter(
         model_dir,
         device=device,
@@ -261,7 +268,9 @@ def batch(
             import torch
 
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    runner = BatchRunner(_resolve_model(model), output, device=device, batch_size=batch_size, organs=_split_names(organs_),
+    model_dir = _resolve_model(model)
+    _announce_compiling(compile_, quiet)
+    runner = BatchRunner(model_dir, output, device=device, batch_size=batch_size, organs=_split_names(organs_),
                          seed=seed, precision=precision, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
                          include_derived=include_derived, shard=part, compile=compile_)
     bar = None
@@ -767,7 +776,9 @@ def serve_dicom(
     node_log.addHandler(handler)
     node_log.setLevel(logging.WARNING if quiet else logging.INFO)
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)  # its INFO and DEBUG lines can carry header text
-    node = DicomNode(_resolve_model(model), store, ae_title=ae_title, port=port, host=host, forward=peer, allow=allowed,
+    model_dir = _resolve_model(model)
+    _announce_compiling(compile_, quiet)
+    node = DicomNode(model_dir, store, ae_title=ae_title, port=port, host=host, forward=peer, allow=allowed,
                      quiet_seconds=quiet_seconds, seg_type=seg_type, retry_seconds=retry_seconds, device=device,
                      batch_size=batch_size, organs=_split_names(organs_), precision=precision, compile=compile_)
     serve(node)

@@ -90,7 +90,7 @@ def test_segmenter_compiles_a_copy_at_start_and_records_it(traced_by, tmp_path):
     assert json.loads(sidecar.read_text())["compiled"] is True
 
 
-def test_a_failing_compiler_is_one_line_naming_the_way_out(traced_by, model_dir, tmp_path):
+def test_a_failing_compiler_is_one_line_naming_the_way_out(traced_by, model_dir, tmp_path, capsys):
     import nibabel as nib
 
     from sdseg_monai.cli import main
@@ -103,8 +103,11 @@ def test_a_failing_compiler_is_one_line_naming_the_way_out(traced_by, model_dir,
         VolumeSegmenter(model_dir, device="cpu", compile=True)
     image, _, affine = labelled_scan()
     nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(tmp_path / "scan.nii.gz"))
-    assert main(["segment", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out.nii.gz"), "-m", str(model_dir), "--compile", "-q"]) == 2
-    assert not (tmp_path / "out.nii.gz").exists()
+    capsys.readouterr()
+    assert main(["segment", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out.nii.gz"), "-m", str(model_dir), "--compile"]) == 2
+    said = capsys.readouterr().err.splitlines()  # the wait announced, then the failure on one line
+    assert said[0].startswith("compiling the network with torch.compile") and len(said) == 2
+    assert said[1].startswith("sdseg3d: error: torch.compile could not compile") and not (tmp_path / "out.nii.gz").exists()
 
 
 def test_batch_records_compile_only_when_on(model_dir, tmp_path, monkeypatch):
