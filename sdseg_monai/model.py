@@ -301,8 +301,7 @@ class SDSeg(nn.Module):
         A decoder cast by :meth:`cast_decoder` runs wholly in its dtype, outside autocast."""
         dtype = _weight_dtype(self.autoencoder.decoder)
         count = z0.shape[0]
-        if self._batch_multiple > 1:
-            (z0,) = pad_batch([z0], self._batch_multiple)
+        (z0,) = pad_batch([z0], self._batch_multiple)  # as it is unless compiled
         with contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(z0.device.type, enabled=False):
             return decoded_to_probabilities(self.autoencoder.decode((z0 / self.latent_scale).to(dtype)).sample[:count])
 
@@ -356,16 +355,13 @@ class SDSeg(nn.Module):
         x = torch.cat([z_t, cond.to(z_t.dtype)], dim=1)
         if self.cast_dtype is not None:  # a cast UNet runs outside autocast: its input in its dtype
             x = x.to(self.cast_dtype)
+        count = x.shape[0]
+        x, t, class_ids = pad_batch([x, t, class_ids], self._batch_multiple)  # as they are unless compiled
         kwargs = {}
         if self.config.num_classes > 1:
             if class_ids is None:
                 raise SDSegInputError("this model segments several organs: class ids are required")
             kwargs["class_labels"] = class_ids
-        count = x.shape[0]
-        if self._batch_multiple > 1:
-            x, t, labels = pad_batch([x, t, kwargs.get("class_labels")], self._batch_multiple)
-            if labels is not None:
-                kwargs["class_labels"] = labels
         if self.null_context is not None:
             kwargs["encoder_hidden_states"] = self.null_context.expand(x.shape[0], -1, -1).to(x.dtype)
         return self.unet(x, t, **kwargs).sample[:count]
