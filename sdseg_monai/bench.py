@@ -20,7 +20,7 @@ One run, one machine, one volume (a 512x512x100 synthetic phantom, plus the real
   one-volume number; on a GPU once more with ``--compile`` (torch.compile), its compiling timed apart.
 
 Peak RSS: each measured configuration runs in a fresh Python process, which reads its own high-water
-mark (``getrusage``) right after its measured run, so no configuration inherits another's memory and
+mark (``VmHWM`` on Linux, see :func:`peak_rss_gb`) right after its measured run, so no configuration inherits another's memory and
 later extras (FLOP counts) cannot raise it.
 """
 
@@ -197,10 +197,18 @@ class StageTimer:
 
 
 def peak_rss_gb() -> float | None:
-    """This process's peak resident set size so far (GB), None where ``resource`` is missing."""
+    """This process's peak resident set size so far (GB): ``VmHWM`` on Linux, whose ``ru_maxrss``
+    carries the parent's resident size across fork and exec (a fresh child would report at least its
+    parent's); ``getrusage`` elsewhere; None where neither exists (Windows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
-    except ImportError:  # Windows
+    except ImportError:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / GB if sys.platform == "darwin" else peak * 1024 / GB  # bytes on macOS, KiB on Linux

@@ -292,3 +292,16 @@ def test_phantom_slab_and_gpu_baseline_share_the_helpers(tmp_path):
     spec.loader.exec_module(module)
     assert module.write_phantom is bench.write_phantom and module.matmul_tflops is bench.matmul_tflops and module.timed is bench.timed
     assert math.isfinite(bench.matmul_tflops(torch.device("cpu"), 64, repeats=1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux: ru_maxrss carries across fork and exec")
+def test_a_fresh_process_reads_its_own_peak_not_its_parents():
+    import subprocess
+    import sys
+
+    held = np.ones(600_000_000 // 8)  # 0.6 GB resident in this (the parent) process
+    code = ("import resource; from sdseg_monai.bench import peak_rss_gb; "
+            "print(peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert held.sum() > 0 and 0 < own < 0.3  # an interpreter with the bench module: tens of MB
+    assert inherited >= 0.6  # the negative control: getrusage's peak starts at the parent's
