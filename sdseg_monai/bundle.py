@@ -31,7 +31,16 @@ import torch
 from sdseg_monai.config import SDSegConfig
 from sdseg_monai.data import NIFTI_SUFFIXES
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import BUNDLE_CONFIG_NAME, BUNDLE_WEIGHTS_NAME, EVALUATION_NAME, SDSeg, file_sha256, model_files, replace_dir
+from sdseg_monai.model import (
+    BUNDLE_CONFIG_NAME,
+    BUNDLE_WEIGHTS_NAME,
+    EVALUATION_NAME,
+    SDSeg,
+    check_output_folder,
+    file_sha256,
+    model_files,
+    replace_dir,
+)
 from sdseg_monai.transforms import AXIS_LABELS
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -369,8 +378,7 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
     config = SDSegConfig.from_json_file(config_path)
     if output.resolve() == model_dir.resolve() or model_dir.resolve() in output.resolve().parents:
         raise SDSegInputError("the bundle folder must lie outside the model folder", output)
-    if output.exists() and not output.is_dir():
-        raise SDSegInputError("bundle output must be a folder, and this is a file", output)
+    check_output_folder(output, model_dir)
     if not output.parent.is_dir():
         raise SDSegInputError("cannot write the bundle: its parent folder does not exist", output)
     SDSeg.from_pretrained(model_dir)  # refuses weights that do not fit the config, before writing
@@ -395,7 +403,7 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
         shutil.copyfile(LICENSE_FILE, tmp / "LICENSE")
         (tmp / "docs" / "README.md").write_text(bundle_readme(config, sha, model_card), encoding="utf-8")
         (tmp / "docs" / "data_license.txt").write_text(DATA_LICENSE, encoding="utf-8")
-        replace_dir(tmp, output)
+        replace_dir(tmp, output, model_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

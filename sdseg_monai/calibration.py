@@ -318,14 +318,15 @@ def check_calibration_split(split: str) -> None:
         raise SDSegInputError("refusing to calibrate on the test split: choose thresholds on validation cases")
 
 
-def check_calibration_output(model_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Fail early when the calibrated copy of ``model_dir`` cannot go to ``output_dir``."""
+def check_calibration_output(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Fail early when the calibrated copy of ``model_dir`` cannot go to ``output_dir`` (``inputs``:
+    the manifest and data root, never replaced either)."""
+    from sdseg_monai.model import check_output_folder
+
     output_dir = Path(output_dir)
     if output_dir.resolve() == Path(model_dir).resolve():
         raise SDSegInputError("the calibrated model must go to a new folder; the input model is never modified", output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SDSegInputError("output must be a model folder, but a file of that name exists", output_dir)
-    return output_dir
+    return check_output_folder(output_dir, model_dir, *inputs)
 
 
 def calibrate(
@@ -421,7 +422,7 @@ def save_calibrated_model(model_dir: str | os.PathLike, result: CalibrationResul
                     shutil.copy2(item, tmp / item.name)
         (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         (tmp / CALIBRATION_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, target)
+        replace_dir(tmp, target, source)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,6 +31,7 @@ app = typer.Typer(
 NO_POSTPROCESS_OPTION = typer.Option(False, "--no-postprocess", help="Round every organ at 0.5, ignoring the model's calibrated postprocessing.")
 DECODE_ALL_OPTION = typer.Option(False, "--decode-all", help="Decode every (slice, organ) pair, also those the calibration marks empty (slower).")
 SHIFTS_OPTION = typer.Option(1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass).")
+MAX_SEED = 2**63 - 1  # torch's generators take any seed below 2**64; phantoms' numpy ones below 2**128
 COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the network with torch.compile once at start (tens of seconds; for GPUs, slower on a CPU).")
 
 
@@ -99,7 +100,7 @@ def presets():
 def demo(
     output: Path = typer.Option(Path("sdseg3d_demo"), "--output", "-o", help="Folder for the phantom, prediction and PNG overlays."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the packaged model)."),
-    seed: int = typer.Option(777001, "--seed", help="Phantom seed."),
+    seed: int = typer.Option(777001, "--seed", min=0, max=MAX_SEED, help="Phantom seed."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
 ):
@@ -179,7 +180,7 @@ def segment(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
     label: Optional[Path] = typer.Option(None, "--label", "-l", help="Reference label map: print per-organ Dice."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),
     no_postprocess: bool = NO_POSTPROCESS_OPTION,
     decode_all: bool = DECODE_ALL_OPTION,
     shifts: int = SHIFTS_OPTION,
@@ -189,18 +190,13 @@ def segment(
 ):
     """Segment a CT volume into a label map on the input's exact grid."""
     from sdseg_monai.data import check_writable, read_volume
+    from sdseg_monai.evaluation import read_case
     from sdseg_monai.inference import VolumeSegmenter
+    from sdseg_monai.transforms import axial_depth
 
     check_writable(output, input_path, label)
     model_dir = _resolve_model(model)
-    volume = read_volume(input_path)
-    reference = read_volume(label, what="label map") if label is not None else None
-    if reference is not None and reference.shape[:3] != volume.shape[:3]:
-        raise SDSegInputError(
-            f"reference shape {'x'.join(map(str, reference.shape))} differs from the input's "
-            f"{'x'.join(map(str, volume.shape))}",
-            label,
-        )
+    volume, reference = read_case(input_path, label) if label is not None else (read_volume(input_path), None)
     _announce_compiling(compile_, quiet)
     segmenter = VolumeSegmenter(
         model_dir,
@@ -214,7 +210,7 @@ def segment(
         precision=precision,
         compile=compile_,
     )
-    bar = _SliceBar(volume.shape[2], enabled=not quiet)
+    bar = _SliceBar(axial_depth(volume.shape, volume.affine, segmenter.config.preprocessing.orientation), enabled=not quiet)
     try:
         result = segmenter.segment(volume, progress=bar)
     finally:
@@ -237,7 +233,7 @@ def batch(
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (under torchrun: this rank's GPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organ names (default: all)."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile_: bool = COMPILE_OPTION,
     dicom_seg: Optional[bool] = typer.Option(None, "--dicom-seg/--no-dicom-seg", help="Write seg.dcm for DICOM series (default: when the dicom extra is installed)."),
@@ -312,7 +308,7 @@ def evaluate(
     hd95: bool = typer.Option(False, "--hd95", help="Also compute HD95 (mm)."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),
     no_postprocess: bool = NO_POSTPROCESS_OPTION,
     decode_all: bool = DECODE_ALL_OPTION,
     shifts: int = SHIFTS_OPTION,
@@ -357,7 +353,7 @@ def calibrate(
     split: str = typer.Option("validation", "--split", help="Manifest split to calibrate on (never test)."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the diffusion noise."),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
     """Choose per-organ thresholds, largest-component organs and which decodes to skip on a validation split; write a calibrated copy of the model."""
@@ -367,7 +363,7 @@ def calibrate(
 
     model_dir = _resolve_model(model)
     check_calibration_split(split)
-    check_calibration_output(model_dir, output)
+    check_calibration_output(model_dir, output, manifest, data_root)
     dataset = load_manifest(manifest)
     check_data_root(dataset, data_root, split)
     from sdseg_monai.inference import VolumeSegmenter
@@ -407,8 +403,18 @@ def _volume_pairs(values: list[str], option: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+# ``train``'s flags and the TrainSettings fields they set; on --resume, a flag not given takes the
+# checkpoint's value (--max-minutes is a limit of this session, so it is not carried over).
+RESUMED_SETTINGS = {
+    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "base_lr": "base_lr", "warmup": "warmup_steps",
+    "ema_decay": "ema_decay", "checkpoint_every": "checkpoint_every", "validate_every": "validate_every", "augment": "augmentation",
+    "flips": "flips", "organ_sampling": "organ_sampling", "organs_per_slice": "organs_per_slice", "workers": "num_workers", "seed": "seed",
+}
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoint.pt, log.jsonl, model/ (best), last_model/."),
     preset: str = typer.Option("tiny", "--preset", "-p", help="tiny, paper or sd-v1."),
     dataset: str = typer.Option("btcv", "--dataset", help="Dataset preset of the organ table and HU window."),
@@ -449,7 +455,7 @@ def train(
         None, "--slice-size", min=8, help="Train (and then segment) at this slice size, e.g. 256 for 32x32 latents (default: the model's)."
     ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
-    seed: int = typer.Option(0, "--seed", "-s"),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0, help="Stop (validate, checkpoint, save) after this much wall time; --resume continues."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly where the run in OUTPUT stopped."),
@@ -461,6 +467,8 @@ def train(
     from sdseg_monai.config import SDSegConfig
     from sdseg_monai.data import check_data_root, load_manifest
     from sdseg_monai.model import SDSeg
+    from dataclasses import replace
+
     from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
     from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
@@ -487,7 +495,10 @@ def train(
             raise SDSegInputError("--resume continues the checkpoint's model as it was: drop --mask-loss-weight, --condition-channels and --slice-size")
         if not checkpoint.is_file():
             raise SDSegInputError("nothing to resume: no checkpoint.pt in this run folder", output)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (truncated, not a checkpoint: torch raises many types)
+            raise SDSegInputError(f"not a readable checkpoint ({type(e).__name__})", checkpoint) from None
         model = SDSeg(SDSegConfig.from_dict(state["config"]))
     else:
         if checkpoint.exists():
@@ -524,6 +535,11 @@ def train(
         seed=seed,
         max_seconds=None if max_minutes is None else 60 * max_minutes,
     )
+    if resume:  # the run's own settings, but for the flags given now (a trajectory flag that differs is refused)
+        saved = state.get("settings") or {}
+        kept = {field: saved[field] for flag, field in RESUMED_SETTINGS.items()
+                if field in saved and ctx.get_parameter_source(flag).name == "DEFAULT"}
+        settings = replace(settings, **kept)
     summary = train_sdseg(model, train_cases, output, settings, validation_cases, resume=resume, device=device, progress=not quiet)
     if not quiet:
         best = summary["best"]
@@ -535,7 +551,7 @@ def train(
 def phantom(
     output: Path = typer.Option(..., "--output", "-o", help="Folder for phantom_<seed>_image.nii.gz and _label.nii.gz (created if missing)."),
     n: int = typer.Option(1, "--n", "-n", help="Number of phantoms: seeds SEED .. SEED+N-1."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first phantom."),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the first phantom."),
     shape: tuple[int, int, int] = typer.Option((128, 128, 64), "--shape", help="Grid size X Y Z in voxels."),
     spacing: tuple[float, float, float] = typer.Option((3.0, 3.0, 3.0), "--spacing", help="Voxel size SX SY SZ in mm."),
     split: str = typer.Option("test", "--split", help="Split of OUTPUT/manifest.json these phantoms join (train, validation, test)."),
@@ -576,13 +592,13 @@ def train_autoencoder(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Root of the manifest's files."),
     volume: list[str] = typer.Option([], "--volume", help="Labelled volume IMAGE:LABEL giving organ masks (repeatable)."),
     phantoms: int = typer.Option(0, "--phantoms", min=0, help="In-memory phantoms adding organ masks."),
-    phantom_seed: int = typer.Option(100000, "--phantom-seed", min=0, help="Seed of the first phantom."),
+    phantom_seed: int = typer.Option(100000, "--phantom-seed", min=0, max=MAX_SEED, help="Seed of the first phantom."),
     random_masks: int = typer.Option(8000, "--random-masks", min=0, help="Random organ-shaped masks in the pool."),
     real_fraction: float = typer.Option(0.25, "--real-fraction", min=0.0, max=1.0, help="Share of each batch from volume/phantom masks."),
     steps: int = typer.Option(2400, "--steps", min=1),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed", "-s"),
+    seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -592,7 +608,7 @@ def train_autoencoder(
 
     from sdseg_monai.config import TINY_AUTOENCODER, model_preset
     from sdseg_monai.data import check_data_root, load_manifest
-    from sdseg_monai.model import replace_dir, resolve_device
+    from sdseg_monai.model import check_output_folder, replace_dir, resolve_device
     from sdseg_monai.phantoms import phantom_volumes, random_organ_masks
     from sdseg_monai.training import init_posterior_logvar, mask_reconstruction_dice, model_space_organ_masks, train_mask_autoencoder
 
@@ -601,9 +617,8 @@ def train_autoencoder(
         if data_root is None:
             raise SDSegInputError("--manifest needs --data-root")
         cases += [(i, l) for _, i, l in check_data_root(load_manifest(manifest), data_root, "train")]
+    check_output_folder(output, manifest, data_root, *(path for pair in cases for path in pair))
     cases += [phantom_volumes(phantom_seed + k) for k in range(phantoms)]
-    if output.exists() and not output.is_dir():
-        raise SDSegInputError("output must be a folder", output)
     config = model_preset("tiny")
     size = config.preprocessing.slice_size
     real = model_space_organ_masks(cases, config.preprocessing, config.organ_labels) if cases else torch.zeros((0, size, size), dtype=torch.bool)
@@ -784,22 +799,42 @@ def serve_dicom(
     serve(node)
 
 
+def _is_usage_error(error: Exception) -> bool:
+    """A click usage error (typer's own copy of click, or click itself in older typer releases)."""
+    return hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)
+
+
+def _usage_line(error) -> str:
+    """One line: the command, the problem, where to read more; or the help when no command was given."""
+    ctx = getattr(error, "ctx", None)
+    if type(error).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        return ctx.get_help()
+    command = f"{ctx.command_path.split(' ', 1)[1]}: " if ctx is not None and " " in ctx.command_path else ""
+    hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
+    return f"sdseg3d: error: {command}{' '.join(error.format_message().split())}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
     from sdseg_monai.allocator import keep_freed_memory
 
     keep_freed_memory()  # this command owns its process: its CPU work reuses freed memory (about 1.2x faster)
     try:
-        # Standalone mode: typer reports usage errors itself and exits 2.
-        app(args=argv, prog_name="sdseg3d")
+        # Not standalone: usage errors come here, to be told in one line like every other refusal.
+        code = app(args=argv, prog_name="sdseg3d", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except SDSegInputError as e:
         typer.echo(f"sdseg3d: error: {e}", err=True)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("sdseg3d: interrupted", err=True)
         return 130
+    except Exception as e:  # noqa: BLE001
+        if _is_usage_error(e):
+            typer.echo(_usage_line(e), err=True)
+            return int(e.exit_code)
     except Exception as e:  # noqa: BLE001
         if os.environ.get("SDSEG3D_DEBUG"):
             raise

@@ -146,6 +146,8 @@ class Preprocessing:
             raise SDSegInputError(f"channels must be one of {CHANNEL_MODES}, got {self.channels!r}")
         if self.slice_size <= 0 or self.slice_size % 8:
             raise SDSegInputError(f"slice_size must be a positive multiple of 8, got {self.slice_size}")
+        if not _is_axis_codes(self.orientation):
+            raise SDSegInputError(f"orientation must be three axis codes such as RAS or LPS, got {self.orientation!r}")
 
 
 # Skipped decodes are those that stayed below this probability on the calibration cases: far under any
@@ -387,8 +389,13 @@ class SDSegConfig:
             return cls.from_dict(data)
         except SDSegInputError as e:
             raise SDSegInputError(str(e), path) from None
-        except TypeError as e:
-            raise SDSegInputError(f"invalid SDSeg config ({e})", path) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise SDSegInputError(f"invalid SDSeg config ({type(e).__name__}: {e})", path) from None
+
+
+def _is_axis_codes(codes) -> bool:
+    """One of R/L, one of A/P and one of S/I, in any order (what MONAI's Orientation accepts)."""
+    return isinstance(codes, str) and len(codes) == 3 and all(sum(c in pair for c in codes.upper()) == 1 for pair in ("RL", "AP", "SI"))
 
 
 def _organ_dict(organ: Organ) -> dict[str, Any]:

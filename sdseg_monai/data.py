@@ -133,20 +133,20 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
     except Exception as e:  # noqa: BLE001  (truncated or corrupt data block, bad gzip)
         raise SDSegInputError(f"cannot read the {what} data ({_reason(e)})", path) from None
     data = data.reshape(shape[:3])
+    if data.dtype.kind not in "biuf":  # RGB records, complex numbers
+        raise SDSegInputError(f"unsupported voxel type {data.dtype} (expected integers or floats)", path)
     affine = _nifti_affine(nifti, path, what)
-    nonfinite = count_nonfinite(data, path, what)
-    if nonfinite and what != "image":
-        raise SDSegInputError(f"{what} holds {nonfinite} NaN or Inf voxels", path)
-    dtype = np.int16 if what != "image" else np.float32
-    if what != "image" and not np.issubdtype(data.dtype, np.integer):
-        rounded = np.rint(data)
-        if not np.allclose(rounded, data):
-            raise SDSegInputError(f"{what} holds non-integer values", path)
-        data = rounded
-    meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS"}
     # A copy (never a view of a memory-mapped input) in the file's own layout: NIfTI stores Fortran
     # order, where an axial slice is contiguous; reordering it to C order took longer than the conversion.
-    image = MetaTensor(np.array(data, dtype=dtype, order="K")[None], affine=affine, meta=meta)
+    if what == "image":
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range becomes Inf: counted next
+            array = np.array(data, dtype=np.float32, order="K")
+        nonfinite = count_nonfinite(array, path, what)
+    else:
+        array = _label_array(data, path, what)
+        nonfinite = 0
+    meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS"}
+    image = MetaTensor(array[None], affine=affine, meta=meta)
     return Volume(image=image, source=str(path), header=nifti.header, shape=shape, nonfinite_voxels=nonfinite)
 
 
@@ -158,6 +158,21 @@ def count_nonfinite(data: np.ndarray, path: str | os.PathLike, what: str = "imag
     if finite == 0:
         raise SDSegInputError(f"{what} has no finite voxel (all {data.size} are NaN or Inf)", path)
     return int(data.size - finite)
+
+
+def _label_array(data: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """A label map as int16: whole numbers that int16 holds, refused otherwise (never wrapped)."""
+    nonfinite = count_nonfinite(data, path, what)
+    if nonfinite:
+        raise SDSegInputError(f"{what} holds {nonfinite} NaN or Inf voxels", path)
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        if not np.allclose(rounded, data):
+            raise SDSegInputError(f"{what} holds non-integer values", path)
+        data = rounded
+    if data.size and (data.min() < np.iinfo(np.int16).min or data.max() > np.iinfo(np.int16).max):
+        raise SDSegInputError(f"{what} holds values outside -32768..32767 ({data.min():g}..{data.max():g})", path)
+    return np.array(data, dtype=np.int16, order="K")
 
 
 def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
@@ -274,8 +289,8 @@ def label_nifti(labels: np.ndarray, volume: Volume):
             image.set_qform(qform, int(qcode))
         if sform is not None:
             image.set_sform(sform, int(scode))
-        if qform is None and sform is None:
-            image.set_sform(volume.affine, 2)
+        # With neither form coded, both stay uncoded: every reader then places the labels where it
+        # places the input (ITK and Slicer use the voxel sizes; a coded sform would flip them there).
     else:
         image = nib.Nifti1Image(data, volume.affine)
         image.set_qform(volume.affine, 1)
@@ -290,7 +305,7 @@ def write_label_volume(labels: np.ndarray, volume: Volume, output: str | os.Path
     """Write the label map and its JSON sidecar atomically; returns both paths."""
     import nibabel as nib
 
-    output = check_writable(output)
+    output = check_writable(output, volume.source)  # the Python API is guarded as the CLI is
     side = sidecar_path(output)
     image = label_nifti(labels, volume)
     with atomic_paths(output, side) as (tmp_image, tmp_side):

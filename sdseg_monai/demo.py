@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sdseg_monai.config import model_preset
+from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, mean_dice, organ_scores
 from sdseg_monai.model import SDSeg, default_model_path
 
@@ -147,9 +148,11 @@ def run_demo(
         model.config.latent_scale = 1.0
     name = str(model) if not isinstance(model, SDSeg) else ("untrained tiny preset" if not trained else "in-memory model")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SDSegInputError("the demo's output must be a folder, and a file of that name exists", out)
+    segmenter = VolumeSegmenter(model, device=device, batch_size=batch_size, seed=0)  # a bad device: refused before writing
     out.mkdir(parents=True, exist_ok=True)
     ((image_path, label_path),) = write_phantoms(out, n=1, seed=seed, shape=shape)
-    segmenter = VolumeSegmenter(model, device=device, batch_size=batch_size, seed=0)
     result = segmenter.segment(image_path)
     result.model = name
     mask_path, sidecar = result.save(out / "prediction.nii.gz")

@@ -209,6 +209,8 @@ class VolumeSegmenter:
         compile: bool = False,
     ):
         check_num_shifts(num_shifts)
+        if not 0 <= int(seed) < 2**64:  # what torch's generator takes
+            raise SDSegInputError(f"seed must be in 0..2**64-1, got {seed}")
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()

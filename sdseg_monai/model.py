@@ -229,6 +229,9 @@ class SDSeg(nn.Module):
                 out.append(int(organ))
             else:
                 raise SDSegInputError(f"organ index {organ} out of range 0..{self.config.num_classes - 1}")
+        repeated = sorted({self.config.organ_names[k] for k in out if out.count(k) > 1})
+        if repeated:  # each organ is one label: a repeat would be segmented twice and recorded wrongly
+            raise SDSegInputError(f"organ named more than once: {', '.join(repeated)}")
         return out
 
     # -- latents ------------------------------------------------------------------------------------
@@ -573,7 +576,10 @@ class SDSeg(nn.Module):
         config = SDSegConfig.from_json_file(config_path)
         if config.latent_scale is None:
             raise SDSegInputError("model config has no latent_scale", config_path)
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (TypeError, ValueError, KeyError, IndexError) as e:  # diffusers refuses the network's shape
+            raise SDSegInputError(f"invalid network in the model config ({type(e).__name__}: {e})", config_path) from None
         load_state_into(model, read_state_dict(weights_path), weights_path, what="SDSeg model")
         return model.to(device).eval()
 
@@ -626,8 +632,31 @@ def default_model_path() -> Path | None:
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file() else None
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Move folder ``new`` to ``target``; an existing ``target`` is swapped out, never half-overwritten."""
+def check_output_folder(target: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse, before any compute, an output folder that :func:`replace_dir` must not replace: a file,
+    an input (model, data root, volume) or a folder above or inside one, or an existing folder that is
+    not empty and holds no saved model, autoencoder or bundle (a run folder, a data root, a home)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise SDSegInputError("output must be a folder, and a file of that name exists", target)
+    place = target.resolve()
+    for source in map(Path, filter(None, inputs)):
+        resolved = source.resolve()
+        if place == resolved or place in resolved.parents or (source.is_dir() and resolved in place.parents):
+            raise SDSegInputError(f"output folder would replace or lie inside the input {source}; choose a new folder", target)
+    if target.is_dir() and any(target.iterdir()) and not any((target / marker).is_file() for marker in REPLACEABLE_MARKERS):
+        raise SDSegInputError("output folder exists and holds no saved model; refusing to replace it (choose a new or empty folder)", target)
+    return target
+
+
+# What an earlier output of ours holds: a model or autoencoder (config.json) or a MONAI bundle.
+REPLACEABLE_MARKERS = (CONFIG_NAME, BUNDLE_CONFIG_NAME, "configs/metadata.json")
+
+
+def replace_dir(new: Path, target: Path, *inputs: str | os.PathLike | None) -> None:
+    """Move folder ``new`` to ``target``; an existing ``target`` is swapped out, never half-overwritten,
+    and only when :func:`check_output_folder` allows it (``inputs`` are never replaced)."""
+    check_output_folder(target, *inputs)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder gets ordinary permissions
@@ -645,9 +674,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``: the first CUDA GPU when present, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SDSegInputError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == "cpu" and device.index in (None, 0):
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise SDSegInputError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if not torch.cuda.is_available():
         raise SDSegInputError(f"device {device} requested but CUDA is not available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SDSegInputError(f"device {device} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -564,6 +564,23 @@ def validation_dice(model: SDSeg, cases, device, batch_size: int | None = None, 
     return {"mean_dice": float(np.mean(list(means.values()))) if means else 0.0, "organs": means}
 
 
+# Settings that shape the optimisation's trajectory: a resumed run keeps them, or it would not
+# continue "exactly where it stopped". The others (steps, checkpoint and validation cadence,
+# workers, time limit) may change between sessions.
+TRAJECTORY_SETTINGS = (
+    "batch_size", "grad_accum", "base_lr", "warmup_steps", "ema_decay", "seed", "absent_fraction", "augmentation", "flips",
+    "amp", "organ_sampling", "organs_per_slice",
+)
+
+
+def check_resume_settings(saved: dict, settings: TrainSettings, checkpoint_path) -> None:
+    """Refuse to resume a checkpoint with other trajectory settings than it was trained with."""
+    current = asdict(settings)
+    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in TRAJECTORY_SETTINGS if k in saved and saved[k] != current[k]]
+    if changed:
+        raise SDSegInputError(f"--resume continues the run with its own settings, but these differ: {'; '.join(changed)}", checkpoint_path)
+
+
 def train_sdseg(
     model: SDSeg,
     train_cases,
@@ -658,6 +675,7 @@ def train_sdseg(
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if {**state["config"], "latent_scale": None} != {**config.to_dict(), "latent_scale": None}:
             raise SDSegInputError("checkpoint was made for another model configuration", checkpoint_path)
+        check_resume_settings(state.get("settings") or {}, settings, checkpoint_path)
         config.latent_scale = state["config"]["latent_scale"]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

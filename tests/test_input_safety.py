@@ -172,6 +172,80 @@ def _case_label_nan(tmp):
     return ["scan.nii.gz", "-o", "out.nii.gz", "-l", "nanref.nii.gz"], ["nanref.nii.gz", "NaN or Inf"]
 
 
+def _case_bad_device(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-d", "gpu"], ["device must be auto, cpu, cuda or cuda:N", "'gpu'"]
+
+
+def _case_bad_device_index(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-d", "cuda:abc"], ["device must be auto, cpu, cuda or cuda:N"]
+
+
+def _bad_config_model(tmp, name, **changes) -> str:
+    from conftest import micro_config
+
+    config = json.loads(micro_config(organs=("spleen", "liver")).to_json_string())
+    config["latent_scale"] = 1.0
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        config[section][field] = value
+    (tmp / name).mkdir()
+    (tmp / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (tmp / name / "model.safetensors").write_bytes(b"")
+    return name
+
+
+def _case_config_bad_window(tmp):
+    model = _bad_config_model(tmp, "badwindow", preprocessing__hu_window=["a", 1])
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-m", model], ["badwindow/config.json", "invalid SDSeg config"]
+
+
+def _case_config_bad_orientation(tmp):
+    model = _bad_config_model(tmp, "badaxes", preprocessing__orientation="XYZ")
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-m", model], ["badaxes/config.json", "orientation must be three axis codes"]
+
+
+def _case_float64_beyond_float32(tmp):
+    _save(tmp / "huge.nii.gz", np.full((8, 8, 4), 1e300))
+    return ["huge.nii.gz", "-o", "out.nii.gz"], ["huge.nii.gz", "no finite voxel"]
+
+
+def _case_complex_voxels(tmp):
+    _save(tmp / "complex.nii.gz", np.zeros((8, 8, 4), dtype=np.complex64))
+    return ["complex.nii.gz", "-o", "out.nii.gz"], ["complex.nii.gz", "unsupported voxel type complex64"]
+
+
+def _case_rgb_voxels(tmp):
+    rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    _save(tmp / "rgb.nii.gz", rgb)
+    return ["rgb.nii.gz", "-o", "out.nii.gz"], ["rgb.nii.gz", "unsupported voxel type"]
+
+
+def _case_label_beyond_int16(tmp):
+    _, labels, affine = labelled_scan()
+    wide = labels.astype(np.uint16)
+    wide[0, 0, 0] = 40000  # would wrap to -25536 as int16
+    _save(tmp / "wide.nii.gz", wide, affine)
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-l", "wide.nii.gz"], ["wide.nii.gz", "outside -32768..32767"]
+
+
+def _case_label_on_another_grid(tmp):
+    _, labels, affine = labelled_scan()
+    _save(tmp / "flipped.nii.gz", labels, np.diag([-1.0, 1.0, 1.0, 1.0]) @ affine)
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-l", "flipped.nii.gz"], ["flipped.nii.gz", "not on the same voxel grid"]
+
+
+def _case_organ_twice(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "--organs", "liver,spleen,liver"], ["organ named more than once: liver"]
+
+
+def _case_seed_beyond_torch(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "--seed", str(2**64)], ["segment: Invalid value for '--seed'", "(see sdseg3d segment -h)"]
+
+
+def _case_batch_size_zero(tmp):
+    return ["scan.nii.gz", "-o", "out.nii.gz", "-b", "0"], ["segment: Invalid value for '--batch-size'"]
+
+
 BAD_INPUTS = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
 
 
