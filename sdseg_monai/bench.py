@@ -888,8 +888,9 @@ def run_bench(
         versions=versions(),
         matmul={},
     )
+    said = []  # notes from the run itself; _notes adds those read off the rows
     if resolved == "fp32":
-        report.notes.append(f"precision {options.precision} resolves to fp32 on this {device.type}: fp32 ran once")
+        said.append(f"precision {options.precision} resolves to fp32 on this {device.type}: fp32 ran once")
     for precision in precisions:
         n = 8192 if device.type == "cuda" else 2048
         report.matmul[precision] = {"n": n, "tflops": matmul_tflops(device, n, precision_dtype(precision)),
@@ -926,11 +927,17 @@ def run_bench(
         if real_ct is not None:
             add_volume("real CT", real_ct, "real CT", None)
 
+        def conclude() -> None:
+            """Targets and notes from the rows so far: a checkpoint's report is judged as the final one is."""
+            report.targets = _targets(report, device, resolved, tuple(options.shape), specs[0]["name"], main_volume)
+            report.notes = said + _notes(report, options, device, large_slab)
+            report.wall_seconds = time.perf_counter() - wall
+
         def measure(case: dict, label: str) -> dict:
             case = {**case, "device": str(device), "threads": threads, "batch_size": options.batch_size}
             if checkpoint is not None:
                 report.incomplete = f"stopped before: {label}"
-                report.wall_seconds = time.perf_counter() - wall
+                conclude()
                 checkpoint(report)
             say(f"{label} ...")
             began = time.perf_counter()
@@ -1010,7 +1017,7 @@ def run_bench(
 
         peer = options.peer and (importlib.util.find_spec("einops") is not None or peer_network is not _SWIN_UNETR)
         if options.peer and not peer:
-            report.notes.append("SwinUNETR needs einops (pip install 'sdseg3d[bench]'): the peer was left out")
+            said.append("SwinUNETR needs einops (pip install 'sdseg3d[bench]'): the peer was left out")
         if peer:
             peer_volumes = [main_volume] + (["real CT"] if real_ct is not None else [])
             for name in peer_volumes:
@@ -1022,9 +1029,7 @@ def run_bench(
 
     report.machine["load_average_end"] = _load_average()
     report.machine["cpu_busy_after"] = cpu_busy()
-    report.targets = _targets(report, device, resolved, tuple(options.shape), specs[0]["name"], main_volume)
-    report.notes += _notes(report, options, device, large_slab)
-    report.wall_seconds = time.perf_counter() - wall
+    conclude()
     report.incomplete = None
     return report
 

@@ -139,6 +139,13 @@ def test_checkpoints_keep_what_was_measured_before_each_configuration(report):
     rows = [(len(d["one_step"]), len(d["pipeline"]), len(d["multistep"]), len(d["peer"])) for d, _ in report.checkpoints]
     assert rows == [(0, 0, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (3, 1, 0, 0), (3, 1, 1, 0)]
     assert report.checkpoints[4][0]["one_step"] == report.to_dict()["one_step"]  # finished rows are final rows
+    # Judged as the final report is, on the rows so far: the CPU target once the default's rows exist.
+    final = {t["target"]: t for t in report.to_dict()["targets"]}
+    assert report.checkpoints[0][0]["targets"] == []
+    (cpu,) = report.checkpoints[4][0]["targets"]
+    assert "on CPU" in cpu["target"] and cpu == final[cpu["target"]] and "## Targets" in report.checkpoints[4][1]
+    assert {t["target"] for t in report.checkpoints[5][0]["targets"]} == {cpu["target"]} | {t for t in final if "DDIM" in t}
+    assert any(note.startswith("peak RSS") for note in report.checkpoints[4][0]["notes"])
     assert "**Incomplete report** (stopped before: pipeline" in report.checkpoints[3][1]
     assert report.incomplete is None and "Incomplete" not in report.to_markdown()
 
