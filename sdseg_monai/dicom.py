@@ -39,8 +39,8 @@ SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 MIN_SLICES = 3
-SPACING_TOLERANCE_MM = 0.1  # a gap off the median by more than this and by more than ...
-SPACING_TOLERANCE_FRACTION = 0.05  # ... this fraction of it means a missing or extra slice
+SPACING_TOLERANCE_MM = 0.1  # a gap off the median, or a slice off its evenly spaced place, by more than this and ...
+SPACING_TOLERANCE_FRACTION = 0.05  # ... by more than this fraction of the spacing: a missing slice, or drift
 IN_PLANE_TOLERANCE_MM = 0.05  # slice positions off the normal by more than this: gantry tilt
 LOCALIZER_SHARE = 0.1  # an orientation held by at most this share of a series' images is a scout
 
@@ -59,6 +59,7 @@ REASONS = {
     "nonuniform_spacing": ("failed", "slice spacing not uniform (a missing slice?)"),
     "gantry_tilt": ("failed", "gantry tilt: slices not stacked along their normal"),
     "unreadable_slices": ("failed", "images that cannot be read or decoded"),
+    "split_multiframe": ("failed", "a multi-frame series spread over several files, or mixed with single-frame images"),
 }
 
 # Decoders pydicom may lack, by transfer syntax, and the package that brings one.
@@ -110,6 +111,8 @@ class Series:
     frames: list[Frame] = field(default_factory=list)
     files: set = field(default_factory=set)
     no_geometry: int = 0
+    bad_headers: int = 0  # image headers whose values cannot be parsed (e.g. a DS of "abc")
+    bad_header_error: str = ""  # the first one's exception class, never its text (it may quote the header)
 
 
 @dataclass
@@ -259,7 +262,9 @@ def index_tree(root: str | os.PathLike, include_derived: bool = False) -> DicomI
 
     root = Path(root)
     index = DicomIndex(root)
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    # Dot files are hidden or half-written (the node's and atomic_paths' temporaries are ".<name>.*").
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*")
+                                                 if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
     series: dict[str, Series] = {}
     for path in paths:
         index.counts["files"] += 1
@@ -288,18 +293,30 @@ def index_tree(root: str | os.PathLike, include_derived: bool = False) -> DicomI
         if sop_class.startswith(NON_IMAGE_PREFIXES) or "Rows" not in header:
             entry.kind = "not_image"
             continue
-        entry.derived |= _is_derived(header, sop_class)
-        entry.tilt = entry.tilt or abs(float(getattr(header, "GantryDetectorTilt", 0) or 0))
-        multiframe = sop_class in ENHANCED_CT_IMAGES or int(getattr(header, "NumberOfFrames", 1) or 1) > 1
-        entry.multiframe |= multiframe
-        frames = _multi_frame(header, path) if multiframe else _single_frame(header, path)
-        if frames is None:
-            entry.no_geometry += 1
-        else:
-            entry.frames.extend(frames)
+        try:
+            _add_image(entry, header, path, sop_class)
+        except Exception as e:  # noqa: BLE001  (a malformed value, e.g. a tilt of "abc", or no Columns: its series fails)
+            entry.bad_headers += 1
+            entry.bad_header_error = entry.bad_header_error or type(e).__name__
     for entry in sorted(series.values(), key=lambda s: (s.study_uid, s.series_uid)):
         index.stacks.extend(plan_series(entry, include_derived))
     return index
+
+
+def _add_image(entry: Series, header, path: Path, sop_class: str) -> None:
+    """The image planes of one image file's ``header``, added to its series."""
+    derived = _is_derived(header, sop_class)
+    tilt = abs(float(getattr(header, "GantryDetectorTilt", 0) or 0))
+    multiframe = sop_class in ENHANCED_CT_IMAGES or int(getattr(header, "NumberOfFrames", 1) or 1) > 1
+    frames = _multi_frame(header, path) if multiframe else _single_frame(header, path)
+    # Only now, every value parsed: a header that raises above leaves its series as it was.
+    entry.derived |= derived
+    entry.tilt = entry.tilt or tilt
+    entry.multiframe |= multiframe
+    if frames is None:
+        entry.no_geometry += 1
+    else:
+        entry.frames.extend(frames)
 
 
 def _skip(entry: Series, reason: str, message: str = "") -> list[Stack]:
@@ -319,6 +336,9 @@ def plan_series(entry: Series, include_derived: bool = False) -> list[Stack]:
         return _skip(entry, "derived")
     if not entry.frame_of_reference:
         return _skip(entry, "no_frame_of_reference")
+    if entry.bad_headers:  # which slices they hold is unknown: the volume would be short of them, silently
+        return _skip(entry, "unreadable_slices", f"{entry.bad_headers} image header(s) with values that cannot be parsed "
+                     f"({entry.bad_header_error})")
     if not entry.frames:
         return _skip(entry, "no_geometry")
     frames = [f for f in entry.frames if not f.localizer]
@@ -353,21 +373,39 @@ def _along(frames: list[Frame]) -> np.ndarray:
     return np.array([np.dot(f.position, normal) for f in frames])
 
 
-def _pixel_digest(frame: Frame) -> str:
-    return hashlib.sha256(read_frame_pixels(frame).tobytes()).hexdigest()
+def _pixel_digest(frame: Frame, cache: dict) -> str:
+    return hashlib.sha256(read_frame_pixels(frame, cache).tobytes()).hexdigest()
+
+
+def _too_far(off: np.ndarray, spacing: float) -> np.ndarray:
+    return (off > SPACING_TOLERANCE_MM) & (off > SPACING_TOLERANCE_FRACTION * spacing)
+
+
+def slice_spacing(frames: list[Frame]) -> float:
+    """The spacing of the sorted ``frames`` along their normal: first to last over the gaps, so that
+    the volume's first and last slices lie where their headers put them."""
+    s = _along(frames)
+    return float(s[-1] - s[0]) / (len(frames) - 1)
 
 
 def _spacing_problem(frames: list[Frame]) -> str | None:
-    """Why the sorted ``frames`` are not evenly spaced along their normal, or None."""
-    gaps = np.diff(_along(frames))
+    """Why the sorted ``frames`` are not evenly spaced along their normal, or None: a gap off the
+    median (a missing slice), or a slice off its place at even spacing (gaps that drift slowly)."""
+    s = _along(frames)
+    gaps = np.diff(s)
     median = float(np.median(gaps))
-    off = np.abs(gaps - median)
-    bad = np.flatnonzero((off > SPACING_TOLERANCE_MM) & (off > SPACING_TOLERANCE_FRACTION * median))
-    if not bad.size:
+    bad = np.flatnonzero(_too_far(np.abs(gaps - median), median))
+    if bad.size:
+        k = int(bad[0])
+        return (f"gap of {gaps[k]:.2f} mm between slices {k + 1} and {k + 2} of {len(frames)} (median {median:.2f} mm); "
+                f"{bad.size} gap(s) off the median; a slice may be missing")
+    spacing = slice_spacing(frames)
+    off = np.abs(s - (s[0] + spacing * np.arange(len(s))))
+    k = int(np.argmax(off))
+    if not _too_far(off[k:k + 1], spacing)[0]:
         return None
-    k = int(bad[0])
-    return (f"gap of {gaps[k]:.2f} mm between slices {k + 1} and {k + 2} of {len(frames)} (median {median:.2f} mm); "
-            f"{bad.size} gap(s) off the median; a slice may be missing")
+    return (f"slice {k + 1} of {len(frames)} lies {off[k]:.2f} mm from its place at an even spacing of {spacing:.3f} mm; "
+            "the gaps drift")
 
 
 def _by_acquisition(frames: list[Frame]) -> list[list[Frame]] | None:
@@ -402,11 +440,12 @@ def _split_acquisitions(entry: Series, group: list[Frame]) -> list[Stack]:
         return [stack]
     kept: list[Frame] = []
     kept_digest = None  # of kept[-1], read once however many copies follow it
+    decoded: dict = {}  # multi-frame files, decoded once for all their frames
     try:
         for i, f in enumerate(frames):
             if i and repeated[i - 1]:
-                kept_digest = kept_digest or _pixel_digest(kept[-1])
-                if _pixel_digest(f) == kept_digest:
+                kept_digest = kept_digest or _pixel_digest(kept[-1], decoded)
+                if _pixel_digest(f, decoded) == kept_digest:
                     continue
                 return [stack.fail("ambiguous_duplicates", f"images at {s[i]:.2f} mm along the normal differ in their "
                                    "pixels, and AcquisitionNumber gives no clean split")]
@@ -428,6 +467,12 @@ def _check_geometry(stack: Stack, entry: Series) -> None:
     if entry.tilt > 0:
         stack.fail("gantry_tilt", f"GantryDetectorTilt is {entry.tilt:g} degrees; resample the series first")
         return
+    files = {f.path for f in frames}
+    if len(files) > 1 and any(f.number is not None for f in frames):
+        # A DICOM SEG references one multi-frame source or single-frame images only (highdicom too).
+        stack.fail("split_multiframe", f"{len(frames)} slices from {len(files)} files, multi-frame among them; "
+                   "convert the series to one multi-frame file or to single-frame images")
+        return
     positions = np.array([f.position for f in frames], dtype=np.float64)
     normal = stack.normal
     offsets = positions - positions[0]
@@ -440,7 +485,7 @@ def _check_geometry(stack: Stack, entry: Series) -> None:
     if problem:
         stack.fail("nonuniform_spacing", problem)
         return
-    stack.spacing = (frames[0].pixel_spacing[1], frames[0].pixel_spacing[0], float(np.median(np.diff(_along(frames)))))
+    stack.spacing = (frames[0].pixel_spacing[1], frames[0].pixel_spacing[0], slice_spacing(frames))
     axis = int(np.argmax(np.abs(normal)))
     stack.plane = ("sagittal", "coronal", "axial")[axis] if abs(normal[axis]) > 0.99 else "oblique"
 

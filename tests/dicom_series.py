@@ -94,3 +94,12 @@ def enhanced_ct(datasets: list[Dataset], series: str) -> Dataset:
     return hd.legacy.LegacyConvertedEnhancedCTImage(
         legacy_datasets=datasets, series_instance_uid=series, series_number=3,
         sop_instance_uid=f"{series}.1", instance_number=1)
+
+
+def spoil(path: Path, value: str, bad: bytes) -> None:
+    """Replace the header value ``value`` (written once in ``path``, padded to even length as DICOM
+    pads it) by ``bad`` of the same length: a malformed value pydicom itself would refuse to write."""
+    good = (value + " " * (len(value) % 2)).encode()
+    data = path.read_bytes()
+    assert data.count(good) == 1 and len(bad) == len(good), (value, bad)
+    path.write_bytes(data.replace(good, bad))

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_series import ct_slices, enhanced_ct, phantom_ct, uid, write
+from dicom_series import ct_slices, enhanced_ct, phantom_ct, spoil, uid, write
 from sdseg_monai.dicom import LPS_TO_RAS, index_tree, read_ct_series, read_stack
 from sdseg_monai.errors import SDSegInputError
 
@@ -54,7 +54,7 @@ def test_planes_read_on_the_source_grid_in_hu(tmp_path, plane, row_dir, col_dir)
     write(datasets, tmp_path / "s")
     stack = _only(tmp_path)
     assert stack.ok and stack.plane == plane and stack.key == uid(1, 1) and stack.images_used == 8
-    assert stack.spacing == pytest.approx((0.8, 0.7, 3.0))
+    assert stack.spacing == pytest.approx((0.8, 0.7, 3.0), abs=1e-5)  # positions are written to 1e-4 mm
     volume = _check_geometry(stack, datasets)
     assert volume.shape == (1, 20, 16, 8) and np.array_equal(volume[0].numpy(), IMAGE.astype(np.float32))
     assert volume[0].numpy().flags.f_contiguous  # slice-major, as a NIfTI reads: an axial slice contiguous
@@ -150,6 +150,29 @@ def test_a_missing_slice_is_refused_with_where_the_gap_is(tmp_path):
         read_ct_series(tmp_path)
 
 
+def test_slowly_drifting_gaps_are_refused_and_even_ones_read_where_their_headers_say(tmp_path):
+    """100 gaps of 1.00 mm, then 100 of 1.09 mm: every gap is within 0.1 mm of the median, yet the
+    middle slice lies 4.5 mm from its place at even spacing. A median-gap check alone passes it."""
+    z = np.r_[np.arange(101) * 1.0, 100 + np.arange(1, 101) * 1.09]
+    datasets = ct_slices(np.zeros((4, 4, len(z))), spacing=(1.0, 1.0, 1.0))
+    for ds, position in zip(datasets, z):
+        ds.ImagePositionPatient = [-100.0, -120.0, float(position)]
+    write(datasets, tmp_path / "drift")
+    stack = _only(tmp_path)
+    assert (stack.status, stack.reason) == ("failed", "nonuniform_spacing")
+    assert "slice 101 of 201 lies 4.50 mm from its place at an even spacing of 1.045 mm" in stack.message
+    # Control: the same count of slices at an even spacing that is not the median's rounding passes,
+    # and slice k of the volume lies where its header says (first to last, not the median gap).
+    shutil.rmtree(tmp_path / "drift")
+    even = np.linspace(0.0, 209.0, len(z))
+    for ds, position in zip(datasets, even):
+        ds.ImagePositionPatient = [-100.0, -120.0, float(position)]
+    write(datasets, tmp_path / "even")
+    stack = _only(tmp_path)
+    assert stack.ok and stack.spacing[2] == pytest.approx(1.045)
+    _check_geometry(stack, datasets)
+
+
 def test_two_acquisitions_under_one_uid_become_two_stacks(tmp_path):
     first = ct_slices(IMAGE, acquisition=1)
     second = ct_slices(IMAGE + 50, acquisition=2, first_instance=101)  # same positions, other pixels
@@ -181,6 +204,35 @@ def test_duplicates_exact_ones_dropped_different_pixels_ambiguous(tmp_path):
     shutil.copytree(tmp_path / "s", tmp_path / "copy")
     stack = _only(tmp_path)
     assert stack.ok and stack.dropped == {"duplicate": 10} and stack.images_used == 8
+
+
+def test_a_multiframe_series_split_over_files_is_refused_and_two_copies_of_one_are_not(tmp_path):
+    """A DICOM SEG can reference one multi-frame source only: a series spread over two multi-frame
+    files fails in the reader with its reason, before any output, instead of after label.nii.gz."""
+    datasets = ct_slices(IMAGE)
+    first, second = enhanced_ct(datasets[:4], uid(1, 5)), enhanced_ct(datasets[4:], uid(1, 5))
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = uid(1, 5, 2)
+    write([first, second], tmp_path / "mf", names=["a.dcm", "b.dcm"])
+    stack = _only(tmp_path)
+    assert (stack.status, stack.reason) == ("failed", "split_multiframe")
+    assert stack.message.startswith("8 slices from 2 files, multi-frame among them")
+    # Control: two copies of one enhanced file are exact duplicates; every frame kept is from one file,
+    # and the file is decoded once per copy, not once per frame.
+    shutil.rmtree(tmp_path / "mf")
+    write([enhanced_ct(datasets, uid(1, 5))], tmp_path / "mf", names=["a.dcm"])
+    shutil.copytree(tmp_path / "mf", tmp_path / "copy")
+    import sdseg_monai.dicom as dicom
+
+    decoded = []
+    original = dicom._pixels
+    dicom._pixels = lambda path: decoded.append(path) or original(path)
+    try:
+        stack = _only(tmp_path)
+    finally:
+        dicom._pixels = original
+    assert stack.ok and stack.dropped == {"duplicate": 8} and len(stack.files) == 1
+    assert sorted(decoded) == sorted([tmp_path / "mf" / "a.dcm", tmp_path / "copy" / "a.dcm"])  # was 16 decodes
+    assert np.array_equal(read_stack(stack)[0].numpy(), IMAGE.astype(np.float32))
 
 
 def test_gantry_tilt_is_refused(tmp_path):
@@ -233,6 +285,39 @@ def test_a_truncated_slice_fails_its_series(tmp_path):
     with pytest.raises(SDSegInputError, match="unreadable_slices|cannot be read"):
         read_stack(stack)
     assert (stack.status, stack.reason) == ("failed", "unreadable_slices")
+
+
+@pytest.mark.parametrize("name,value,bad", [
+    ("GantryDetectorTilt", "77.77", b"abc   "),
+    ("RescaleSlope", "77.77", b"1,5e+x"),
+    ("Columns", None, None),
+])
+def test_a_malformed_header_value_fails_its_series_not_the_index(tmp_path, name, value, bad):
+    """One slice's header with a value that cannot be parsed: its series fails with a reason (which
+    slice it held is unknown), the other series of the tree is indexed as usual."""
+    datasets = ct_slices(IMAGE)
+    if value is None:
+        delattr(datasets[2], name)
+    else:
+        setattr(datasets[2], name, value)
+    paths = write(datasets, tmp_path / "bad")
+    if value is not None:
+        spoil(paths[2], value, bad)
+    write(ct_slices(IMAGE, series=uid(1, 2)), tmp_path / "good")
+    outcome = {s.key: (s.status, s.reason, s.message) for s in index_tree(tmp_path).stacks}
+    error = "AttributeError" if value is None else "ValueError"
+    assert outcome == {uid(1, 1): ("failed", "unreadable_slices", f"1 image header(s) with values that cannot be parsed ({error})"),
+                       uid(1, 2): ("ok", "ok", "")}
+
+
+def test_hidden_and_half_written_files_are_not_read(tmp_path):
+    """The node's and atomic_paths' temporaries (".<name>.*") may be half-written: never indexed."""
+    paths = write(ct_slices(IMAGE), tmp_path / "s")
+    partial = tmp_path / "s" / f".{paths[0].name}.dcm.k2j4.dcm"
+    partial.write_bytes(paths[0].read_bytes()[:-300])  # same instance, pixels cut short
+    stack = _only(tmp_path)
+    assert stack.ok and stack.images_used == 8 and partial not in stack.files
+    assert index_tree(tmp_path).counts["files"] == 8
 
 
 def test_a_pacs_export_tree(tmp_path):
