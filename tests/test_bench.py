@@ -312,3 +312,99 @@ def test_a_fresh_process_reads_its_own_peak_not_its_parents():
     own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert held.sum() > 0 and 0 < own < 0.3  # an interpreter with the bench module: tens of MB
     assert inherited >= 0.6  # the negative control: getrusage's peak starts at the parent's
+
+
+# -- the report's arithmetic on made-up results (no model runs) -----------------------------------------
+SLAB = {"name": "phantom slab 4", "shape": [512, 512, 4], "spacing_mm": [400 / 512, 400 / 512, 2.5], "reference_slices": 100}
+STAGES_SECONDS = {"read": 0.5, "preprocess": 0.1, "encoder": 1.0, "unet": 2.0, "decoder": 3.0, "postprocess": 0.4, "write": 0.2}
+
+
+def made_up_segment(seconds=8.0, slices=4) -> dict:
+    return {"seconds": seconds, "slices": slices, "slices_per_s": slices / seconds, "organs": 13, "precision": "bf16",
+            "skip_decode_radius": 0.5, "stages": dict(STAGES_SECONDS), "items": {"encoder": 4, "unet": 52, "decoder": 26}, "peak_rss_gb": 1.2}
+
+
+def test_one_step_row_extrapolates_a_slab_to_the_reference_volume():
+    spec, flops = {"name": "tiny", "weights": "packaged default"}, {"encoder": 1e9, "unet": 2e9, "decoder": 4e9}
+    row = bench._one_step_row(spec, SLAB, made_up_segment(), flops, 0.5, True)
+    assert row["seconds_per_volume"] == 100 / 0.5 and row["extrapolated"] and row["volume_slices"] == 100
+    total = 4 * 1e9 + 52 * 2e9 + 26 * 4e9
+    assert row["tflop"] == pytest.approx(total / 1e12) and row["achieved_tflops"] == pytest.approx(total / 8.0 / 1e12)
+    assert row["network_tflops"] == pytest.approx(total / 6.0 / 1e12) and row["matmul_fraction"] == pytest.approx(row["achieved_tflops"] / 0.5)
+    assert row["decoded_share"] == 0.5 and row["network_matmul_fraction"] == pytest.approx(row["network_tflops"] / 0.5)
+    # The whole volume (or a volume without a reference, the real CT): its own seconds, no extrapolation.
+    whole = bench._one_step_row(spec, {**SLAB, "reference_slices": 4}, made_up_segment(), flops, None, True)
+    assert (whole["seconds_per_volume"], whole["extrapolated"], whole["matmul_fraction"]) == (8.0, False, None)
+    assert bench._one_step_row(spec, {**SLAB, "reference_slices": None}, made_up_segment(), flops, 0.5, True)["seconds_per_volume"] == 8.0
+    failed = bench._one_step_row(spec, SLAB, {"error": "OutOfMemoryError: x"}, flops, 0.5, True)
+    assert failed["organs"] is None and failed["error"] == "OutOfMemoryError: x" and "seconds_per_volume" not in failed
+
+
+def test_peer_row_from_timed_windows_is_a_lower_bound_over_the_reference_volumes_windows():
+    options = BenchOptions()
+    windows = {"mode": "network on 1 window(s)", "seconds_per_window": 2.0, "windows": 4, "resampled_shape": [267, 267, 5],
+               "flops_per_window": 1e12, "precision": "fp16", "slices": 4, "stages": {"read": 0.1, "preprocess": 0.2}}
+    row = bench._peer_row(SLAB, windows, options, {"fp16": {"tflops": 5.0}, "fp32": {"tflops": 1.0}})
+    assert row["reference_windows"] == 50 and row["seconds_per_volume"] == 50 * 2.0  # 5 x 5 x 2 windows on 512x512x100
+    assert row["basis"].startswith("lower bound") and row["achieved_tflops"] == pytest.approx(1e12 * 50 / 100 / 1e12)
+    assert row["matmul_fraction"] == pytest.approx(0.5 / 5.0)  # against the fp16 matmul it ran as, not fp32's
+    assert bench._peer_row(SLAB, windows, options, {"fp32": {"tflops": 1.0}, "bf16": {"tflops": 9.0}})["matmul_fraction"] is None
+    assert bench.peer_precision(torch.device("cpu")) == "fp32" and bench.peer_precision("cuda:0") == "fp16"
+    # The whole pipeline: measured on a whole volume; on a slab it has no per-volume seconds.
+    pipeline = {**windows, "mode": "whole pipeline", "seconds": 30.0, "seconds_per_window": 0.5, "windows": 50, "slices": 100,
+                "stages": {"read": 1, "preprocess": 1, "network": 25.0, "postprocess": 2, "write": 1}}
+    whole = bench._peer_row({**SLAB, "reference_slices": 100}, pipeline, options, {"fp16": {"tflops": 5.0}})
+    assert (whole["seconds_per_volume"], whole["basis"]) == (30.0, "measured") and whole["achieved_tflops"] == pytest.approx(50 / 25.0)
+    assert bench._peer_row(SLAB, {**pipeline, "slices": 4}, options, {})["seconds_per_volume"] is None
+
+
+def made_up_report(one_step=(), pipeline=(), peer=(), multistep=()) -> bench.BenchReport:
+    return bench.BenchReport(options={}, machine={}, versions={}, matmul={}, one_step=list(one_step), pipeline=list(pipeline),
+                             peer=list(peer), multistep=list(multistep))
+
+
+def row(network="tiny", precision="bf16", organs=13, seconds=40.0, volume="phantom", skip=True, **extra) -> dict:
+    return {"network": network, "volume": volume, "organs": organs, "precision": precision, "skip_decode": skip, "seconds_per_volume": seconds,
+            "slices_per_s": 100 / seconds, "extrapolated": False, "peak_rss_gb": 2.1, "skip_decode_radius": 0.5 if network == "tiny" else 0.0, **extra}
+
+
+def test_targets_on_a_cpu_judge_the_shipped_precision_with_its_ratio_to_fp32():
+    cpu = torch.device("cpu")
+    ddim = {"network": "tiny", "slices": 2, "runs": [{"steps": 50, "samples": 1, "decode": "all", "ratio_to_one_step": 12.0}]}
+    lower = {"volume": "phantom", "seconds_per_volume": 200.0, "basis": "lower bound: network only"}
+    rows = [row(), row(precision="fp32", seconds=100.0), row(organs=1, seconds=5.0), row(seconds=45.0, skip=False), row(network="sd-v1", seconds=900.0)]
+    targets = bench._targets(made_up_report(rows, peer=[lower], multistep=[ddim]), cpu, "bf16", (512, 512, 100), "tiny", "phantom")
+    by = {t["target"]: t for t in targets}
+    assert set(by) == {"one step >= 10x faster than DDIM-50 (tiny, every pair decoded in both)", "default >= 6x faster than SwinUNETR on the 512x512x100 CT",
+                       "peak RSS <= 3 GB (default, all organs)", "512x512x100 CT, 13 organs, <= 60 s on CPU"}  # no GPU targets on a CPU
+    ct = by["512x512x100 CT, 13 organs, <= 60 s on CPU"]
+    assert (ct["value"], ct["passed"], ct["speed_up_over_fp32"]) == (40.0, True, 2.5) and "bf16 2.50x as fast as fp32" in ct["basis"]
+    assert by["default >= 6x faster than SwinUNETR on the 512x512x100 CT"]["passed"] is None  # 5x from a lower bound: inconclusive
+    assert by["one step >= 10x faster than DDIM-50 (tiny, every pair decoded in both)"]["passed"] is True
+    assert by["peak RSS <= 3 GB (default, all organs)"]["value"] == 2.1
+    # Measured SwinUNETR at 5x and a 70 s default: both fail; without an fp32 row, no ratio.
+    measured = {**lower, "basis": "measured"}
+    targets = bench._targets(made_up_report([row(seconds=70.0)], peer=[measured]), cpu, "bf16", (512, 512, 100), "tiny", "phantom")
+    assert [t["passed"] for t in targets] == [False, True, False] and targets[-1]["speed_up_over_fp32"] is None
+    assert bench._targets(made_up_report(), cpu, "fp32", (512, 512, 100), "tiny", "phantom") == []
+
+
+def test_targets_on_a_gpu_judge_the_faster_precision_and_the_sd_sized_network():
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(type="cuda")  # all _targets reads of the device
+    pipeline = {"organs": 13, "precision": "bf16", "volumes": 8, "compiled": True, "slices_per_s": 480.0}
+    rows = [row(precision="fp32", seconds=100 / 600), row(precision="bf16", seconds=100 / 450),
+            row("sd-v1", "fp32", seconds=100 / 40), row("sd-v1", "bf16", seconds=100 / 55), row("sd-v1", "bf16", organs=1, seconds=1.0)]
+    targets = bench._targets(made_up_report(rows, pipeline=[pipeline]), cuda, "bf16", (512, 512, 100), "tiny", "phantom")
+    by = {t["target"]: t for t in targets}
+    tiny, sd = by["default, 13 organs, >= 500 slices/s end to end on a GPU"], by["sd-v1, 13 organs, >= 50 slices/s end to end on a GPU"]
+    assert (tiny["value"], tiny["passed"]) == (pytest.approx(600.0), True) and tiny["basis"].startswith("one volume, fp32")
+    assert (sd["value"], sd["passed"]) == (pytest.approx(55.0), True) and sd["basis"].startswith("one volume, bf16")
+    assert "every pair decoded" in sd["basis"] and not any("on CPU" in t for t in by)
+    # fp32 slower: the compiled batch run is the faster; sd-v1 only in fp32 at 40 slices/s fails.
+    rows = [row(precision="fp32", seconds=100 / 300), row(precision="bf16", seconds=100 / 450), row("sd-v1", "fp32", seconds=100 / 40)]
+    by = {t["target"]: t for t in bench._targets(made_up_report(rows, pipeline=[pipeline]), cuda, "bf16", (512, 512, 100), "tiny", "phantom")}
+    tiny, sd = by["default, 13 organs, >= 500 slices/s end to end on a GPU"], by["sd-v1, 13 organs, >= 50 slices/s end to end on a GPU"]
+    assert (tiny["value"], tiny["passed"]) == (480.0, False) and tiny["basis"].startswith("8 volumes through the batch runner, bf16, compiled")
+    assert (sd["value"], sd["passed"]) == (pytest.approx(40.0), False)
