@@ -323,8 +323,8 @@ def check_calibration_output(model_dir: str | os.PathLike, output_dir: str | os.
     the manifest and data root, never replaced either)."""
     from sdseg_monai.model import check_output_folder
 
-    output_dir = Path(output_dir)
-    if output_dir.resolve() == Path(model_dir).resolve():
+    output_dir, model = Path(output_dir), Path(model_dir).resolve()
+    if output_dir.resolve() == model or model in output_dir.resolve().parents:
         raise SDSegInputError("the calibrated model must go to a new folder; the input model is never modified", output_dir)
     return check_output_folder(output_dir, model_dir, *inputs)
 

@@ -634,16 +634,16 @@ def default_model_path() -> Path | None:
 
 def check_output_folder(target: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
     """Refuse, before any compute, an output folder that :func:`replace_dir` must not replace: a file,
-    an input (model, data root, volume) or a folder above or inside one, or an existing folder that is
-    not empty and holds no saved model, autoencoder or bundle (a run folder, a data root, a home)."""
+    an input (model, data root, volume) or a folder above one, or an existing folder that is not
+    empty and holds no saved model, autoencoder or bundle (a run folder, a data root, a home)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise SDSegInputError("output must be a folder, and a file of that name exists", target)
     place = target.resolve()
     for source in map(Path, filter(None, inputs)):
         resolved = source.resolve()
-        if place == resolved or place in resolved.parents or (source.is_dir() and resolved in place.parents):
-            raise SDSegInputError(f"output folder would replace or lie inside the input {source}; choose a new folder", target)
+        if place == resolved or place in resolved.parents:
+            raise SDSegInputError(f"output folder would replace the input {source}; choose a new folder", target)
     if target.is_dir() and any(target.iterdir()) and not any((target / marker).is_file() for marker in REPLACEABLE_MARKERS):
         raise SDSegInputError("output folder exists and holds no saved model; refusing to replace it (choose a new or empty folder)", target)
     return target

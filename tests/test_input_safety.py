@@ -22,6 +22,7 @@ import pytest
 
 from conftest import labelled_scan
 from sdseg_monai.cli import main
+from sdseg_monai.errors import SDSegInputError
 
 HU_WINDOW = (-175, 250)
 
@@ -335,6 +336,7 @@ def slow_save(image, path):
     time.sleep(120)
 nibabel.save = slow_save
 from sdseg_monai.cli import main
+from sdseg_monai.errors import SDSegInputError
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -395,3 +397,82 @@ def test_sigkill_at_any_moment_leaves_output_absent_or_complete(model_dir, tmp_p
         if out.exists():
             written = nib.load(str(out))
             assert written.shape == image.shape and np.asanyarray(written.dataobj).shape == image.shape
+
+
+def test_model_outputs_never_replace_an_input_or_a_folder_holding_other_work(model_dir, tmp_path, monkeypatch, capfd):
+    """calibrate, export-bundle and train-autoencoder replace their output folder whole: never a folder
+    above an input (the model's run folder, the data root) nor one that holds no saved model."""
+    from sdseg_monai.bundle import export_bundle
+    from sdseg_monai.model import check_output_folder, replace_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "model")
+    (run / "checkpoint.pt").write_bytes(b"weeks of training")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    with pytest.raises(SDSegInputError, match="would replace the input"):
+        export_bundle(run / "model", run)  # the folder above the model
+    with pytest.raises(SDSegInputError, match="holds no saved model"):
+        export_bundle(run / "model", tmp_path / "notes")
+    with pytest.raises(SDSegInputError, match="would replace the input"):
+        replace_dir(tmp_path / "anything", run, run / "model")  # the last guard, whoever calls it
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ["calibrate", "-m", "run/model", "-o", "run", "--manifest", "m.json", "--data-root", "."],
+        ["calibrate", "-m", "run/model", "-o", "notes", "--manifest", "m.json", "--data-root", "."],
+        ["train-autoencoder", "-o", "run", "--volume", "run/model/config.json:run/model/config.json"],
+    ):
+        capfd.readouterr()
+        assert main(args) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("sdseg3d: error: ") and "\n" not in err and ("run" in err or "notes" in err), err
+    assert _snapshot(tmp_path) == before
+    # Control: a new folder, an empty one and an earlier model output are fine.
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "new", tmp_path / "empty", run / "model"):
+        assert check_output_folder(target, tmp_path / "scan.nii.gz") == target
+    written = export_bundle(run / "model", tmp_path / "bundle")
+    assert export_bundle(run / "model", written) == written  # a bundle replaces its earlier self
+
+
+def test_saving_a_segmentation_over_its_input_through_the_api_is_refused(model_dir, tmp_path):
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image, _, affine = labelled_scan()
+    scan = _save(tmp_path / "scan.nii.gz", image.astype(np.int16), affine)
+    before = scan.read_bytes()
+    result = VolumeSegmenter(model_dir, device="cpu").segment(scan)
+    with pytest.raises(SDSegInputError, match="would overwrite the input"):
+        result.save(scan)
+    assert scan.read_bytes() == before
+    result.save(tmp_path / "mask.nii.gz")  # control
+
+
+def test_uncoded_input_gives_uncoded_output_on_the_same_grid(model_dir, tmp_path):
+    """Neither qform nor sform coded: the label map stays uncoded too, so that ITK and Slicer (which
+    then use the voxel sizes) place it where they place the input, and nibabel reads the same affine."""
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image, _, _ = labelled_scan()
+
+    def uncoded(header):
+        header.set_qform(None, code=0)
+        header.set_sform(None, code=0)
+
+    scan = _save_with_header(tmp_path / "scan.nii.gz", image.astype(np.int16), uncoded)
+    assert (int(nib.load(str(scan)).header["qform_code"]), int(nib.load(str(scan)).header["sform_code"])) == (0, 0)
+    out, _ = VolumeSegmenter(model_dir, device="cpu").segment(scan).save(tmp_path / "mask.nii.gz")
+    written = nib.load(str(out))
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (0, 0)
+    assert np.allclose(written.header["pixdim"][1:4], nib.load(str(scan)).header["pixdim"][1:4])
+    assert np.allclose(written.affine, nib.load(str(scan)).affine)
+
+
+def test_usage_errors_through_the_console_script_are_one_line(tmp_path):
+    for args, fragment in [(["segment", "x.nii.gz", "-o", "y.nii.gz", "-b", "0"], "Invalid value for '--batch-size'"),
+                           (["bogus"], "No such command 'bogus'"), (["organs", "--bogus"], "No such option: --bogus")]:
+        result = subprocess.run([sys.executable, "-m", "sdseg_monai.cli", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith("sdseg3d: error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert fragment in result.stderr and "╭" not in result.stderr
+    assert not list(tmp_path.iterdir())

@@ -232,6 +232,20 @@ def test_device_batches_resume_exactly_and_a_time_limit_stops_cleanly(tmp_path):
     assert (tmp_path / "c" / "model" / "model.safetensors").is_file() and (tmp_path / "c" / "last_model").is_dir()
 
 
+def test_resume_refuses_other_trajectory_settings(tmp_path):
+    """Batch, learning rate, seed, augmentation... shape the run: resumed with others, it would not be
+    the run that stopped. Its length and cadence may change."""
+    from sdseg_monai.errors import SDSegInputError
+
+    cases = write_cases(tmp_path / "data", 1)
+    train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=3), device="cpu", progress=False)
+    with pytest.raises(SDSegInputError, match=r"batch_size 4 -> 2; base_lr 0.0002 -> 0.0001"):
+        train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=6, batch_size=2, base_lr=1e-4), device="cpu", progress=False, resume=True)
+    summary = train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=4, checkpoint_every=1, log_every=1), device="cpu",
+                          progress=False, resume=True)
+    assert summary["steps"] == 4
+
+
 def test_resume_refuses_another_model(tmp_path):
     cases = write_cases(tmp_path / "data", 1)
     train_sdseg(micro(), cases, tmp_path / "run", quick_settings(steps=3), device="cpu", progress=False)
@@ -272,6 +286,13 @@ def test_train_cli_trains_resumes_and_refuses_overwrite(tmp_path):
     assert main(args + ["--steps", "2"]) == 2  # a checkpoint is there: refuse to start over it
     assert main(args + ["--steps", "4", "--resume"]) == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    # Resumed without its flags, a run keeps its own settings (batch 2, no augmentation, not the defaults).
+    bare = ["train", "-o", str(tmp_path / "run"), "--autoencoder", str(autoencoder_dir), "--organs", "spleen,liver", "--volume", volume,
+            "-q", "--device", "cpu", "--resume"]
+    assert main(bare + ["--steps", "6"]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and state["settings"]["batch_size"] == 2 and state["settings"]["augmentation"] == "none"
+    assert main(bare + ["--steps", "8", "--batch-size", "3"]) == 2  # a flag given that changes the trajectory
     assert main(["train", "-o", str(tmp_path / "x"), "--volume", "no-colon-here"]) == 2
 
 

@@ -160,3 +160,16 @@ def test_keep_largest_component_cuts_only_the_listed_labels():
     assert out[0, 7, 7] == 2 and out[5, 0, 0] == 2 and labels[6, 6, 6] == 1  # the input is untouched
     assert torch.equal(keep_largest_component(labels, [1], in_torch=True), out)  # the GPU's path
     assert torch.equal(keep_largest_component(labels, [1, 2], in_torch=True), keep_largest_component(labels, [1, 2]))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_axial_depth_is_the_canonical_slice_count_for_any_axis_order(order):
+    """The CLI's progress bar counts the slices the model will see, whatever the file's axis order."""
+    from sdseg_monai.transforms import IMAGE_KEY, axial_depth, canonical_transforms
+
+    shape = tuple((5, 6, 7)[i] for i in order)
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3)[:, list(order)] @ np.diag([1.0, -1.0, 1.0])  # permuted, one axis flipped
+    image = MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(affine))
+    canonical = canonical_transforms(Preprocessing(slice_size=32))({IMAGE_KEY: image})[IMAGE_KEY]
+    assert axial_depth(shape, affine) == canonical.shape[-1] == 7  # the third axis of the unpermuted volume
