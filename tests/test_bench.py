@@ -408,3 +408,34 @@ def test_targets_on_a_gpu_judge_the_faster_precision_and_the_sd_sized_network():
     tiny, sd = by["default, 13 organs, >= 500 slices/s end to end on a GPU"], by["sd-v1, 13 organs, >= 50 slices/s end to end on a GPU"]
     assert (tiny["value"], tiny["passed"]) == (480.0, False) and tiny["basis"].startswith("8 volumes through the batch runner, bf16, compiled")
     assert (sd["value"], sd["passed"]) == (pytest.approx(40.0), False)
+
+
+def test_warm_up_on_a_gpu_runs_a_full_chunk_of_every_organ_on_the_volumes_grid(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    import sdseg_monai.inference as inference
+
+    seen = []
+
+    class Recorder:  # stands in for VolumeSegmenter: what the warm-up would run, without a model or a GPU
+        def __init__(self, model, organs=None, **options):
+            self.organs, self.options = organs, options
+
+        def segment_array(self, array, affine=None):
+            seen.append((self.organs, array.shape, affine, self.options["skip_decode"]))
+
+    monkeypatch.setattr(inference, "VolumeSegmenter", Recorder)
+    # Axial along the file's first axis (an S-I first affine): the chunk is cut there.
+    affine = np.array([[0, 0.8, 0, 0], [0, 0, 0.8, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 48, 40), np.int16), affine), str(path))
+    segmenter = SimpleNamespace(device=SimpleNamespace(type="cuda"), organs={1: "spleen", 6: "liver"}, chunk_slices=8, model=None,
+                                batch_size=16, precision="bf16", seed=0)
+    bench._warm_up(segmenter, str(path))
+    bench._warm_up(SimpleNamespace(**{**vars(segmenter), "device": SimpleNamespace(type="cpu")}), str(path))
+    (gpu_organs, gpu_shape, gpu_affine, gpu_skip), (cpu_organs, cpu_shape, cpu_affine, _) = seen
+    assert gpu_organs == ["spleen", "liver"] and gpu_shape == (8, 48, 40) and np.allclose(gpu_affine, affine) and gpu_skip is False
+    assert cpu_organs == ["spleen"] and cpu_shape == (64, 64, 1) and cpu_affine is None  # cheap on a CPU
+    assert bench._warm_up_array(str(path), 100)[0].shape == (20, 48, 40)  # never thicker than the volume
