@@ -282,7 +282,9 @@ def label_nifti(labels: np.ndarray, volume: Volume):
     if volume.header is not None:
         header = volume.header.copy()
         header.set_data_dtype(np.uint8)
-        image = nib.Nifti1Image(data, None, header=header)
+        header["cal_min"], header["cal_max"] = 0, 0  # the CT's display range means nothing for labels
+        nifti = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image  # NIfTI-2 in, NIfTI-2 out
+        image = nifti(data, None, header=header)
         qform, qcode = volume.header.get_qform(coded=True)
         sform, scode = volume.header.get_sform(coded=True)
         if qform is not None:

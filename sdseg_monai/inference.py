@@ -341,8 +341,12 @@ class VolumeSegmenter:
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if not usable_affine(affine):
             raise SDSegInputError("affine is singular or not finite")
+        if array.dtype.kind not in "biuf":
+            raise SDSegInputError(f"unsupported voxel type {array.dtype} (expected integers or floats)")
+        with np.errstate(over="ignore", invalid="ignore"):  # native byte order; beyond float32's range: Inf, counted next
+            array = np.asarray(array, dtype=np.float32)
         nonfinite = count_nonfinite(array, "<array>")
-        image = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=affine, meta={"space": "RAS"})
+        image = MetaTensor(torch.as_tensor(array)[None], affine=affine, meta={"space": "RAS"})
         return self.segment(Volume(image=image, source="<array>", header=None, shape=array.shape, nonfinite_voxels=nonfinite))
 
     def _probability_chunks(self, image: torch.Tensor, progress: Callable[[int], None] | None = None, **options):

@@ -476,3 +476,24 @@ def test_usage_errors_through_the_console_script_are_one_line(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("sdseg3d: error: ") and result.stderr.count("\n") == 1, result.stderr
         assert fragment in result.stderr and "╭" not in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_nifti2_in_nifti2_out_and_a_big_endian_array_segments_as_native(model_dir, tmp_path, recwarn):
+    from sdseg_monai.inference import VolumeSegmenter
+
+    image, _, affine = labelled_scan()
+    scan = tmp_path / "scan2.nii.gz"
+    nifti2 = nib.Nifti2Image(image.astype(np.int16), affine)
+    nifti2.header["cal_min"], nifti2.header["cal_max"] = -175, 250
+    nib.save(nifti2, str(scan))
+    segmenter = VolumeSegmenter(model_dir, device="cpu")
+    out, _ = segmenter.segment(scan).save(tmp_path / "mask.nii.gz")
+    written = nib.load(str(out))
+    assert isinstance(written, nib.Nifti2Image) and int(written.header["sizeof_hdr"]) == 540
+    assert float(written.header["cal_max"]) == 0.0  # the CT's display window is not the labels'
+    assert not [w for w in recwarn if "sizeof_hdr" in str(w.message)]
+    native = segmenter.segment_array(image.astype(np.float32), affine).labels
+    swapped = segmenter.segment_array(image.astype(">f4"), affine).labels
+    assert np.array_equal(native, swapped)
+    with pytest.raises(SDSegInputError, match="unsupported voxel type complex64"):
+        segmenter.segment_array(image.astype(np.complex64), affine)
