@@ -31,7 +31,7 @@ import torch
 from sdseg_monai.bench import sync, timed, write_phantom
 from sdseg_monai.data import read_volume
 from sdseg_monai.inference import VolumeSegmenter
-from sdseg_monai.model import default_model_path
+from sdseg_monai.model import SDSeg, default_model_path
 
 VARIANTS = (
     "fp32", "bf16", "fp32-stock", "bf16-stock", "bf16-cl", "bf16-decoder", "bf16-autocast", "bf16-autocast-cl", "bf16-cast",
@@ -42,11 +42,15 @@ VARIANTS = (
 def segmenter_for(variant: str, device: str, batch_size: int | None) -> VolumeSegmenter:
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
-    segmenter = VolumeSegmenter(default_model_path(), device=device, precision=variant.split("-")[0], batch_size=batch_size,
+    autocast = variant in ("bf16-decoder", "bf16-autocast", "bf16-autocast-cl")
+    # A bf16 segmenter casts its model on a GPU (a copy of one given): these keep the fp32 weights
+    # themselves, since casting back to fp32 would keep bf16's rounding.
+    source = SDSeg.from_pretrained(default_model_path()) if autocast else default_model_path()
+    segmenter = VolumeSegmenter(source, device=device, precision=variant.split("-")[0], batch_size=batch_size,
                                 compile=variant.endswith("-compile"))
     model = segmenter.model
-    if variant in ("bf16-decoder", "bf16-autocast", "bf16-autocast-cl") and model.cast_dtype is not None:
-        model.cast_for_inference(torch.float32)  # back to fp32 (on a GPU): autocast decides per operation
+    if autocast and model.cast_dtype is not None:
+        model = segmenter.model = source.to(segmenter.device).eval()  # fp32 (on a GPU): autocast decides per operation
         if variant == "bf16-decoder":
             model.cast_decoder(torch.bfloat16)
     if variant == "bf16-cast" and model.cast_dtype is None:

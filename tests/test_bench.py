@@ -15,6 +15,7 @@ import torch
 from sdseg_monai import bench
 from sdseg_monai.bench import BenchOptions, run_bench, write_report
 from sdseg_monai.cli import main
+from sdseg_monai.model import default_model_path
 
 from conftest import micro_config
 
@@ -439,3 +440,26 @@ def test_warm_up_on_a_gpu_runs_a_full_chunk_of_every_organ_on_the_volumes_grid(t
     assert gpu_organs == ["spleen", "liver"] and gpu_shape == (8, 48, 40) and np.allclose(gpu_affine, affine) and gpu_skip is False
     assert cpu_organs == ["spleen"] and cpu_shape == (64, 64, 1) and cpu_affine is None  # cheap on a CPU
     assert bench._warm_up_array(str(path), 100)[0].shape == (20, 48, 40)  # never thicker than the volume
+
+
+@pytest.mark.skipif(default_model_path() is None, reason="no packaged default model")
+def test_gpu_profile_autocast_variants_keep_the_fp32_weights(monkeypatch):
+    import sdseg_monai.inference as inference
+    from sdseg_monai.model import SDSeg
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    monkeypatch.setattr(inference, "casts_to_bf16", lambda device: True)  # the GPU's choice, on this CPU
+    fp32 = SDSeg.from_pretrained(default_model_path()).state_dict()
+
+    def weights(variant):
+        return profile.segmenter_for(variant, "cpu", None).model.state_dict()
+
+    cast = weights("bf16")  # the negative control: the cast network's weights are rounded
+    assert cast["unet.conv_in.weight"].dtype == torch.bfloat16 and not torch.equal(cast["unet.conv_in.weight"].float(), fp32["unet.conv_in.weight"])
+    autocast = weights("bf16-autocast")
+    assert all(torch.equal(autocast[name], value) for name, value in fp32.items())  # bit for bit, fp32
+    decoder = weights("bf16-decoder")
+    assert torch.equal(decoder["unet.conv_in.weight"], fp32["unet.conv_in.weight"])
+    assert decoder["autoencoder.decoder.conv_in.weight"].dtype == torch.bfloat16
