@@ -108,7 +108,10 @@ def overlay_png(
         pen.text((x_legend + 24, y), score.name.replace("_", " "), font=text, fill=(235, 235, 235))
         dice = "absent" if score.dice is None else f"{score.dice:.3f}"
         pen.text((x_legend + legend_width - 70, y), dice, font=text, fill=(235, 235, 235))
-    canvas.save(path)
+    from sdseg_monai.data import atomic_paths
+
+    with atomic_paths(Path(path)) as (tmp,):
+        canvas.save(tmp, format="PNG")
     return path
 
 
