@@ -10,7 +10,8 @@ path parts; no header free text reaches a path or a log line.
 Reading and preprocessing the next series (reader threads) and writing the last one (a writer thread)
 overlap with inference on the current one; bounded queues keep memory flat. Under
 ``torchrun`` or with ``shard=(i, n)`` a case belongs to the rank where sha256(key) mod n equals it;
-each rank writes its summary part and the last to finish merges them.
+each rank writes its summary part and the last to finish merges them. Only that rank's exit code
+speaks for the run (torchrun stops every rank when one exits non-zero); the others exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -39,6 +41,7 @@ DONE_NAME = "done.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSONL = "summary.jsonl"
 PART_PREFIX = "summary.part-"
+PART_NAME = re.compile(r"summary\.part-([0-9]+)-of-([0-9]+)\.jsonl")
 SEG_TYPES = ("binary", "labelmap")
 SUMMARY_FIELDS = ("case", "study_uid", "series_uid", "status", "reason", "message", "images_used", "images_dropped",
                   "plane", "spacing_mm", "seconds", "model_hash", "sdseg3d_version")
@@ -74,6 +77,10 @@ class BatchCase:
 
 @dataclass
 class BatchReport:
+    """``rows``: this run's cases, or every shard's once this run merged the summary parts.
+    ``exit_code``: see :func:`exit_code`; 0 for a shard that left the merging to another.
+    ``summary``: the summary written, or None while parts await other shards."""
+
     rows: list[dict]
     exit_code: int
     summary: Path | None
@@ -238,6 +245,9 @@ class BatchRunner:
         and a writer thread writes the last case's files (handing DICOM SEG objects to
         ``seg_writers`` processes, when there are any, and finishing each case when its SEG is
         written). ``progress`` is called (from the writer thread) as each case is finished."""
+        count = self.shard[1]
+        if count > 1:  # a part left by an earlier run must not complete another rank's merge before ours is in
+            self._part_path().unlink(missing_ok=True)
         cases = self.plan(input_dir)
         todo = []
         for case in cases:
@@ -292,6 +302,8 @@ class BatchRunner:
         writer.start()
         try:
             for case, volume, canonical, error in self._prefetch(todo):
+                if failures:  # the writer thread stopped: anything segmented now would be thrown away
+                    break
                 start = time.perf_counter()
                 result = None
                 with self._recording(case, start):
@@ -309,9 +321,9 @@ class BatchRunner:
                 seg_pool.shutdown(wait=True, cancel_futures=True)
         if failures:
             raise failures[0]
-        rows = [c.row for c in cases]
-        summary = self.write_summary(rows)
-        return BatchReport(rows, exit_code(rows, cases), summary)
+        summary, rows = self.write_summary([c.row for c in cases])
+        # A shard that leaves the merging to another exits 0: the merging one speaks for the whole tree.
+        return BatchReport(rows, exit_code(rows) if summary is not None else 0, summary)
 
     def segment_case(self, case: BatchCase, volume=None, error: Exception | None = None) -> dict:
         """Segment one case and write its outputs (reading it first when ``volume`` is None), or record
@@ -450,15 +462,23 @@ class BatchRunner:
         return write_seg_job(self.seg_job(stack, labels, label_values, output, seg_type))
 
     # -- summary ----------------------------------------------------------------------------------
-    def write_summary(self, rows: list[dict]) -> Path | None:
-        index, count = self.shard
+    def write_summary(self, rows: list[dict]) -> tuple[Path | None, list[dict]]:
+        """The summary of ``rows``; with shards, this shard's part, merged with the others' once all are
+        in. Returns (the summary, the rows it holds), or (None, ``rows``) while parts await other shards."""
+        count = self.shard[1]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if count == 1:
-            return write_summary(self.output_dir, rows)
-        part = self.output_dir / f"{PART_PREFIX}{index}-of-{count}.jsonl"
-        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
-        parts = sorted(self.output_dir.glob(f"{PART_PREFIX}*-of-{count}.jsonl"))
-        return merge_summaries(self.output_dir) if len(parts) == count else None
+            return write_summary(self.output_dir, rows), rows
+        atomic_write_text(self._part_path(), "".join(json.dumps(r) + "\n" for r in rows))
+        present = {int(m.group(1)) for p in self.output_dir.glob(f"{PART_PREFIX}*")
+                   if (m := PART_NAME.fullmatch(p.name)) and int(m.group(2)) == count}
+        if not present >= set(range(count)):
+            return None, rows
+        merged = read_summary_parts(self.output_dir)
+        return write_summary(self.output_dir, merged), merged
+
+    def _part_path(self) -> Path:
+        return self.output_dir / f"{PART_PREFIX}{self.shard[0]}-of-{self.shard[1]}.jsonl"
 
 
 def _submit(pool, fn, *args):
@@ -485,11 +505,11 @@ def write_seg_job(job: dict) -> Path:
                            seg_type=job["seg_type"], frame_numbers=job["frame_numbers"], model_hash=job["model_hash"])
 
 
-def exit_code(rows: list[dict], cases: list[BatchCase]) -> int:
-    """0 when every case is ok or skipped, 3 when any failed, 2 when nothing segmentable was found."""
-    if not any(c.segmentable for c in cases) and not any(r["status"] == "failed" for r in rows):
-        return 2
-    return 3 if any(r["status"] == "failed" for r in rows) else 0
+def exit_code(rows: list[dict]) -> int:
+    """0 when every case is ok or skipped, 3 when any failed, 2 when nothing segmentable was found
+    (every row skipped: a case to segment ends ok or failed)."""
+    statuses = {r["status"] for r in rows}
+    return 3 if "failed" in statuses else 0 if "ok" in statuses else 2
 
 
 def _organ_columns(rows: list[dict]) -> list[str]:
@@ -514,14 +534,42 @@ def write_summary(output_dir: Path, rows: list[dict], extra_fields: tuple[str, .
     return output_dir / SUMMARY_CSV
 
 
-def merge_summaries(output_dir) -> Path:
-    """Combine every rank's summary part into ``summary.csv`` / ``summary.jsonl``."""
+def read_summary_parts(output_dir) -> list[dict]:
+    """Every row of the shards' summary parts: one part per shard I of N, all of one N.
+
+    Raises:
+        SDSegInputError: no parts, a part not named summary.part-I-of-N.jsonl, parts missing or of
+            several shard counts, or a line that is not a JSON row (naming the file).
+    """
     output_dir = Path(output_dir)
-    parts = sorted(output_dir.glob(f"{PART_PREFIX}*.jsonl"))
+    parts = sorted(output_dir.glob(f"{PART_PREFIX}*"))
     if not parts:
         raise SDSegInputError("no summary parts (summary.part-*.jsonl) to merge", output_dir)
-    counts = {p.name.rsplit("-of-", 1)[1].split(".")[0] for p in parts}
-    if len(counts) != 1 or len(parts) != int(next(iter(counts))):
+    shards = set()
+    for part in parts:
+        match = PART_NAME.fullmatch(part.name)
+        if match is None or int(match.group(1)) >= int(match.group(2)):
+            raise SDSegInputError("not a summary part of shard I of N (summary.part-I-of-N.jsonl with I < N); "
+                                  "move it away and merge again", part)
+        shards.add((int(match.group(1)), int(match.group(2))))
+    counts = {n for _, n in shards}
+    if len(counts) != 1 or len(shards) != next(iter(counts)):
         raise SDSegInputError(f"summary parts incomplete or from different shard counts: {len(parts)} found", output_dir)
-    rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return write_summary(output_dir, rows)
+    rows = []
+    for part in parts:
+        for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not {"case", "study_uid", "status"} <= set(row):
+                raise SDSegInputError(f"line {number} is not a summary row", part)
+            rows.append(row)
+    return rows
+
+
+def merge_summaries(output_dir) -> Path:
+    """Combine every rank's summary part into ``summary.csv`` / ``summary.jsonl``."""
+    return write_summary(Path(output_dir), read_summary_parts(output_dir))

@@ -125,28 +125,68 @@ def test_killed_run_resumes(tree, model_dir, tmp_path):
         assert json.loads((done.parent / "label.json").read_text())["labels"]
 
 
-def test_shards_are_disjoint_and_merge(tree, model_dir, tmp_path):
+EXPECTED = {uid(1, 1): ("ok", "ok"), uid(2, 1): ("ok", "ok"), uid(2, 2): ("failed", "nonuniform_spacing"),
+            uid(2, 3): ("skipped", "not_ct"), "scan.nii.gz": ("ok", "ok")}
+
+
+def test_shards_are_disjoint_and_merge(tree, model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
-    assert main([*base, "--shard", "0/2"]) in (0, 3)
+    # The failed series is in shard 0's share; shard 0 leaves the merging, and the exit code, to shard 1.
+    assert shard_of(uid(2, 2), 2) == 0 and main([*base, "--shard", "0/2"]) == 0
     assert not (out / "summary.csv").exists()  # waits for the other shard
-    assert main([*base, "--shard", "1/2"]) in (0, 3)
+    assert main([*base, "--shard", "1/2"]) == 3  # merges: a series of the tree failed
     parts = [[json.loads(line)["case"] for line in (out / f"summary.part-{i}-of-2.jsonl").read_text().splitlines()] for i in range(2)]
     assert not set(parts[0]) & set(parts[1]) and len(parts[0]) + len(parts[1]) == 5
     assert all(shard_of(case, 2) == i for i in range(2) for case in parts[i])
-    assert len(_rows(out)) == 5
+    assert {k: (r["status"], r["reason"]) for k, r in _rows(out).items()} == EXPECTED
     (out / "summary.csv").unlink()
     assert main(["batch", "--merge", str(out), "-q"]) == 0 and len(_rows(out)) == 5
+    capsys.readouterr()
+    # A stray file among the parts, or a part that is not rows: one line naming it.
+    (out / "summary.part-0.jsonl").write_text("")
+    assert main(["batch", "--merge", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "summary.part-0.jsonl: not a summary part of shard I of N" in err and len(err.splitlines()) == 1
+    (out / "summary.part-0.jsonl").unlink()
+    (out / "summary.part-1-of-2.jsonl").write_text('{"case": "x"\n')
+    assert main(["batch", "--merge", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "summary.part-1-of-2.jsonl: line 1 is not a summary row" in err and len(err.splitlines()) == 1
 
 
-def test_torchrun_two_processes_share_the_tree(tree, model_dir, tmp_path):
+def test_an_empty_share_is_not_an_error_and_the_merging_shard_speaks_for_the_tree(tree, model_dir, tmp_path, capsys):
+    """More shards than work: a shard with nothing to do writes its empty part and exits 0, quietly.
+    Exit 2 ("nothing to segment") only when the whole tree has nothing, from the merging shard."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sdseg_monai.cli", "batch",
+    base = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
+    assert not [case for case in EXPECTED if shard_of(case, 3) == 0]  # shard 0 of 3 has no case
+    assert main([*base, "--shard", "0/3"]) == 0 and capsys.readouterr().err == ""
+    assert (out / "summary.part-0-of-3.jsonl").read_text() == ""
+    assert main([*base, "--shard", "1/3"]) == 0 and main([*base, "--shard", "2/3"]) == 3
+    assert {k: (r["status"], r["reason"]) for k, r in _rows(out).items()} == EXPECTED
+    write(ct_slices(IMAGE, modality="MR"), tmp_path / "mr")
+    mr = ["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "mr_out"), "-m", str(model_dir), "-q"]
+    capsys.readouterr()
+    assert main([*mr, "--shard", "0/2"]) == 0 and "nothing to segment" not in capsys.readouterr().err
+    assert main([*mr, "--shard", "1/2"]) == 2 and "nothing to segment" in capsys.readouterr().err
+
+
+def test_torchrun_processes_share_the_tree(tree, model_dir, tmp_path):
+    """Three ranks, five cases: rank 0's share is empty and rank 1's holds the failed series. torchrun
+    stops every rank once one exits non-zero, so only the rank that merges the parts may: it exits 3,
+    torchrun then 1 (its own code for a failed worker). Before, rank 0 exited 2 at once ("nothing to
+    segment") and the parts of the ranks still running were never written."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "-m", "sdseg_monai.cli", "batch",
                str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
+    assert shard_of(uid(2, 2), 3) == 1 and not [case for case in EXPECTED if shard_of(case, 3) == 0]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode != 0  # one series fails: exit 3 on the rank that had it
-    assert sorted(p.name for p in out.glob("summary.part-*")) == ["summary.part-0-of-2.jsonl", "summary.part-1-of-2.jsonl"]
-    assert len(_rows(out)) == 5 and (out / "summary.csv").is_file()
+    assert sorted(p.name for p in out.glob("summary.part-*")) == [f"summary.part-{i}-of-3.jsonl" for i in range(3)]
+    assert {k: (r["status"], r["reason"]) for k, r in _rows(out).items()} == EXPECTED and (out / "summary.csv").is_file()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("exitcode  : 3") == 1 and "<NO_OTHER_FAILURES>" in result.stderr, result.stderr[-3000:]
+    assert "nothing to segment" not in result.stderr
 
 
 def _labels(out: Path) -> dict:
@@ -194,15 +234,32 @@ def test_a_failed_write_lands_in_its_row_and_the_run_goes_on(tree, model_dir, tm
     assert not (tmp_path / "out" / uid(2) / uid(2, 1) / "done.json").exists()
 
 
-def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, tmp_path):
+def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, tmp_path, monkeypatch):
+    """The writer thread fails on the first finished case: the segmenting thread stops at the next
+    case instead of segmenting every remaining one only for it to be thrown away."""
     import threading
 
     from sdseg_monai.batch import BatchRunner
+    from sdseg_monai.inference import VolumeSegmenter
+
+    raised = threading.Event()
 
     def progress(done, total, row):
         if row:
+            raised.set()
             raise RuntimeError("the caller's own bug")
 
+    segmented = []
+    original = VolumeSegmenter.segment
+
+    def segment(self, *args, **kwargs):
+        if segmented:  # the second case: let the writer thread fail first
+            raised.wait(60)
+            time.sleep(1.0)
+        segmented.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VolumeSegmenter, "segment", segment)
     outcome = []
 
     def run():
@@ -215,6 +272,7 @@ def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, t
     thread.start()
     thread.join(timeout=300)
     assert not thread.is_alive() and outcome == ["the caller's own bug"]
+    assert len(segmented) == 2  # of 3 segmentable cases (all 3 before)
 
 
 def test_nothing_to_segment_and_bad_arguments(model_dir, tmp_path, capsys):
