@@ -115,6 +115,7 @@ class Segmentation:
     postprocessing: dict = field(default_factory=dict)
     precision: str = "fp32"
     compiled: bool = False
+    batch_size: int = 0  # (slice, organ) pairs per forward: on a GPU it follows free memory, and kernels may round by it
 
     def sidecar(self) -> dict:
         return {
@@ -125,6 +126,7 @@ class Segmentation:
             "postprocessing": self.postprocessing,
             "precision": self.precision,
             "compiled": self.compiled,  # torch.compile's kernels round differently: labels may differ in a few voxels
+            "batch_size": self.batch_size,  # -b with this value repeats the run's batches exactly
             # NaN/Inf input voxels, segmented as the bottom of the HU window.
             "nonfinite_input_voxels": int(self.volume.nonfinite_voxels),
         }
@@ -329,6 +331,7 @@ class VolumeSegmenter:
             postprocessing=self.postprocessing,
             precision=self.precision,
             compiled=self.compiled,
+            batch_size=self.batch_size,
         )
 
     def segment_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Segmentation:

@@ -210,6 +210,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
         },
         "precision": resolve_precision(torch.device("cpu")),  # what "auto" ran on this CPU
         "compiled": False,
+        "batch_size": 8,  # the CPU's default
         "nonfinite_input_voxels": 0,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
