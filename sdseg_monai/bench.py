@@ -553,7 +553,7 @@ def segment_case(case: dict) -> dict:
     organs = _organ_names(model, case["organs"])
     segmenter = VolumeSegmenter(model, organs=organs, skip_decode=case["skip_decode"], device=device, batch_size=case["batch_size"],
                                 precision=case["precision"], seed=0)
-    _warm_up(segmenter, case["volume"])
+    warm_up(segmenter, case["volume"])
     parts = {"encoder": model.vision_encoder, "unet": model.unet, "decoder": model.autoencoder.decoder}
     sync(device)
     start = time.perf_counter()
@@ -599,8 +599,8 @@ def segment_case(case: dict) -> dict:
     }
 
 
-def _warm_up(segmenter, path: str) -> None:
-    """Run ``segmenter``'s model once before its timed run, every pair decoded, so that one-time costs
+def warm_up(segmenter, path: str) -> None:
+    """Run ``segmenter``'s model once before its timed run (shared with benchmarks/precision_dice.py), every pair decoded, so that one-time costs
     stay out of the timings. On a GPU at the measured shapes: one full chunk of its organs on the grid
     of the volume at ``path`` (the first call of a shape picks its kernels and grows the allocator; a
     one-pair warm-up left them in the timed run). On a CPU, where that would cost as much as the run,
@@ -815,7 +815,7 @@ def pipeline_case(case: dict) -> dict:
         runner = BatchRunner(model, folder / "out", device=device, batch_size=case["batch_size"], precision=case["precision"],
                              dicom_seg=False, readers=case.get("readers"), compile=case.get("compile", False))
         setup = time.perf_counter() - began  # the model's load, and with compile its compiling
-        _warm_up(runner.segmenter, case["volume"])
+        warm_up(runner.segmenter, case["volume"])
         sync(device)
         start = time.perf_counter()
         report = runner.run(inputs)

@@ -434,8 +434,8 @@ def test_warm_up_on_a_gpu_runs_a_full_chunk_of_every_organ_on_the_volumes_grid(t
     nib.save(nib.Nifti1Image(np.zeros((20, 48, 40), np.int16), affine), str(path))
     segmenter = SimpleNamespace(device=SimpleNamespace(type="cuda"), organs={1: "spleen", 6: "liver"}, chunk_slices=8, model=None,
                                 batch_size=16, precision="bf16", seed=0)
-    bench._warm_up(segmenter, str(path))
-    bench._warm_up(SimpleNamespace(**{**vars(segmenter), "device": SimpleNamespace(type="cpu")}), str(path))
+    bench.warm_up(segmenter, str(path))
+    bench.warm_up(SimpleNamespace(**{**vars(segmenter), "device": SimpleNamespace(type="cpu")}), str(path))
     (gpu_organs, gpu_shape, gpu_affine, gpu_skip), (cpu_organs, cpu_shape, cpu_affine, _) = seen
     assert gpu_organs == ["spleen", "liver"] and gpu_shape == (8, 48, 40) and np.allclose(gpu_affine, affine) and gpu_skip is False
     assert cpu_organs == ["spleen"] and cpu_shape == (64, 64, 1) and cpu_affine is None  # cheap on a CPU
@@ -463,3 +463,17 @@ def test_gpu_profile_autocast_variants_keep_the_fp32_weights(monkeypatch):
     decoder = weights("bf16-decoder")
     assert torch.equal(decoder["unet.conv_in.weight"], fp32["unet.conv_in.weight"])
     assert decoder["autoencoder.decoder.conv_in.weight"].dtype == torch.bfloat16
+
+
+def test_precision_dice_summary_prints_what_a_run_without_comparable_organs_leaves():
+    spec = importlib.util.spec_from_file_location("precision_dice", Path(__file__).resolve().parents[1] / "benchmarks" / "precision_dice.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.warm_up is bench.warm_up  # warmed up as the bench is, before either precision is timed
+    group = {"max_abs_difference": 0.00123, "mean_dice": {"fp32": 0.8, "bf16": 0.8}, "within_tolerance": True}
+    lines = module.summary_lines({"groups": {"phantoms": group}, "seconds": {"fp32": 2.0, "bf16": 1.0}, "speedup": 2.0}, "bf16")
+    assert lines[0].startswith("phantoms: max |dDice| 0.0012 (tolerance 0.005)") and lines[-1].endswith("bf16 speed-up 2.00x")
+    # No organ scored in both precisions, no time measured: dashes, not a TypeError after the JSON is written.
+    empty = {"groups": {"real_ct": {**group, "max_abs_difference": None}}, "seconds": {"fp32": 0.0, "bf16": 0.0}, "speedup": None}
+    lines = module.summary_lines(empty, "bf16")
+    assert lines[0].startswith("real_ct: max |dDice| - (") and lines[-1].endswith("bf16 speed-up -")
