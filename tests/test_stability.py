@@ -145,15 +145,22 @@ def test_identical_seeds_give_ssim_1_and_infinite_psnr_left_out(model_dir, scans
     assert "inf" in report.format_table()
 
 
-def test_different_seeds_match_a_direct_monai_call_on_the_same_maps(model_dir, scans):
+def test_different_seeds_match_a_direct_monai_call_on_the_same_maps(model_dir, tmp_path):
     from sdseg_monai.data import read_volume
     from sdseg_monai.transforms import IMAGE_KEY, SliceGeometry, axial_slices
 
-    segmenter = _segmenter(model_dir)
-    report = stability(segmenter, scans[0] / "a.nii.gz", seeds=3)
-    canonical = segmenter.transforms({IMAGE_KEY: read_volume(scans[0] / "a.nii.gz").image})[IMAGE_KEY]
+    # A deeper scan than a chunk, so each chunk's maps must land at its own slices (chunks of 4, 4 and 2
+    # against one predict over all 10).
+    depth = 10
+    image, _, affine = labelled_scan((24, 20, depth))
+    path = tmp_path / "deep.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(path))
+    segmenter = _segmenter(model_dir, batch_size=2)
+    assert depth > segmenter.chunk_slices
+    report = stability(segmenter, path, seeds=3)
+    canonical = segmenter.transforms({IMAGE_KEY: read_volume(path).image})[IMAGE_KEY]
     geometry = SliceGeometry(tuple(canonical.shape[1:3]), SIZE)
-    slices = geometry.to_model(axial_slices(canonical.as_tensor(), range(DEPTH), segmenter.config.preprocessing.channels))
+    slices = geometry.to_model(axial_slices(canonical.as_tensor(), range(depth), segmenter.config.preprocessing.channels))
     names = list(segmenter.organs.values())
     maps = [segmenter.model.predict(slices, names, seed=s, precision="fp32").permute(1, 0, 2, 3) for s in range(3)]
     expected = _expected(maps, report.settings)
