@@ -28,7 +28,9 @@ from sdseg_monai.errors import SDSegInputError
 log = logging.getLogger("sdseg3d.node")
 
 INCOMING, RESULTS, OUTBOX = "incoming", "results", "outbox"
-SENT_NAME = "sent.json"  # in a case's result folder once its SEG reached the forward peer
+SEG_NAME = "seg.dcm"
+BINARY_SEG_NAME = "seg_binary.dcm"  # a LABELMAP SEG rewritten as BINARY for a peer that refuses LABELMAP
+SENT_NAME = "sent.json"  # in a case's result folder once its SEG reached the forward peer (naming that SEG)
 FORWARD_FIELD = "forward"  # the summary column saying where each SEG stands
 CT_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -152,6 +154,7 @@ class DicomNode:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_sender = threading.Event()
+        self._binary: dict[Path, str] = {}  # result folder -> the SEG its seg_binary.dcm was made for
         self._threads: list[threading.Thread] = []
         self._server = None
         self.busy = False  # a series is being segmented
@@ -304,26 +307,28 @@ class DicomNode:
                     case.row = stored
                 else:
                     self.runner.segment_case(case)
-                    (case.out_dir / SENT_NAME).unlink(missing_ok=True)  # a new SEG: not sent yet
+                    for stale in (SENT_NAME, BINARY_SEG_NAME):  # of the old SEG (sent.json also names its SEG)
+                        (case.out_dir / stale).unlink(missing_ok=True)
                     log.info("series %s: %s (%s) in %.1f s, %d images", case.key, case.row["status"], case.row["reason"],
                              case.row["seconds"], case.row["images_used"])
             forwarding = self.forward is not None and case.row["status"] == "ok"
             with self._lock:  # the row first: the sender updates it once the SEG is queued
-                case.row[FORWARD_FIELD] = (_sent_state(case.out_dir / SENT_NAME) or "queued") if forwarding else ""
+                case.row[FORWARD_FIELD] = (_sent_state(case.out_dir) or "queued") if forwarding else ""
                 self.rows[case.key] = case.row
                 self._write_summary()
-            if forwarding:
-                self._queue_seg(case)
+                if forwarding:  # under the lock: the sender's check that what it sent is still on disk is too
+                    self._queue_seg(case.key, case.study_uid, case.series_uid, case.out_dir)
 
-    def _queue_seg(self, case) -> None:
-        """Put the case's SEG in the outbox unless it reached the peer already (or waits there)."""
+    def _queue_seg(self, key: str, study_uid: str, series_uid: str, folder: Path) -> None:
+        """Put the case's SEG in the outbox unless it reached the peer already (or waits there). Call
+        with the lock held."""
         from sdseg_monai.data import atomic_write_text
 
-        item = self.outbox / f"{case.key}.json"
-        if item.is_file() or (case.out_dir / SENT_NAME).is_file() or not (case.out_dir / "seg.dcm").is_file():
+        item = self.outbox / f"{key}.json"
+        if item.is_file() or _sent_state(folder) or not (folder / SEG_NAME).is_file():
             return
-        record = {"case": case.key, "study_uid": case.study_uid, "series_uid": case.series_uid,
-                  "result": case.out_dir.relative_to(self.results).as_posix(), "attempts": 0, "next_attempt": 0.0, "last_error": ""}
+        record = {"case": key, "study_uid": study_uid, "series_uid": series_uid,
+                  "result": folder.relative_to(self.results).as_posix(), "attempts": 0, "next_attempt": 0.0, "last_error": ""}
         atomic_write_text(item, json.dumps(record, indent=2) + "\n")
         self._wake_sender.set()
 
@@ -337,52 +342,72 @@ class DicomNode:
                     return
                 try:
                     record = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
+                    delay = float(record.get("next_attempt", 0.0)) - time.time()
+                except (OSError, ValueError, TypeError, AttributeError):  # half-gone or not an outbox item
                     continue
-                delay = float(record.get("next_attempt", 0.0)) - time.time()
                 if delay > 0:
                     wait = min(wait, delay)
                     continue
-                self._send_item(path, record)
+                try:
+                    self._send_item(path, record)
+                except Exception as e:  # noqa: BLE001 - e.g. a full disk: this item is retried, the others go on
+                    log.error("outbox item %s: %s", path.name, type(e).__name__)
             self._wake_sender.wait(max(0.05, wait))
 
     def _send_item(self, path: Path, record: dict) -> None:
+        """Send one outbox item. A failure of any kind (the peer, a damaged SEG, its source series gone)
+        is a failed attempt, retried with back-off: nothing an item holds stops the sender."""
         from sdseg_monai.data import atomic_write_text
 
-        folder = self.results / record["result"]
-        state, error = self._send_seg(folder, record)
+        case = str(record.get("case", ""))
+        try:
+            folder = self.results / record["result"]
+            seg_uid, state, error = self._send_seg(folder, record)
+        except Exception as e:  # noqa: BLE001
+            folder, seg_uid, state = None, None, ""
+            error = f"cannot send ({type(e).__name__}{': ' + str(e) if isinstance(e, SDSegInputError) else ''})"
         if error is None:
-            atomic_write_text(folder / SENT_NAME, json.dumps({"state": state, "peer": str(self.forward), "time": time.time()}) + "\n")
-            path.unlink(missing_ok=True)
-            log.info("series %s: SEG sent to %s (%s)", record["case"], self.forward, state)
+            log.info("series %s: SEG sent to %s (%s)", case, self.forward, state)
+            with self._lock:  # the processing thread may have written a new SEG while this one was on its way
+                if _seg_uid(folder) == seg_uid:
+                    sent = {"state": state, "seg": seg_uid, "peer": str(self.forward), "time": time.time()}
+                    atomic_write_text(folder / SENT_NAME, json.dumps(sent) + "\n")
+                    path.unlink(missing_ok=True)
+                else:
+                    record.update(attempts=0, next_attempt=0.0, last_error="")
+                    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+                    state = "queued"
+                    log.info("series %s: a newer SEG replaced it meanwhile; queued", case)
         else:
             record["attempts"] = int(record.get("attempts", 0)) + 1
             backoff = min(self.max_retry_seconds, self.retry_seconds * 2 ** (record["attempts"] - 1))
             record["next_attempt"], record["last_error"] = time.time() + backoff, error
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
             state = f"retrying: {error}"
-            log.warning("series %s: SEG not sent to %s (%s); attempt %d, next in %.1f s", record["case"], self.forward, error,
+            log.warning("series %s: SEG not sent to %s (%s); attempt %d, next in %.1f s", case, self.forward, error,
                         record["attempts"], backoff)
         with self._lock:
-            if record["case"] in self.rows:
-                self.rows[record["case"]][FORWARD_FIELD] = state
+            if case in self.rows:
+                self.rows[case][FORWARD_FIELD] = state
                 self._write_summary()
 
-    def _send_seg(self, folder: Path, record: dict) -> tuple[str, str | None]:
+    def _send_seg(self, folder: Path, record: dict) -> tuple[str, str, str | None]:
         """Send ``folder/seg.dcm``, falling back to a BINARY rewrite when the peer refuses a LABELMAP
-        SEG. Returns (state, None) on success, or ("", the reason) on failure."""
+        SEG. Returns (the SOPInstanceUID of the SEG read, state, None) on success, or (uid, "", the
+        reason) on failure."""
         import pydicom
 
-        seg = folder / "seg.dcm"
+        seg = folder / SEG_NAME
         if not seg.is_file():
-            return "", "the SEG file is missing"
+            return "", "", "the SEG file is missing"
         ds = pydicom.dcmread(seg)
+        seg_uid = str(ds.SOPInstanceUID)
         status = self._c_store(ds)
         if status == "refused" and str(ds.SOPClassUID) == LABELMAP_SEG_STORAGE:
-            binary = self._binary_seg(folder, record)
+            binary = self._binary_seg(folder, record, seg_uid)
             status = self._c_store(pydicom.dcmread(binary))
-            return ("sent (binary, the peer refused labelmap)", None) if status == "ok" else ("", status)
-        return ("sent", None) if status == "ok" else ("", status)
+            return (seg_uid, "sent (binary, the peer refused labelmap)", None) if status == "ok" else (seg_uid, "", status)
+        return (seg_uid, "sent", None) if status == "ok" else (seg_uid, "", status)
 
     def _c_store(self, ds) -> str:
         """One association and C-STORE of ``ds`` to the forward peer: "ok", "refused" (the peer does not
@@ -416,22 +441,26 @@ class DicomNode:
         finally:
             assoc.release()
 
-    def _binary_seg(self, folder: Path, record: dict) -> Path:
-        """The case's labels as a BINARY SEG, ``seg_binary.dcm`` (from its label map and source series)."""
+    def _binary_seg(self, folder: Path, record: dict, seg_uid: str) -> Path:
+        """The case's labels as a BINARY SEG, ``seg_binary.dcm`` (from its label map and source series),
+        made once per SEG ``seg_uid``: a series segmented again gets a new one."""
         import nibabel as nib
         import numpy as np
 
         from sdseg_monai.dicom import index_tree
 
-        output = folder / "seg_binary.dcm"
-        if output.is_file():
+        output = folder / BINARY_SEG_NAME
+        if output.is_file() and self._binary.get(folder) == seg_uid:
             return output
-        stacks = [s for s in index_tree(self.incoming / record["study_uid"] / record["series_uid"]).stacks if s.key == record["case"]]
+        index = index_tree(self.incoming / record["study_uid"] / record["series_uid"], include_derived=self.runner.include_derived)
+        stacks = [s for s in index.stacks if s.key == record["case"] and s.ok]
         if not stacks:
-            raise SDSegInputError("the source series of this SEG is gone", folder)
+            raise SDSegInputError("the source series of this SEG is gone, or no longer passes QC", folder)
         labels = np.asarray(nib.load(str(folder / "label.nii.gz")).dataobj, dtype=np.uint8)
         segmented = {int(value) for value in json.loads((folder / "label.json").read_text(encoding="utf-8"))["labels"]}
-        return self.runner.write_seg(stacks[0], labels, segmented, output, "binary")
+        self.runner.write_seg(stacks[0], labels, segmented, output, "binary")
+        self._binary[folder] = seg_uid
+        return output
 
     # -- summary ----------------------------------------------------------------------------------
     def _load_rows(self) -> dict[str, dict]:
@@ -455,11 +484,25 @@ class DicomNode:
         write_summary(self.results, list(self.rows.values()), extra_fields=(FORWARD_FIELD,))
 
 
-def _sent_state(path: Path) -> str:
-    """What a case's ``sent.json`` says ("sent", or how it was sent), or "" without one."""
+def _seg_uid(folder: Path) -> str | None:
+    """The SOPInstanceUID of ``folder/seg.dcm``, or None when there is none to read."""
+    import pydicom
+
     try:
-        return str(json.loads(path.read_text(encoding="utf-8")).get("state", "sent"))
-    except (OSError, ValueError, AttributeError):
+        return str(pydicom.dcmread(folder / SEG_NAME, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except Exception:  # noqa: BLE001 - missing, half-gone or damaged: not the SEG that was sent
+        return None
+
+
+def _sent_state(folder: Path) -> str:
+    """What the case's ``sent.json`` says of its current ``seg.dcm`` ("sent", or how it was sent), or ""
+    when none was sent, or another SEG was (one written by an earlier version names none: taken as sent)."""
+    try:
+        record = json.loads((folder / SENT_NAME).read_text(encoding="utf-8"))
+        if "seg" in record and record["seg"] != _seg_uid(folder):
+            return ""
+        return str(record.get("state", "sent"))
+    except (OSError, ValueError, AttributeError, TypeError):
         return ""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 pytest.importorskip("pynetdicom")
@@ -220,6 +222,99 @@ def test_labelmap_seg_falls_back_to_binary_where_the_pacs_refuses_it(model_dir, 
     assert str(seg.SOPClassUID) == (LABELMAP_SEG_STORAGE if takes_labelmap else SEG_STORAGE)
     state = rows(tmp_path / "store")[uid(1, 1)]["forward"]
     assert state == ("sent" if takes_labelmap else "sent (binary, the peer refused labelmap)")
+
+
+def _referenced(seg) -> set[str]:
+    return {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+
+
+def _incoming(store: Path, datasets) -> None:
+    """``datasets`` as the node stores what arrives (late instances, without the network)."""
+    write(datasets, store / "incoming" / uid(1) / uid(1, 1), names=[f"{ds.SOPInstanceUID}.dcm" for ds in datasets])
+
+
+def test_late_instances_give_a_new_binary_seg_where_the_pacs_refuses_labelmap(model_dir, tmp_path):
+    """The BINARY rewrite belongs to the SEG it was made from: after late instances the peer gets the
+    new labels, not the first SEG's rewrite again."""
+    datasets, store = series(1), tmp_path / "store"
+    with Pacs(free_port()) as pacs, node(model_dir, store, pacs.port, seg_type="labelmap") as scp:
+        assert send(datasets[:4], scp.port) == [0] * 4
+        wait_for(lambda: pacs.received, "the first SEG")
+        wait_for(scp.idle, "the node to settle")
+        assert send(datasets[4:], scp.port) == [0] * 2
+        wait_for(lambda: len(pacs.received) == 2, "the SEG of the whole series")
+        wait_for(scp.idle, "the node to settle")
+    first, second = pacs.received
+    assert str(second.SOPClassUID) == SEG_STORAGE and len(_referenced(first)) == 4
+    assert _referenced(second) == {ds.SOPInstanceUID for ds in datasets}  # was the first's 4 again
+    assert rows(store)[uid(1, 1)]["forward"] == "sent (binary, the peer refused labelmap)"
+
+
+def test_derived_series_taken_with_include_derived_get_their_binary_seg(model_dir, tmp_path):
+    """The BINARY rewrite reads the source series as the node's runner does (--include-derived too)."""
+    datasets = series(1, image_type=("DERIVED", "SECONDARY", "MPR"))
+    options = dict(seg_type="labelmap", include_derived=True)
+    with Pacs(free_port()) as pacs, node(model_dir, tmp_path / "store", pacs.port, **options) as scp:
+        assert send(datasets, scp.port) == [0] * 6
+        wait_for(lambda: pacs.received, "the BINARY SEG")
+        wait_for(scp.idle, "the node to settle")
+    (seg,) = pacs.received
+    assert str(seg.SOPClassUID) == SEG_STORAGE and _referenced(seg) == {ds.SOPInstanceUID for ds in datasets}
+
+
+def test_a_seg_rewritten_while_the_old_one_is_sent_is_sent_too(model_dir, tmp_path):
+    """Late instances are segmented while the first SEG is on its way: the old SEG must not be marked
+    as sent for the new one (before, the new SEG found the outbox item and was never sent)."""
+    datasets, store = series(1), tmp_path / "store"
+    with Pacs(free_port()) as pacs, node(model_dir, store, pacs.port) as scp:
+        original, calls = scp._c_store, []
+
+        def c_store(ds):
+            calls.append(ds.SOPInstanceUID)
+            if len(calls) == 1:
+                _incoming(store, datasets[4:])
+                scp._process_series(uid(1), uid(1, 1))
+            return original(ds)
+
+        scp._c_store = c_store
+        assert send(datasets[:4], scp.port) == [0] * 4
+        wait_for(lambda: len(pacs.received) == 2, "the SEG of the whole series")
+        wait_for(scp.idle, "the node to settle")
+    first, second = pacs.received
+    assert len(_referenced(first)) == 4 and _referenced(second) == {ds.SOPInstanceUID for ds in datasets}
+    folder = store / "results" / uid(1) / uid(1, 1)
+    on_disk = pydicom.dcmread(folder / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+    assert json.loads((folder / "sent.json").read_text())["seg"] == on_disk == second.SOPInstanceUID
+    assert rows(store)[uid(1, 1)]["forward"] == "sent" and not list((store / "outbox").iterdir())
+
+
+def test_an_outbox_item_that_cannot_be_sent_is_retried_and_the_others_go(model_dir, tmp_path):
+    """A damaged seg.dcm, and a LABELMAP SEG the peer refuses whose source series is gone: each is a
+    failed attempt with its reason, retried with back-off; the sender lives on and sends the rest.
+    Before, the first raised out of the sender thread, and nothing was forwarded again."""
+    from test_dicom_seg import _phantom, _write
+
+    store = tmp_path / "store"
+    damaged, gone = (store / "results" / "1.2.3" / f"1.2.3.{k}" for k in (4, 5))
+    for folder in (damaged, gone):
+        folder.mkdir(parents=True)
+        item = {"case": folder.name, "study_uid": "1.2.3", "series_uid": folder.name, "result": f"1.2.3/{folder.name}",
+                "attempts": 0, "next_attempt": 0.0, "last_error": ""}
+        (store / "outbox").mkdir(exist_ok=True)
+        (store / "outbox" / f"{folder.name}.json").write_text(json.dumps(item))  # sorted before the real series
+    (damaged / "seg.dcm").write_bytes(b"not DICOM at all" * 20)
+    sources, labels = _phantom(tmp_path)
+    shutil.copy(_write(tmp_path, "labelmap", labels, sources, seg_type="labelmap"), gone / "seg.dcm")
+    with Pacs(free_port()) as pacs, node(model_dir, store, pacs.port, retry_seconds=5.0, max_retry_seconds=5.0) as scp:
+        assert send(series(1), scp.port) == [0] * 6
+        wait_for(lambda: pacs.received, "the SEG of the series sent after them")
+        assert all(thread.is_alive() for thread in scp._threads)
+    assert [ds.ReferencedSeriesSequence[0].SeriesInstanceUID for ds in pacs.received] == [uid(1, 1)]
+    errors = {name: json.loads((store / "outbox" / f"{name}.json").read_text()) for name in ("1.2.3.4", "1.2.3.5")}
+    assert errors["1.2.3.4"]["attempts"] >= 1 and errors["1.2.3.4"]["last_error"] == "cannot send (InvalidDicomError)"
+    assert errors["1.2.3.5"]["last_error"].startswith("cannot send (SDSegInputError: ")
+    assert errors["1.2.3.5"]["last_error"].endswith("1.2.3.5: the source series of this SEG is gone, or no longer passes QC)")
+    assert all(1 <= item["attempts"] <= 5 for item in errors.values())  # backed off (5 s), not spinning
 
 
 def test_bad_options_are_one_line_errors(model_dir, tmp_path, capsys):
