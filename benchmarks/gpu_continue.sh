@@ -39,6 +39,8 @@ prepare)
 train)
     minutes="${2:?give the minutes of the call, e.g. 9}"
     shift 2
+    # Below 6 the budgets below go to nothing or negative (gpu_bench.sh leaves train out then too).
+    awk -v m="$minutes" 'BEGIN { exit !(m + 0 >= 6) }' || { echo "gpu_continue: train needs at least 6 minutes, got $minutes" >&2; exit 2; }
     : "${OUT:?the device tool sets OUT, the folder whose files come back}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
