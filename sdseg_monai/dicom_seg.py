@@ -203,6 +203,10 @@ def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike
     If no organ has any voxel, the SEG holds one empty plane (per segment for BINARY) on the first
     slice, as highdicom cannot omit every frame.
 
+    The same labels and sources give the same pixel data and segment descriptions; the series and
+    instance UIDs are new for every SEG (a new object, as DICOM has it), and so are highdicom's
+    creation date and time.
+
     Returns:
         The path written.
 

@@ -226,6 +226,23 @@ def test_seg_is_valid_and_equals_the_labels_in_highdicom_and_dcmqi(tmp_path, kin
     assert not np.array_equal(_dcmqi_labels(flipped, tmp_path, labels.shape, geometry), labels)  # control
 
 
+@pytest.mark.parametrize("kind", ["binary", "labelmap"])
+def test_the_same_labels_give_the_same_segments_under_new_uids(tmp_path, kind):
+    """Pixel data, frames and segment descriptions are a function of the labels; each SEG is a new
+    object, so its series and instance UIDs (and highdicom's creation date and time) are new."""
+    pytest.importorskip("highdicom")
+    sources, labels = _phantom(tmp_path)
+    first, second = (pydicom.dcmread(_write(tmp_path, f"{kind}_{n}", labels, sources, seg_type=kind)) for n in (1, 2))
+    assert first.PixelData == second.PixelData and first.NumberOfFrames == second.NumberOfFrames
+    assert first.SegmentSequence == second.SegmentSequence and len(first.SegmentSequence) >= len(ORGANS)
+    assert first.PerFrameFunctionalGroupsSequence == second.PerFrameFunctionalGroupsSequence
+    assert first.SharedFunctionalGroupsSequence == second.SharedFunctionalGroupsSequence
+    assert first.SeriesInstanceUID != second.SeriesInstanceUID and first.SOPInstanceUID != second.SOPInstanceUID
+    # Control: other labels give other pixel data.
+    other = pydicom.dcmread(_write(tmp_path, f"{kind}_other", np.where(labels == 2, 0, labels).astype(np.uint8), sources, seg_type=kind))
+    assert other.PixelData != first.PixelData
+
+
 @pytest.mark.parametrize("orientation", [
     pytest.param(((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)), id="coronal"),
     pytest.param(((np.cos(0.5), np.sin(0.5), 0.0),
