@@ -20,8 +20,8 @@ One run, one machine, one volume (a 512x512x100 synthetic phantom, plus the real
   one-volume number; on a GPU once more with ``--compile`` (torch.compile), its compiling timed apart.
 
 Peak RSS: each measured configuration runs in a fresh Python process, which reads its own high-water
-mark (``VmHWM`` on Linux, see :func:`peak_rss_gb`) right after its measured run, so no configuration inherits another's memory and
-later extras (FLOP counts) cannot raise it.
+mark (``VmHWM`` on Linux, see :func:`peak_rss_gb`) right after its measured run, so no configuration
+inherits another's memory and later extras (FLOP counts) cannot raise it.
 """
 
 from __future__ import annotations
@@ -600,11 +600,11 @@ def segment_case(case: dict) -> dict:
 
 
 def warm_up(segmenter, path: str) -> None:
-    """Run ``segmenter``'s model once before its timed run (shared with benchmarks/precision_dice.py), every pair decoded, so that one-time costs
-    stay out of the timings. On a GPU at the measured shapes: one full chunk of its organs on the grid
-    of the volume at ``path`` (the first call of a shape picks its kernels and grows the allocator; a
-    one-pair warm-up left them in the timed run). On a CPU, where that would cost as much as the run,
-    one small slice and one organ."""
+    """Run ``segmenter``'s model once before its timed run, every pair decoded, so that one-time costs
+    stay out of the timings (also benchmarks/precision_dice.py's). On a GPU at the measured shapes: one
+    full chunk of its organs on the grid of the volume at ``path`` (the first call of a shape picks its
+    kernels and grows the allocator; a one-pair warm-up left them in the timed run). On a CPU, where
+    that would cost as much as the run, one small slice and one organ."""
     import numpy as np
 
     from sdseg_monai.inference import VolumeSegmenter

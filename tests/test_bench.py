@@ -366,14 +366,16 @@ def made_up_report(one_step=(), pipeline=(), peer=(), multistep=()) -> bench.Ben
 
 def row(network="tiny", precision="bf16", organs=13, seconds=40.0, volume="phantom", skip=True, **extra) -> dict:
     return {"network": network, "volume": volume, "organs": organs, "precision": precision, "skip_decode": skip, "seconds_per_volume": seconds,
-            "slices_per_s": 100 / seconds, "extrapolated": False, "peak_rss_gb": 2.1, "skip_decode_radius": 0.5 if network == "tiny" else 0.0, **extra}
+            "slices_per_s": 100 / seconds, "extrapolated": False, "peak_rss_gb": 2.1,
+            "skip_decode_radius": 0.5 if network == "tiny" else 0.0, **extra}
 
 
 def test_targets_on_a_cpu_judge_the_shipped_precision_with_its_ratio_to_fp32():
     cpu = torch.device("cpu")
     ddim = {"network": "tiny", "slices": 2, "runs": [{"steps": 50, "samples": 1, "decode": "all", "ratio_to_one_step": 12.0}]}
     lower = {"volume": "phantom", "seconds_per_volume": 200.0, "basis": "lower bound: network only"}
-    rows = [row(), row(precision="fp32", seconds=100.0), row(organs=1, seconds=5.0), row(seconds=45.0, skip=False), row(network="sd-v1", seconds=900.0)]
+    rows = [row(), row(precision="fp32", seconds=100.0), row(organs=1, seconds=5.0), row(seconds=45.0, skip=False),
+            row(network="sd-v1", seconds=900.0)]
     targets = bench._targets(made_up_report(rows, peer=[lower], multistep=[ddim]), cpu, "bf16", (512, 512, 100), "tiny", "phantom")
     by = {t["target"]: t for t in targets}
     assert set(by) == {"one step >= 10x faster than DDIM-50 (tiny, every pair decoded in both)", "default >= 6x faster than SwinUNETR on the 512x512x100 CT",
