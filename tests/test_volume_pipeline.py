@@ -324,3 +324,37 @@ def test_segment_array_and_organ_subset():
     result = segmenter.segment_array(image_from_labels(labels), np.diag([1.0, 1.0, 2.0, 1.0]))
     assert result.organs == {6: "liver"}
     assert set(np.unique(result.labels)) <= {0, 6}
+
+
+def test_the_model_sees_the_same_ras_slices_however_the_file_stores_them(tmp_path):
+    """One anatomy stored as RAS, LPS and with its axes permuted (S, L, A): the slices reaching the
+    network are bit-identical, and for the RAS file they are its own axial slices. Built without the
+    segmenter's transforms, so an orientation step lost or applied twice shows up here."""
+    from sdseg_monai.transforms import axial_slices
+
+    labels = ellipsoid_labels((40, 36, 6), (1.0, 1.1, 3.0))
+    ras = nib.Nifti1Image(image_from_labels(labels), affine_for((1.0, 1.1, 3.0), "ras"))
+    stored = {"ras": ras}
+    for codes in (("L", "P", "S"), ("S", "L", "A")):
+        change = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes))
+        stored["".join(codes)] = ras.as_reoriented(change)
+    assert stored["SLA"].shape == (6, 40, 36)
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", batch_size=8)
+    seen = {}
+    for name, image in stored.items():
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(image, str(path))
+        batches = []
+
+        def recording(slices, network, **options):
+            batches.append(slices.clone())
+            return torch.zeros(slices.shape[0], len(segmenter.classes), *slices.shape[-2:])
+
+        segmenter.inferer = recording
+        segmenter.segment(path)
+        seen[name] = torch.cat(batches)
+    assert all(torch.equal(seen["ras"], other) for other in seen.values())
+    low, high = segmenter.config.preprocessing.hu_window
+    windowed = torch.as_tensor(np.clip((image_from_labels(labels) - low) / (high - low) * 2 - 1, -1, 1))[None]
+    own = SliceGeometry(labels.shape[:2], 32).to_model(axial_slices(windowed, range(labels.shape[2])))
+    assert torch.allclose(seen["ras"], own, atol=1e-5)
