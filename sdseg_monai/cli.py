@@ -835,13 +835,11 @@ def main(argv: list[str] | None = None) -> int:
         if _is_usage_error(e):
             typer.echo(_usage_line(e), err=True)
             return int(e.exit_code)
-    except Exception as e:  # noqa: BLE001
         if os.environ.get("SDSEG3D_DEBUG"):
             raise
         message = " ".join(str(e).split())
         typer.echo(f"sdseg3d: internal error: {type(e).__name__}: {message} (set SDSEG3D_DEBUG=1 for a traceback)", err=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

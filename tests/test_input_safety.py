@@ -497,3 +497,21 @@ def test_nifti2_in_nifti2_out_and_a_big_endian_array_segments_as_native(model_di
     assert np.array_equal(native, swapped)
     with pytest.raises(SDSegInputError, match="unsupported voxel type complex64"):
         segmenter.segment_array(image.astype(np.complex64), affine)
+
+
+def test_an_internal_error_exits_1_in_one_line_and_debug_raises_it(monkeypatch, capfd):
+    """Our own bug (not bad input) is never a silent success: exit 1, one line, the way to a traceback."""
+    import sdseg_monai.labels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(sdseg_monai.labels, "dataset_preset", broken)
+    monkeypatch.delenv("SDSEG3D_DEBUG", raising=False)
+    capfd.readouterr()
+    assert main(["organs"]) == 1
+    err = capfd.readouterr().err
+    assert err == "sdseg3d: internal error: RuntimeError: boom second line (set SDSEG3D_DEBUG=1 for a traceback)\n", err
+    monkeypatch.setenv("SDSEG3D_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["organs"])
