@@ -312,9 +312,10 @@ def choose_skip_decode_radius(
     return radius, closest, float((distance < radius).float().mean())
 
 
-def check_calibration_split(split: str) -> None:
-    """Refuse the test split: thresholds chosen there would inflate the score reported on it."""
-    if split == "test":
+def check_calibration_split(split: str | None) -> None:
+    """Refuse the test split, and every case (``None``), test cases among them: thresholds chosen
+    there would inflate the score reported on them (the manifest loader refuses overlapping splits)."""
+    if split is None or split == "test":
         raise SDSegInputError("refusing to calibrate on the test split: choose thresholds on validation cases")
 
 

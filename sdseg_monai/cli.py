@@ -305,7 +305,7 @@ def evaluate(
     data_root: Path = typer.Option(..., "--data-root", help="Folder the manifest's relative paths start from."),
     split: str = typer.Option("test", "--split", help="Manifest split to evaluate: train, validation or test."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder: per_case.csv and report.json go there."),
-    hd95: bool = typer.Option(False, "--hd95", help="Also compute HD95 (mm)."),
+    hd95: bool = typer.Option(False, "--hd95", help="Also compute HD95 (mm), over the cases where both prediction and reference hold the organ."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
     seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),

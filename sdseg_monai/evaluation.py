@@ -162,7 +162,7 @@ class EvaluationReport:
 
     def format_table(self) -> str:
         """A printable per-organ table (mean Dice, optional mean HD95), then the overall and subset means."""
-        head = f"{'label':>5}  {'organ':<24} {'present':>7} {'Dice':>7}" + (f" {'HD95 mm':>8}" if self.hd95 else "")
+        head = f"{'label':>5}  {'organ':<24} {'present':>7} {'Dice':>7}" + (f" {'HD95 mm':>8} {'(cases)':>7}" if self.hd95 else "")
         lines = [
             f"{self.dataset} split {self.split!r}: {len(self.cases)} cases, model {self.model or '<in memory>'}, "
             f"seed {self.seed}",
@@ -172,7 +172,7 @@ class EvaluationReport:
             dice = "absent" if o.mean_dice is None else f"{o.mean_dice:.4f}"
             row = f"{o.label:>5}  {o.name:<24} {f'{o.cases_present}/{o.cases}':>7} {dice:>7}"
             if self.hd95:
-                row += f" {'-' if o.mean_hd95 is None else f'{o.mean_hd95:.2f}':>8}"
+                row += f" {'-' if o.mean_hd95 is None else f'{o.mean_hd95:.2f}':>8} {f'({o.cases_with_hd95})':>7}"
             lines.append(row)
         in_mean = sum(o.mean_dice is not None for o in self.per_organ)
         lines.append(f"{'':>5}  {f'mean Dice, {in_mean} organs':<32} {_text(self.mean_dice):>7}")
@@ -182,6 +182,8 @@ class EvaluationReport:
             lines.append(f"{'':>5}  {title:<32} {_text(info['mean_dice']):>7}")
         if self.unscored_organs:
             lines.append(f"not scored (no label in the manifest): {', '.join(self.unscored_organs)}")
+        if self.hd95:  # a missed organ has no surface to measure: it counts in Dice (0) only
+            lines.append("HD95: mean over the cases where both prediction and reference hold the organ (their count in brackets)")
         return "\n".join(lines)
 
 

@@ -336,6 +336,8 @@ def test_calibration_refuses_the_test_split_and_its_own_model_folder(dataset, mi
     manifest, root = dataset
     with pytest.raises(SDSegInputError, match="refusing to calibrate on the test split"):
         calibrate(VolumeSegmenter(micro_sdseg, device="cpu"), manifest, root, split="test")
+    with pytest.raises(SDSegInputError, match="refusing to calibrate on the test split"):  # every case: test ones too
+        calibrate(VolumeSegmenter(micro_sdseg, device="cpu"), manifest, root, split=None)
     model_dir = micro_sdseg.save_pretrained(tmp_path / "model")
     result = CalibrationResult(Postprocessing(), ["liver"], ["a"], {"liver": 1.0}, {"liver": 1.0})
     with pytest.raises(SDSegInputError, match="must go to a new folder"):

@@ -245,6 +245,8 @@ def test_evaluate_writes_consistent_csv_and_report(dataset, micro_sdseg, tmp_pat
     table = report.format_table()
     assert "liver" in table and "mean Dice, 2 organs" in table and "transunet8 (2/8)" in table
     assert "absent" in table.splitlines()[3]  # left_kidney row
+    liver_row = next(line for line in table.splitlines() if " liver " in line)
+    assert liver_row.split()[-1] == "(2)" and "where both prediction and reference hold the organ" in table
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
 
 
