@@ -401,6 +401,8 @@ def _relative_file(value: Any, where: str, bad) -> str:
     if not isinstance(value, str) or not value.strip():
         bad(f"{where} must be a non-empty relative path")
     posix = PurePosixPath(value.replace("\\", "/"))
+    if not posix.parts:  # "." or "./": the data root itself, not a file in it
+        bad(f"{where} {value!r} names no file under the data root")
     if posix.is_absolute() or ".." in posix.parts or ":" in posix.parts[0]:
         bad(f"{where} {value!r} must be relative to the data root, without '..'")
     return posix.as_posix()
