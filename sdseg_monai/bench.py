@@ -549,7 +549,8 @@ def segment_case(case: dict) -> dict:
 
     device = _setup_child(case)
     # Laid out for its precision once, here: the segmenters below run this very model, whose parts the hooks time.
-    model = model_for_precision(build_network(case["network"], device), device, resolve_precision(device, case["precision"]), owned=True)
+    built = build_network(case["network"], device)
+    model = model_for_precision(built, device, resolve_precision(device, case["precision"], built.config), owned=True)
     organs = _organ_names(model, case["organs"])
     segmenter = VolumeSegmenter(model, organs=organs, skip_decode=case["skip_decode"], device=device, batch_size=case["batch_size"],
                                 precision=case["precision"], seed=0)
@@ -653,7 +654,9 @@ def multistep_case(case: dict) -> dict:
     from sdseg_monai.model import resolve_precision
 
     device = _setup_child(case)
-    model = model_for_precision(build_network(case["network"], device), device, resolve_precision(device, case["precision"]), owned=True)
+    built = build_network(case["network"], device)
+    precision = resolve_precision(device, case["precision"], built.config)
+    model = model_for_precision(built, device, precision, owned=True)
     slices = _model_slices(model, case["volume"], case["slices"])
     options = dict(seed=0, batch_size=case["batch_size"], precision=case["precision"])
     run = lambda steps, samples, radius: model.predict(slices, num_steps=steps, num_samples=samples, skip_decode_radius=radius, **options)  # noqa: E731
@@ -668,7 +671,7 @@ def multistep_case(case: dict) -> dict:
     if radius > 0:
         seconds = timed(lambda: run(1, 1, radius), device)
         rows.append({"steps": 1, "samples": 1, "decode": "calibrated skip", "seconds": seconds, "seconds_per_slice": seconds / len(slices)})
-    return {"slices": len(slices), "organs": model.config.num_classes, "precision": resolve_precision(device, case["precision"]), "runs": rows}
+    return {"slices": len(slices), "organs": model.config.num_classes, "precision": precision, "runs": rows}
 
 
 def count_windows(shape, roi: int = PEER_ROI, overlap: float = PEER_OVERLAP) -> int:

@@ -128,7 +128,7 @@ def _split_names(value: Optional[str]) -> Optional[list[str]]:
     return names
 
 
-PRECISION_HELP = "auto (bf16 on a CPU with AMX / AVX-512 BF16; fp32 on other CPUs and on a GPU), fp32, bf16 or fp16."
+PRECISION_HELP = "auto (bf16 on a CPU with AMX / AVX-512 BF16; fp32 on other CPUs, on a GPU and for noise-predicting models), fp32, bf16 or fp16."
 
 
 def _announce_compiling(compile_: bool, quiet: bool) -> None:

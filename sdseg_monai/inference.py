@@ -217,9 +217,10 @@ class VolumeSegmenter:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
-        self.precision = resolve_precision(self.device, precision)
         loaded = not isinstance(model, SDSeg)
-        self.model = model_for_precision(SDSeg.from_pretrained(model) if loaded else model, self.device, self.precision, owned=loaded)
+        network = SDSeg.from_pretrained(model) if loaded else model
+        self.precision = resolve_precision(self.device, precision, network.config)
+        self.model = model_for_precision(network, self.device, self.precision, owned=loaded)
         if compile and self.model is model:  # never compile the caller's model in place
             self.model = copy.deepcopy(model)
         self.compiled = bool(compile)

@@ -502,7 +502,7 @@ class SDSeg(nn.Module):
         noises = [self.initial_noise(seed + n) for n in range(num_samples)]
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
         # A model cast by cast_for_inference runs in its dtype; autocast would put its GroupNorms back in fp32.
-        with autocast(device, precision) if self.cast_dtype is None else contextlib.nullcontext():
+        with autocast(device, precision, self.config) if self.cast_dtype is None else contextlib.nullcontext():
             cond = torch.cat([self.encode_images(images[i : i + batch].to(device)) for i in range(0, n_slices, batch)])
             for start in range(0, n_slices * n_organs, batch):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
@@ -728,16 +728,21 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The precision ``"auto"`` means on ``device``: bf16 on a CPU with AMX or AVX-512 BF16 (2.35x
-    faster end to end on 2 AMX cores, issue 19); fp32 on other CPUs, where bf16 is emulated, and on
-    CUDA, where bf16 autocast measured slower than fp32 (TF32 convolutions) on an H200 and the
-    all-bf16 network of :meth:`SDSeg.cast_for_inference` is not measured yet. Explicit choices are
+def resolve_precision(device: torch.device, precision: str = "auto", config: SDSegConfig | None = None) -> str:
+    """The precision ``"auto"`` means on ``device`` for a model of ``config``: bf16 on a CPU with AMX or
+    AVX-512 BF16 (2.35x faster end to end on 2 AMX cores, issue 19); fp32 on other CPUs, where bf16
+    is emulated, and on CUDA, where bf16 autocast measured slower than fp32 (TF32 convolutions) on an
+    H200 and the all-bf16 network of :meth:`SDSeg.cast_for_inference` is not measured yet. Always
+    fp32 for a model that predicts the noise (the paper and sd-v1 presets): its one step divides the
+    UNet's output by sqrt(abar_{T-1}) (1/38.7 on the LDM schedule), so bf16's rounding of the noise
+    (rms 0.065 on unit latents, against fp16's 0.008) would reach z0 as it is. Explicit choices are
     returned as given."""
     if precision not in PRECISIONS:
         raise SDSegInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
+    if config is not None and config.prediction_type == "epsilon":
+        return "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
@@ -746,9 +751,9 @@ def precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def autocast(device: torch.device, precision: str = "auto"):
+def autocast(device: torch.device, precision: str = "auto", config: SDSegConfig | None = None):
     """Mixed precision for inference, as :func:`resolve_precision` decides; none for fp32."""
-    precision = resolve_precision(device, precision)
+    precision = resolve_precision(device, precision, config)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=precision_dtype(precision))

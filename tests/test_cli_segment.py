@@ -183,9 +183,21 @@ def test_auto_precision_follows_the_cpu_and_the_sidecar_records_it(model_dir, sc
     assert resolve_precision(cuda) == "fp32" and resolve_precision(cuda, "bf16") == "bf16"
     with pytest.raises(SDSegInputError, match="precision must be one of"):
         resolve_precision(cpu, "int8")
-    for precision in ("auto", "fp32"):  # auto is bf16 here (patched CPU): the sidecar says what ran
-        out = tmp_path / f"{precision}.nii.gz"
-        assert main(["segment", str(scan), "-o", str(out), "-m", str(model_dir), "-q", "--precision", precision]) == 0
-        recorded = json.loads(out.with_name(f"{precision}.json").read_text())["precision"]
-        assert recorded == {"auto": "bf16", "fp32": "fp32"}[precision]
+    # A noise-predicting model stays fp32 under auto: its one step scales the UNet's rounding by 1/sqrt(abar).
+    from conftest import micro_config
+
+    noise_model = micro_config(prediction_type="epsilon")
+    assert resolve_precision(cpu, "auto", noise_model) == "fp32" and resolve_precision(cpu, "bf16", noise_model) == "bf16"
+    assert resolve_precision(cpu, "auto", micro_config(prediction_type="sample")) == "bf16"
+    from sdseg_monai.model import SDSeg
+
+    torch.manual_seed(0)
+    z0_model = SDSeg(micro_config(organs=("spleen", "liver"), prediction_type="sample", preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    z0_dir = z0_model.save_pretrained(tmp_path / "z0_model")
+    # auto is bf16 here (patched CPU) for a z0-predicting model, fp32 for the noise-predicting one: the sidecar says what ran.
+    for name, model, precision, expected in (("z0_auto", z0_dir, "auto", "bf16"), ("z0_fp32", z0_dir, "fp32", "fp32"),
+                                             ("eps_auto", model_dir, "auto", "fp32")):
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["segment", str(scan), "-o", str(out), "-m", str(model), "-q", "--precision", precision]) == 0
+        assert json.loads(out.with_name(f"{name}.json").read_text())["precision"] == expected
     _assert_refused(cli("segment", scan, "-o", tmp_path / "out.nii.gz", "-m", model_dir, "--precision", "fp8"), "precision must be one of")
