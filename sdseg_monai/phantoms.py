@@ -310,6 +310,8 @@ def write_phantoms(
 
     Raises:
         ValueError: ``n < 1``, a negative seed, or a bad shape / spacing.
+        SDSegInputError: ``out_dir/manifest.json`` is unreadable or not a phantom manifest (before
+            any phantom is written; see :func:`read_phantom_manifest`).
     """
     import nibabel as nib
 
@@ -321,6 +323,8 @@ def write_phantoms(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     shape, spacing = _check_grid(shape, spacing)
     out = Path(out_dir)
+    # The folder's manifest is updated after the phantoms are written: a bad one must stop us first.
+    read_phantom_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
 
     def nifti(data: np.ndarray, affine: np.ndarray, what: str):
@@ -1031,10 +1035,33 @@ def _build_skeleton_and_muscles(scene: _Scene) -> None:
 PHANTOM_MANIFEST = "manifest.json"
 
 
+def read_phantom_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The JSON of ``out_dir/manifest.json``, or None when there is none.
+
+    Raises:
+        SDSegInputError: one line naming the file, for a manifest that is unreadable, invalid (see
+            :func:`~sdseg_monai.data.load_manifest`) or not a phantom folder's (other labels than BTCV's).
+    """
+    import json
+
+    from sdseg_monai.data import load_manifest
+    from sdseg_monai.errors import SDSegInputError
+    from sdseg_monai.labels import BTCV
+
+    path = Path(out_dir) / PHANTOM_MANIFEST
+    if not path.exists():
+        return None
+    manifest = load_manifest(path)
+    if manifest.labels != {o.label: o.name for o in BTCV.organs}:
+        raise SDSegInputError("not a phantom manifest: its labels are not the BTCV table phantoms carry; use another folder", path)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def update_phantom_manifest(out_dir: str | os.PathLike, seeds: list[int], split: str) -> Path:
     """Add phantoms ``seeds`` (already written in ``out_dir``) to split ``split`` of
     ``out_dir/manifest.json``, creating it when absent, so that ``sdseg3d train`` and
-    ``sdseg3d evaluate`` read phantom folders like any dataset. A seed moves out of any other split."""
+    ``sdseg3d evaluate`` read phantom folders like any dataset. A seed moves out of any other split.
+    (:func:`write_phantoms` checks that manifest before it writes anything.)"""
     import json
 
     from sdseg_monai.data import atomic_paths
@@ -1042,9 +1069,8 @@ def update_phantom_manifest(out_dir: str | os.PathLike, seeds: list[int], split:
 
     out = Path(out_dir)
     path = out / PHANTOM_MANIFEST
-    if path.is_file():
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    else:
+    manifest = read_phantom_manifest(out)
+    if manifest is None:
         manifest = {
             "schema_version": 1,
             "name": "phantoms",

@@ -158,3 +158,30 @@ def test_cli_rejects_bad_values_in_one_line(tmp_path, capsys):
     a_file.write_text("x")
     assert main(["phantom", "-o", str(a_file)]) == 2
     assert list(tmp_path.iterdir()) == [a_file]
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{"name": "phantoms", "cases": {', "manifest is not valid JSON"),
+        ('{"name": "phantoms"}', "missing key(s) 'labels', 'splits', 'cases'"),
+        (
+            '{"name": "t", "labels": {"1": "teeth"}, "splits": {"train": ["a"]}, "cases": {"a": {"image": "i.nii", "label": "l.nii"}}}',
+            "not a phantom manifest",
+        ),
+    ],
+    ids=["truncated", "no-cases", "other-labels"],
+)
+def test_cli_refuses_a_bad_manifest_before_writing_phantoms(tmp_path, capsys, text, fragment):
+    from sdseg_monai.cli import main
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(text)
+    grid = ["--shape", "16", "16", "8", "--spacing", "24", "24", "24"]
+    assert main(["phantom", "-o", str(tmp_path), "--n", "1", *grid]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(manifest) in err[0] and fragment in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"] and manifest.read_text() == text  # nothing written, input kept
+    # Control: the same call in a folder without a manifest writes the phantom and a manifest.
+    assert main(["phantom", "-o", str(tmp_path / "fresh"), "--n", "1", *grid]) == 0
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["manifest.json", "phantom_0_image.nii.gz", "phantom_0_label.nii.gz"]
