@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
+import types
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,79 @@ LDM_ATTENTION_HEADS = 8
 PathLike = str | os.PathLike
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch checkpoint loaded with ``weights_only=True``.
+class _Inert:
+    """Stands in for a pickled training object (a Lightning callback) whose state is not needed:
+    built and given its state without running any of its code."""
 
-    A Lightning-style ``{"state_dict": ...}`` wrapper is unwrapped.
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Packages whose pickled objects official checkpoints carry besides tensors: sd-v1-*.ckpt and the LDM
+# model.ckpt files hold a ModelCheckpoint callback (with numpy scalars in its state).
+_INERT_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric")
+
+
+def _checkpoint_globals() -> dict[str, Any]:
+    """What a checkpoint may reference: torch's ``weights_only`` allowlist, plus numpy scalars and
+    dtypes and the codec that encodes their bytes."""
+    import codecs
+    import importlib
+
+    import numpy as np
+
+    from torch import _weights_only_unpickler
+
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    allowed.update({"numpy.dtype": np.dtype, "_codecs.encode": codecs.encode, "builtins.set": set})
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2, numpy 1
+        try:
+            allowed[f"{module}.scalar"] = importlib.import_module(module).scalar
+        except (ImportError, AttributeError):
+            continue
+    return allowed
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Loads tensors and plain data; training objects become :class:`_Inert`; anything else (code
+    to run, a class of some other package) is refused."""
+
+    allowed: dict[str, Any] = {}
+
+    def find_class(self, module, name):
+        module = "builtins" if module == "__builtin__" else module
+        found = self.allowed.get(f"{module}.{name}")
+        if found is not None:
+            return found
+        if module.split(".")[0] in _INERT_PACKAGES:
+            return _Inert
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+
+def _load_checkpoint(path: Path) -> Any:
+    """A torch checkpoint: ``weights_only`` first; one that also pickles training objects (official
+    Lightning checkpoints) again through :class:`_CheckpointUnpickler`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not any(package in str(e) for package in _INERT_PACKAGES):
+            raise
+    _CheckpointUnpickler.allowed = _checkpoint_globals()
+    restricted = types.SimpleNamespace(__name__="sdseg_checkpoint_pickle", Unpickler=_CheckpointUnpickler,
+                                       load=lambda file, **kwargs: _CheckpointUnpickler(file, **kwargs).load())
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch checkpoint (``.ckpt``, ``.pt``, ``.bin``).
+
+    A checkpoint is read with ``weights_only=True``; official Lightning checkpoints (SD v1.x, LDM),
+    which also pickle a training callback, through an unpickler that allows only tensors, plain data
+    and numpy scalars and never runs a pickled object's code. A ``{"state_dict": ...}`` wrapper is
+    unwrapped.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,11 +120,11 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_checkpoint(path)
     except Exception as e:  # noqa: BLE001  (any reader failure is a bad-file message)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "holds pickled objects besides tensors; refused (weights_only). Convert it to .safetensors"
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "is not allowed in a weights file" in str(e):
+            reason = "holds pickled objects besides tensors and training data; refused. Convert it to .safetensors"
         raise WeightsError(f"cannot read weights: {reason}", path) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -406,3 +406,52 @@ def test_importing_the_package_forces_hf_hub_offline():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "True"]
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_official_lightning_checkpoints_load_and_pickled_code_never_runs(tmp_path, monkeypatch):
+    """sd-v1-*.ckpt and the LDM model.ckpt files pickle a Lightning ModelCheckpoint (numpy scalars in
+    its state) beside the state dict: weights_only refuses them, yet their tensors must load, without
+    Lightning installed and without running pickled code."""
+    import os
+    import sys
+    import types
+
+    import numpy as np
+
+    from sdseg_monai.errors import WeightsError
+    from sdseg_monai.weights import read_state_dict
+
+    lightning = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score, self.monitor, self.kth_value = torch.tensor(0.1), "val/loss", np.float64(0.5)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = lightning.__name__, "ModelCheckpoint"
+    lightning.ModelCheckpoint = ModelCheckpoint
+    state = {"model.diffusion_model.out.2.weight": torch.randn(4, 8, 3, 3), "first_stage_model.x": torch.nn.Parameter(torch.ones(2))}
+    checkpoint = tmp_path / "sd-v1-4.ckpt"
+    with monkeypatch.context() as patch:  # Lightning exists only while the checkpoint is written
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", lightning.__name__):
+            patch.setitem(sys.modules, name, lightning)
+        torch.save({"state_dict": state, "callbacks": {ModelCheckpoint: ModelCheckpoint()}, "epoch": 6,
+                    "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2"}, checkpoint)
+    assert "pytorch_lightning" not in sys.modules
+    with pytest.raises(Exception, match="pytorch_lightning"):  # why the plain weights_only load is not enough
+        torch.load(checkpoint, weights_only=True)
+    loaded = read_state_dict(checkpoint)
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with monkeypatch.context() as patch:
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", lightning.__name__):
+            patch.setitem(sys.modules, name, lightning)
+        torch.save({"state_dict": state, "callbacks": {ModelCheckpoint: ModelCheckpoint()}, "hook": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(WeightsError, match="holds pickled objects besides tensors and training data"):
+        read_state_dict(tmp_path / "evil.ckpt")
+    assert not marker.exists()
