@@ -391,8 +391,8 @@ def convert_ldm_openai_unet_checkpoint(
         raise ValueError("this UNet has spatial transformers (Stable Diffusion): use convert_ldm_unet_checkpoint")
     layers = int(cfg["layers_per_block"])
     down_types, up_types = list(cfg["down_block_types"]), list(cfg["up_block_types"])
-    for kind, types, known in (("down", down_types, _DOWN_BLOCKS), ("up", up_types, _UP_BLOCKS)):
-        for t in types:
+    for kind, block_types, known in (("down", down_types, _DOWN_BLOCKS), ("up", up_types, _UP_BLOCKS)):
+        for t in block_types:
             if t not in known:
                 raise ValueError(f"{kind} block type {t!r} has no LDM counterpart here; use {', '.join(known)}")
 
