@@ -505,6 +505,33 @@ class _SkipSampler(torch.utils.data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
+def _load_scaler_state(scaler, state: dict) -> None:
+    """Restore a GradScaler, unless the checkpoint's was disabled (CPU, bf16: it saved ``{}``, which an
+    enabled scaler refuses); an fp16 run resumed from one starts with a fresh loss scale."""
+    if state:
+        scaler.load_state_dict(state)
+
+
+def _truncate_log(path, step: int) -> None:
+    """Drop the log records after ``step`` (logged after the checkpoint a resumed run starts from,
+    they are logged again), and a line cut short by a crash; rewritten atomically."""
+    import json
+
+    from sdseg_monai.data import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def _distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
     import os
@@ -513,6 +540,36 @@ def _distributed() -> tuple[int, int, int]:
     if world <= 1:
         return 0, 1, 0
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# How long a process waits for the others at a collective: rank 0 validates and saves alone while
+# the rest wait at the barrier, which can outlast the default (10 minutes for NCCL).
+PROCESS_GROUP_TIMEOUT_MINUTES = 120
+
+
+def _init_process_group(local_rank: int) -> tuple[str, torch.device]:
+    """Join torchrun's process group (unless the caller already did): NCCL on the local GPU, gloo on
+    CPUs. Returns (backend, training device)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        # Before NCCL starts: otherwise every process creates its communicator on GPU 0.
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES))
+    target = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    return dist.get_backend(), target
+
+
+def _barrier(backend: str, local_rank: int) -> None:
+    """A barrier; under NCCL on this process's own GPU (without device_ids it guesses one)."""
+    if backend == "nccl":
+        torch.distributed.barrier(device_ids=[local_rank])
+    else:
+        torch.distributed.barrier()
 
 
 def _atomic_torch_save(obj, path) -> None:
@@ -632,12 +689,7 @@ def train_sdseg(
         raise SDSegInputError(f"batch size {settings.batch_size} is not a multiple of organs per slice ({settings.organs_per_slice})")
     rank, world, local_rank = _distributed()
     if world > 1:
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
-        target = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        backend, target = _init_process_group(local_rank)
     else:
         target = resolve_device(device)
     output_dir = Path(output_dir)
@@ -680,8 +732,10 @@ def train_sdseg(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
-        scaler.load_state_dict(state["scaler"])
+        _load_scaler_state(scaler, state["scaler"])
         step, best = int(state["step"]), state["best"]
+        if rank == 0:
+            _truncate_log(output_dir / LOG_NAME, step)
     module = _LossModule(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -821,7 +875,7 @@ def train_sdseg(
             if step % settings.checkpoint_every == 0 or last:
                 save_checkpoint()
             if world > 1:
-                torch.distributed.barrier()
+                _barrier(backend, local_rank)
             if last:
                 break
         if rank == 0:

@@ -354,3 +354,81 @@ def test_phantom_folders_carry_a_manifest_with_splits(tmp_path):
     assert manifest.splits == {"train": ("phantom_0", "phantom_1"), "test": ("phantom_50",)}
     assert manifest.labels[6] == "liver" and "transunet8" in manifest.subsets
     assert [c for c, _, _ in check_data_root(manifest, tmp_path, "test")] == ["phantom_50"]
+
+
+def test_ddp_on_gpus_binds_each_process_to_its_own_gpu_before_nccl_starts(monkeypatch):
+    """No GPU here: torch.cuda and torch.distributed are stood in for, and the calls recorded."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sdseg_monai import training
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"], kw["timeout"])))
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append(("barrier", kw)))
+    backend, target = training._init_process_group(local_rank=1)
+    assert backend == "nccl" and target == torch.device("cuda:1")
+    assert calls[0] == ("set_device", 1) and calls[1][:2] == ("init", "nccl")
+    assert calls[1][2] >= datetime.timedelta(minutes=60)  # rank 0 validates alone while the others wait
+    training._barrier(backend, 1)
+    assert calls[-1] == ("barrier", {"device_ids": [1]})
+    # Control: on CPUs (gloo) no GPU is chosen, and the barrier takes no device ids (gloo has none).
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    backend, target = training._init_process_group(local_rank=1)
+    training._barrier(backend, 1)
+    assert backend == "gloo" and target == torch.device("cpu")
+    assert [c[:2] for c in calls] == [("init", "gloo"), ("barrier", {})]
+
+
+def test_a_disabled_scaler_state_resumes_into_an_enabled_one():
+    """A CPU or bf16 run checkpoints a disabled GradScaler as {}; resumed with fp16 on a GPU, the
+    enabled scaler starts afresh instead of raising. (A CPU GradScaler stands in for CUDA's.)"""
+    from sdseg_monai.training import _load_scaler_state
+
+    disabled = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert disabled == {}
+    enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**16)
+    with pytest.raises(RuntimeError, match="state dict is empty"):  # what loading it directly does
+        enabled.load_state_dict(disabled)
+    _load_scaler_state(enabled, disabled)
+    assert enabled.get_scale() == 2.0**16
+    # Control: an enabled scaler's own state is restored.
+    _load_scaler_state(enabled, torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0).state_dict())
+    assert enabled.get_scale() == 128.0
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+    """Steps logged after the last checkpoint, before a crash, are dropped from log.jsonl on resume
+    (they are trained and logged again); the log then reads as the uninterrupted run's."""
+    from sdseg_monai import training
+
+    cases = write_cases(tmp_path / "data", 2)
+    settings = dict(steps=6, checkpoint_every=3, log_every=1)
+    train_sdseg(micro(), cases, tmp_path / "straight", quick_settings(**settings), device="cpu", progress=False)
+    save = training._atomic_torch_save
+
+    def crash_at_step_6(state, path):
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+        save(state, path)
+
+    monkeypatch.setattr(training, "_atomic_torch_save", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_sdseg(micro(), cases, tmp_path / "run", quick_settings(**settings), device="cpu", progress=False)
+    log = tmp_path / "run" / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 7, "lo')  # a line the crash cut short
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()[:-1]] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(training, "_atomic_torch_save", save)
+    train_sdseg(micro(), cases, tmp_path / "run", quick_settings(**settings), device="cpu", progress=False, resume=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [r["loss"] for r in straight]
