@@ -484,7 +484,7 @@ def model_preset(
     if name != "sd-v1" and unet is not None:
         base["unet"] = _plain_config(unet)
     latent = int(ae.get("latent_channels", 4))
-    base["unet"]["in_channels"] = 2 * latent
+    base["unet"]["in_channels"] = latent + int(overrides.get("condition_channels") or latent)  # [z_t || image latent]
     base["unet"]["out_channels"] = latent
     if "preprocessing" in overrides and isinstance(overrides["preprocessing"], dict):
         overrides["preprocessing"] = Preprocessing(**{"hu_window": window, **overrides["preprocessing"]})

@@ -339,3 +339,13 @@ def test_cuda_batch_size_follows_the_decoder_memory_of_the_model():
     wider = micro_config(preprocessing={"hu_window": (-175, 250), "slice_size": 64})
     assert decoder_bytes_per_pair(wider) == 4 * decoder_bytes_per_pair(config)
     assert default_batch_size(torch.device("cpu"), config) == 8
+
+
+def test_presets_build_with_a_wider_image_latent():
+    """model_preset(..., condition_channels=C): the UNet's input is [z_t (4) || image latent (C)]."""
+    from sdseg_monai.config import model_preset
+
+    for preset in ("tiny", "paper"):
+        config = model_preset(preset, condition_channels=8)
+        assert config.condition_channels == 8 and config.unet["in_channels"] == 4 + 8
+        assert model_preset(preset).unet["in_channels"] == 4 + 4
