@@ -246,7 +246,7 @@ def search_postprocessing(
             limits = torch.tensor(thresholds).reshape(-1, 1, 1, 1)
             for p in probabilities:
                 maps = _smoothed_case(p, weights)
-                scores = torch.where(maps >= limits, maps, -1.0)
+                scores = torch.where(maps > limits, maps, -1.0)  # as fuse_probabilities
                 scores[k] = -1.0
                 best, index = scores.max(dim=0)
                 others.append((best, torch.where(best >= 0, index + 1, 0)))
@@ -256,7 +256,7 @@ def search_postprocessing(
                     fused = []
                     for organ_map, (best, index) in zip(organ_maps, others):
                         # fuse_probabilities' rule: the highest claimant wins, ties to the lower organ index.
-                        wins = (organ_map >= value) & ((organ_map > best) | ((organ_map == best) & (index > k + 1)))
+                        wins = (organ_map > value) & ((organ_map > best) | ((organ_map == best) & (index > k + 1)))
                         fused.append(torch.where(wins, k + 1, index))
                     candidate = _overall(score(fused))
                     if candidate > best_score + MIN_GAIN:

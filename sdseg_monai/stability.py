@@ -15,8 +15,8 @@ Conventions (recorded in every report):
   square first (:class:`~sdseg_monai.transforms.SliceGeometry`); the padding is part of the map.
 - **Empty predictions are skipped**, as in the paper's evaluation notebook: an instance whose seed-0
   map is empty is not compared at all, and a (instance, seed) pair whose other map is empty is not
-  compared either. A map is empty when no pixel reaches ``empty_below`` (0.5: SDSeg's rounding then
-  predicts no pixel). Both are counted in the report. An instance whose every other seed is empty
+  compared either. A map is empty when no pixel exceeds ``empty_below`` (0.5: SDSeg's rounding,
+  ``out_p > 0.5``, then predicts no pixel). Both are counted in the report. An instance whose every other seed is empty
   counts as skipped.
 - **Averages**: per instance, the mean over the seeds compared with seed 0; then the mean over
   instances, per organ and over every organ's instances pooled (the paper pools its instances).
@@ -71,7 +71,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_KERNEL_SIZE = 11
 SSIM_KERNEL_SIGMA = 1.5
 DATA_RANGE = 1.0
-# A map with no pixel at or above this predicts nothing under SDSeg's rounding: an empty prediction.
+# A map with no pixel above this predicts nothing under SDSeg's rounding (out_p > 0.5): an empty prediction.
 EMPTY_BELOW = 0.5
 DEFAULT_SEEDS = 10
 LPIPS_NET = "alex"  # what the paper's torchmetrics LPIPS uses by default
@@ -325,7 +325,7 @@ class StabilityReport:
                 "before smoothing, fusion and resampling to the CT grid",
                 "empty_below": self.empty_below,
                 "skipped": "an instance whose seed-0 map is empty; a pair whose other map is empty "
-                "(empty: no pixel reaches empty_below)",
+                "(empty: no pixel above empty_below)",
                 "averaging": "per instance over its compared seeds, then over instances",
             },
             "metrics": self.settings.to_dict(),
@@ -354,7 +354,7 @@ class StabilityReport:
             f"stability over {len(seeds)} seeds ({seed_text}; seed {seeds[0]} the reference): {len(self.cases)} cases, "
             f"model {self.model or '<in memory>'}, precision {self.precision}",
             f"instances: {s.size}x{s.size} probability maps per (organ, axial slice), the model's output; "
-            f"empty (no pixel >= {self.empty_below:g}) skipped",
+            f"empty (no pixel > {self.empty_below:g}) skipped",
             f"MS-SSIM: {len(s.ms_ssim_weights)} scales, window {s.kernel_size} (SSIM too); PSNR: data range {s.data_range:g}",
             f"{'label':>5}  {'organ':<24} {'compared':>8} {'skipped':>8} {'SSIM':>7} {'MS-SSIM':>7} {'PSNR dB':>7}"
             + ("  Dice mean ± std [min, max] over seeds" if with_dice else ""),
@@ -528,7 +528,7 @@ class _CaseTally:
         self.lpips_pairs = [0] * n_seeds
 
     def _empty(self, maps: torch.Tensor) -> torch.Tensor:
-        return (maps.float().flatten(2).amax(dim=2) < self.empty_below).cpu()
+        return (maps.float().flatten(2).amax(dim=2) <= self.empty_below).cpu()
 
     def store_reference(self, start: int, maps: torch.Tensor) -> None:
         chunk = maps.to(self.reference.device).permute(1, 0, 2, 3).to(torch.float16)  # (K, n, S, S)
@@ -659,7 +659,7 @@ def stability(
         manifest: a manifest (or its JSON path): the cases of ``split`` under ``data_root``, with labels.
         data_root: the folder the manifest's relative paths start from.
         split: the manifest split (None: every case).
-        empty_below: a map with no pixel at or above this is an empty prediction (skipped).
+        empty_below: a map with no pixel above this is an empty prediction (skipped).
         progress: called after each run with (case number, cases, case id, seed number, seeds, seconds).
         **segmenter_options: for a model that is not yet a segmenter: ``device``, ``organs``,
             ``batch_size``, ``precision``, ``postprocess``, ``skip_decode``, ``num_shifts``, ...

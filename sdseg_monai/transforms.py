@@ -246,10 +246,10 @@ def fuse_probabilities(
     probabilities: torch.Tensor, label_values: Sequence[int], threshold: float | Sequence[float] = 0.5
 ) -> torch.Tensor:
     """Per-organ probabilities (n, K, X, Y) -> label map (n, X, Y) uint8: among the organs whose
-    probability reaches their threshold (one for all, or one per organ), the most probable; background
-    (0) where none does."""
+    probability exceeds their threshold (one for all, or one per organ; strictly, as the official
+    code's ``out_p > 0.5``), the most probable; background (0) where none does."""
     thresholds = torch.as_tensor(threshold, dtype=probabilities.dtype, device=probabilities.device)
-    claimed = probabilities >= thresholds.reshape(1, -1, *([1] * (probabilities.ndim - 2)))
+    claimed = probabilities > thresholds.reshape(1, -1, *([1] * (probabilities.ndim - 2)))
     best, index = torch.where(claimed, probabilities, -1.0).max(dim=1)
     lut = torch.as_tensor([int(v) for v in label_values], dtype=torch.uint8, device=probabilities.device)
     labels = lut[index]

@@ -106,7 +106,8 @@ def test_fusion_is_argmax_over_organs_above_threshold():
     probs = torch.tensor([[0.6, 0.2, 0.4], [0.7, 0.9, 0.1]]).reshape(2, 3, 1, 1).permute(1, 0, 2, 3)  # (n=3, K=2)
     labels = fuse_probabilities(probs, [6, 1]).flatten().tolist()
     assert labels == [1, 1, 0]  # 0.7 vs 0.6 -> organ 2 (label 1); 0.9 vs 0.2 -> label 1; max 0.4 < 0.5 -> background
-    assert fuse_probabilities(torch.full((1, 2, 1, 1), 0.5), [6, 1]).item() == 6
+    assert fuse_probabilities(torch.full((1, 2, 1, 1), 0.5), [6, 1]).item() == 0  # exactly 0.5: background (out_p > 0.5)
+    assert fuse_probabilities(torch.full((1, 2, 1, 1), 0.5001), [6, 1]).item() == 6
     assert fuse_probabilities(torch.zeros(1, 1, 2, 2), np.array([3])).dtype == torch.uint8
 
 
