@@ -110,9 +110,11 @@ class VisionEncoder(nn.Module):
             double_z=True,
             mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
         )
+        from diffusers.models.resnet import ResnetBlock2D
+
         for module in self.encoder.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = dropout
+            if isinstance(module, ResnetBlock2D):  # the official LDM Encoder drops out in its ResnetBlocks only
+                module.dropout.p = dropout
         self.proj = nn.Conv2d(2 * latent, latent, kernel_size=1)
         extra = (channels or latent) - latent
         self.extra = nn.Conv2d(int(cfg["block_out_channels"][-1]), extra, kernel_size=1) if extra > 0 else None

@@ -349,3 +349,15 @@ def test_presets_build_with_a_wider_image_latent():
         config = model_preset(preset, condition_channels=8)
         assert config.condition_channels == 8 and config.unet["in_channels"] == 4 + 8
         assert model_preset(preset).unet["in_channels"] == 4 + 4
+
+
+def test_vision_encoder_dropout_is_in_its_resnet_blocks_only(micro_model):
+    """As the official AEEncoderEmbedder (an LDM Encoder with dropout 0.2): ResnetBlocks drop out, the
+    mid-block attention does not."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    encoder = micro_model.vision_encoder.encoder
+    in_resnets = {id(m.dropout) for m in encoder.modules() if isinstance(m, ResnetBlock2D)}
+    rates = {id(m): m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)}
+    assert in_resnets and all(rates[i] == micro_model.config.vision_encoder_dropout > 0 for i in in_resnets)
+    assert all(p == 0.0 for i, p in rates.items() if i not in in_resnets)
