@@ -170,10 +170,13 @@ class VolumeSegmenter:
         model: an :class:`SDSeg` or a saved model folder.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         organs: organ names to segment (default: all the model's organs).
-        batch_size: (slice, organ) pairs per forward pass (default: automatic).
-        seed: seed of the diffusion noise; same input, model and seed give bit-identical output.
+        batch_size: (slice, organ) pairs per forward pass (default: 8 on a CPU; on a GPU by free
+            memory, recorded in the sidecar).
+        seed: seed of the diffusion noise; the same input, model, seed, precision and batch size give
+            bit-identical output (kernels may round differently at another batch size).
         precision: inference precision (``"auto"``: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on
-            other CPUs and on CUDA; see :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
+            other CPUs, on CUDA and for noise-predicting models; see
+            :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
             a CPU the model runs under autocast with its weights channels-last; on a GPU bf16 runs the
             network wholly in bf16 (a copy of the model, when one is given; see
             :func:`model_for_precision`) and fp16 under autocast.
