@@ -651,6 +651,18 @@ def paper_ldm_unet_config() -> dict[str, Any]:
     return ldm_openai_unet2d_config({"_class_name": "UNet2DModel", **copy.deepcopy(PAPER_UNET), "in_channels": 4})
 
 
+def check_sd_v1_folder(folder: PathLike) -> None:
+    """Refuse a diffusers pipeline folder whose scheduler predicts something else than the noise
+    (Stable Diffusion 2.x "v" models): its UNet would load into the sd-v1 preset, which reads every
+    output as the noise, and segment nonsense without a word."""
+    scheduler = Path(folder) / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        prediction = read_config(scheduler).get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise WeightsError(f"this pipeline predicts {prediction!r} (Stable Diffusion 2.x?); the sd-v1 preset needs an "
+                               "epsilon model such as SD v1.4 or v1.5", scheduler)
+
+
 def sdseg_from_pretrained_parts(
     preset: str,
     *,
@@ -685,6 +697,8 @@ def sdseg_from_pretrained_parts(
             raise WeightsError("the sd-v1 preset needs a Stable Diffusion v1.x folder or checkpoint file")
         if Path(stable_diffusion).is_file():
             raw = read_state_dict(stable_diffusion)
+        else:
+            check_sd_v1_folder(stable_diffusion)
         autoencoder = autoencoder or stable_diffusion
         unet = unet or stable_diffusion
     if autoencoder is None:

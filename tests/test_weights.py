@@ -455,3 +455,22 @@ def test_official_lightning_checkpoints_load_and_pickled_code_never_runs(tmp_pat
     with pytest.raises(WeightsError, match="holds pickled objects besides tensors and training data"):
         read_state_dict(tmp_path / "evil.ckpt")
     assert not marker.exists()
+
+
+def test_a_v_prediction_pipeline_is_refused_for_the_sd_v1_preset(files, tmp_path):
+    """SD 2.x-v folders look like SD v1 ones but predict v: read as noise, their output is nonsense."""
+    import json
+    import shutil
+
+    from sdseg_monai.errors import WeightsError
+
+    folder = tmp_path / "sd2v"
+    shutil.copytree(files["pipeline"], folder)
+    (folder / "scheduler").mkdir()
+    scheduler = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    with pytest.raises(WeightsError, match="predicts 'v_prediction'"):
+        sdseg_from_pretrained_parts("sd-v1", stable_diffusion=folder, dataset="btcv", organs=ORGANS)
+    scheduler["prediction_type"] = "epsilon"  # control: an SD v1 scheduler config loads
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    sdseg_from_pretrained_parts("sd-v1", stable_diffusion=folder, dataset="btcv", organs=ORGANS)
