@@ -778,6 +778,9 @@ def train_sdseg(
                 sampler=_SkipSampler(sampler, position * settings.batch_size),
                 num_workers=settings.num_workers,
                 drop_last=True,
+                # Its own generator: drawing the workers' base seed from the global one would change
+                # the dropout of the step during which an epoch starts (a resumed run starts one elsewhere).
+                generator=torch.Generator().manual_seed(derived_seed(settings.seed, epoch, rank)),
             )
             for batch in loader:
                 yield batch

@@ -100,20 +100,28 @@ def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
 
 
 def test_resume_continues_exactly_where_training_stopped(tmp_path):
-    cases = write_cases(tmp_path / "data", 2)
-    straight = micro()
-    train_sdseg(straight, cases, tmp_path / "a", quick_settings(steps=6, augmentation="strong"), device="cpu", progress=False)
-    interrupted = micro()
-    train_sdseg(interrupted, cases, tmp_path / "b", quick_settings(steps=3, augmentation="strong"), device="cpu", progress=False)
-    resumed = micro()
-    train_sdseg(resumed, cases, tmp_path / "b", quick_settings(steps=6, augmentation="strong"), device="cpu", progress=False, resume=True)
+    """Stopped mid-epoch with gradient accumulation: the resumed run skips the samples already used
+    in that epoch and ends with the uninterrupted run's weights, EMA, optimiser state and best model."""
+    cases = write_cases(tmp_path / "data", 2)  # 12 slices: 3 batches of 4 per epoch
+    common = dict(augmentation="strong", grad_accum=2, checkpoint_every=2, validate_every=2, batches_on_device=False)
+    run = lambda folder, steps, **kw: train_sdseg(  # noqa: E731
+        micro(), cases, tmp_path / folder, quick_settings(steps=steps, **common), validation_cases=cases[:1], device="cpu", progress=False, **kw
+    )
+    run("a", 4)
+    run("b", 2)
+    assert divmod(2 * common["grad_accum"], 3) == (1, 1)  # stopped one batch into epoch 1
+    run("b", 4, resume=True)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
+    assert a["step"] == b["step"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]["shadow"]:
         assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(sa[k], sb[k]) for k in sa), ka
+    assert a["best"] == b["best"] and a["best"]["step"] in (2, 4)
 
 
 def test_device_batches_follow_the_sampling_rule_and_are_seeded(tmp_path):
@@ -432,3 +440,35 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == [r["loss"] for r in straight]
+
+
+def test_saved_models_hold_the_ema_weights_and_the_learning_rate_warms_up(tmp_path, monkeypatch):
+    """model/ and last_model/ hold the exponential moving average of the trained weights (with its
+    (1 + n) / (10 + n) warm-up), not the raw weights; the rate rises linearly over --warmup steps."""
+    from safetensors.torch import load_file
+
+    from sdseg_monai import training
+
+    cases = write_cases(tmp_path / "data", 2)
+    raw = []  # the raw weights after each step, from the checkpoints
+    save = training._atomic_torch_save
+    monkeypatch.setattr(training, "_atomic_torch_save", lambda state, path: (raw.append({k: v.clone() for k, v in state["model"].items()}), save(state, path)))
+    start = micro()
+    initial = {k: v.clone() for k, v in start.state_dict().items()}
+    settings = quick_settings(steps=4, checkpoint_every=1, log_every=1, warmup_steps=3, validate_every=4, ema_decay=0.5)
+    train_sdseg(start, cases, tmp_path / "run", settings, validation_cases=cases[:1], device="cpu", progress=False)
+    trained = [name for name, _ in training._trained_parameters(start)]
+    expected = {name: initial[name].float() for name in trained}
+    for n, weights in enumerate(raw, 1):
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = {name: decay * expected[name] + (1 - decay) * weights[name].float() for name in trained}
+    for folder in ("model", "last_model"):  # validated at the last step only: the best is the last
+        saved = load_file(tmp_path / "run" / folder / "model.safetensors")
+        for name in trained:
+            torch.testing.assert_close(saved[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{folder}: {name}")
+        # Control: the raw weights of the last step are not what was saved.
+        assert sum(not torch.allclose(saved[n], raw[-1][n]) for n in trained) > len(trained) // 2
+        assert torch.equal(saved["autoencoder.decoder.conv_out.weight"], initial["autoencoder.decoder.conv_out.weight"])  # frozen
+    lr = 2e-4 * 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])
