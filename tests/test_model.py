@@ -361,3 +361,32 @@ def test_vision_encoder_dropout_is_in_its_resnet_blocks_only(micro_model):
     rates = {id(m): m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)}
     assert in_resnets and all(rates[i] == micro_model.config.vision_encoder_dropout > 0 for i in in_resnets)
     assert all(p == 0.0 for i, p in rates.items() if i not in in_resnets)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_predict_is_the_reference_steps_written_out_by_hand(prediction_type):
+    """predict() against the official inference written out from its formulas, not from our helpers:
+    LDM linear betas, x_T seeded, one UNet call at t = T-1 on [x_T || c], z0 from it, decode(z0 / scale),
+    clamp((x + 1) / 2, 0, 1), mean over the 3 channels. A scale multiplied instead of divided, another
+    concatenation order or timestep fails it."""
+    from conftest import micro_config
+
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(prediction_type=prediction_type, latent_scale=0.37)).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    predicted = model.predict(images, seed=7, precision="fp32")
+
+    T = model.config.num_train_timesteps
+    betas = torch.linspace(0.0015**0.5, 0.0155**0.5, T, dtype=torch.float64) ** 2  # LDM "linear"
+    abar = torch.cumprod(1 - betas, dim=0)[T - 1].float()
+    size, channels = model.config.latent_size, model.config.latent_channels
+    x_T = torch.randn((1, channels, size, size), generator=torch.Generator("cpu").manual_seed(7))
+    with torch.no_grad():
+        for s in range(2):
+            c = model.vision_encoder(images[s : s + 1])
+            for k in range(model.config.num_classes):
+                out = model.unet(torch.cat([x_T, c], dim=1), torch.tensor([T - 1]), class_labels=torch.tensor([k])).sample
+                z0 = (x_T - (1 - abar).sqrt() * out) / abar.sqrt() if prediction_type == "epsilon" else out
+                x = model.autoencoder.decode(z0 / 0.37).sample
+                expected = torch.clamp((x + 1) / 2, 0, 1).mean(dim=1)[0]
+                assert torch.allclose(predicted[s, k], expected, atol=1e-5), (s, k)
