@@ -175,6 +175,25 @@ def _label_array(data: np.ndarray, path: Path, what: str) -> np.ndarray:
     return np.array(data, dtype=np.int16, order="K")
 
 
+# How far (mm, per affine entry) a label map's affine may be from its image's and still lie on its grid.
+GRID_TOLERANCE = 1e-2
+
+
+def check_label_grid(image: Volume, label: Volume) -> None:
+    """Refuse a label map that does not lie on its image's voxel grid: another shape, or an affine
+    further than :data:`GRID_TOLERANCE` from the image's (the labels would be read on the wrong voxels).
+
+    Raises:
+        SDSegInputError: one line naming the label map.
+    """
+    if label.shape[:3] != image.shape[:3]:
+        raise SDSegInputError(
+            f"label map shape {'x'.join(map(str, label.shape))} differs from its image's {'x'.join(map(str, image.shape))}", label.source
+        )
+    if not np.allclose(label.affine, image.affine, atol=GRID_TOLERANCE):
+        raise SDSegInputError("label map affine differs from its image's: not on the same voxel grid", label.source)
+
+
 def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
     """Fail early (before any compute) when ``output`` cannot be written, or would overwrite one of
     ``inputs`` (see :func:`_check_output_spares_inputs`)."""
@@ -707,8 +726,7 @@ class SliceDataset:
         image, label = case
         image = image if isinstance(image, Volume) else read_volume(image)
         label = label if isinstance(label, Volume) else read_volume(label, what="label map")
-        if image.shape[:3] != label.shape[:3]:
-            raise SDSegInputError(f"label map shape {label.shape} differs from its image's {image.shape}", label.source)
+        check_label_grid(image, label)
         size = self.preprocessing.slice_size
         canonical = transforms({IMAGE_KEY: image.image, LABEL_KEY: label.image})
         grey = canonical[IMAGE_KEY][0].permute(2, 0, 1)  # (Z, X, Y)

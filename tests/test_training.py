@@ -83,6 +83,27 @@ def test_slice_dataset_prepares_cases_in_order_with_any_number_of_threads(tmp_pa
         assert torch.equal(alone.images[0], threaded.images[k]) and torch.equal(alone.labels[0], threaded.labels[k])
 
 
+def test_slice_dataset_refuses_a_label_map_off_its_image_grid(tmp_path):
+    from sdseg_monai.errors import SDSegInputError
+
+    (image, label), = write_cases(tmp_path, 1)
+    config = micro_config(organs=("spleen", "liver"))
+    nifti = nib.load(str(label))
+    shifted = np.diag([1.5, 1.5, 3.0, 1.0])
+    shifted[0, 3] = 4.5  # three voxels to the side: same shape, other voxels
+    for name, affine in [("shifted.nii.gz", shifted), ("flipped.nii.gz", np.diag([-1.5, 1.5, 3.0, 1.0]))]:
+        nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj), affine), str(tmp_path / name))
+        with pytest.raises(SDSegInputError) as error:
+            SliceDataset([(image, tmp_path / name)], config.preprocessing, config.organ_labels)
+        assert str(error.value) == f"{tmp_path / name}: label map affine differs from its image's: not on the same voxel grid"
+    nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj)[:, :, :5], np.diag([1.5, 1.5, 3.0, 1.0])), str(tmp_path / "short.nii.gz"))
+    with pytest.raises(SDSegInputError, match="label map shape 36x32x5 differs from its image's 36x32x6"):
+        SliceDataset([(image, tmp_path / "short.nii.gz")], config.preprocessing, config.organ_labels)
+    # Control: within the tolerance (a rounding of the affine), the case is read.
+    nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj), np.diag([1.5 + 1e-4, 1.5, 3.0, 1.0])), str(tmp_path / "rounded.nii.gz"))
+    assert len(SliceDataset([(image, tmp_path / "rounded.nii.gz")], config.preprocessing, config.organ_labels)) == 6
+
+
 def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
     cases = write_cases(tmp_path / "data", 2)
     model = micro()
