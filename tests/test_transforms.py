@@ -87,9 +87,14 @@ def test_slice_geometry_keeps_aspect_and_inverts(shape):
     recovered = back >= 0.5
     dice = 2 * (recovered & (mask > 0)).sum() / (recovered.sum() + mask.sum())
     assert dice >= 0.98
-    # No shift on the way there and back: the blob's centroid stays put (a one-pixel shift keeps Dice >= 0.98).
-    centroid = lambda m: torch.nonzero(m[0]).float().mean(dim=0)  # noqa: E731
-    assert torch.allclose(centroid(recovered), centroid(mask > 0), atol=0.05)
+    # No shift on the way there and back (a one-pixel shift keeps Dice >= 0.98): the centre of mass of
+    # the resampled map (not of the thresholded mask, whose edges move by up to half a model pixel) stays put.
+    def centre(weights):
+        grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij"))
+        return (grid * weights.double()).flatten(1).sum(1) / weights.double().sum()
+
+    there_and_back = geometry.from_model(geometry.to_model(mask[:, None], pad_value=0.0))[0, 0]
+    assert torch.allclose(centre(there_and_back), centre(mask[0]), atol=0.1)  # resampling moves it 0.06 px at most
     # Padding keeps the aspect ratio: a square stays a square in model space.
     square = torch.zeros(1, *shape)
     side = min(shape) // 2
