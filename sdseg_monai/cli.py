@@ -437,8 +437,12 @@ def train(
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
     validate_every: int = typer.Option(1000, "--validate-every", min=0),
-    augment: str = typer.Option("strong", "--augment", help="none, paper (flips) or strong (MONAI affine/elastic/intensity)."),
-    flips: bool = typer.Option(False, "--flips", help="Random flips (only without left/right organ pairs)."),
+    augment: str = typer.Option(
+        "strong", "--augment", help="none, paper (random flips) or strong (MONAI affine/elastic/intensity; no flips unless --flips)."
+    ),
+    flips: bool = typer.Option(
+        False, "--flips", help="Random flips with any --augment. A model with left/right organs (BTCV: kidneys, adrenals) is flipped front to back only, never left to right."
+    ),
     organ_sampling: str = typer.Option(
         "slice", "--organ-sampling", help="slice (a slice, then an organ in it) or organ (an organ, then a slice showing it: small organs as often as large)."
     ),

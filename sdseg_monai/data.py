@@ -614,15 +614,49 @@ AUGMENTATIONS = ("none", "paper", "strong")
 ORGAN_SAMPLINGS = ("slice", "organ")
 
 
-def slice_augmentation(kind: str = "strong", flips: bool = False):
+def lateral_organs(config) -> list[str]:
+    """The organs of a model config (:class:`~sdseg_monai.config.SDSegConfig`) that lie on one side of
+    the body: named left or right (``left_kidney``), or coded with a laterality."""
+    import re
+
+    from sdseg_monai.labels import organ_code
+
+    return [
+        organ["name"]
+        for organ in config.organs
+        if {"left", "right"} & set(re.split(r"[^a-z]+", organ["name"].lower())) or organ_code(organ, config.dataset).modifier is not None
+    ]
+
+
+def flip_axes(config) -> tuple[int, ...]:
+    """The axes (0, 1) of a model slice that random flips may mirror.
+
+    A model with lateral organs (see :func:`lateral_organs`; BTCV's kidneys and adrenal glands) is
+    never mirrored left to right: a mirrored right kidney looks like a left one, so the model would
+    learn that the two are interchangeable. Mirroring front to back keeps left and right, and stays.
+    """
+    orientation = config.preprocessing.orientation.upper()
+    left_right = next((axis for axis in (0, 1) if orientation[axis] in "LR"), None)
+    if not lateral_organs(config):
+        return (0, 1)
+    return tuple(axis for axis in (0, 1) if axis != left_right)
+
+
+def slice_augmentation(kind: str = "strong", flips: bool = False, *, size: int, axes: tuple[int, ...] = (0, 1)):
     """MONAI dictionary transforms for one training sample ``{"image": (3, S, S), "label": (1, S, S)}``.
+
+    ``"strong"`` is the recipe :class:`DeviceSliceBatches` applies to whole batches, with the same
+    ranges (its class constants): per-axis scale, translation in pixels on both axes, a coarse elastic
+    field of the same control spacing and displacement spread, intensity scale, shift and noise.
 
     Args:
         kind: ``"none"``; ``"paper"`` (random flips only, as the official code); ``"strong"`` (flips if
             asked, plus random affine, elastic deformation, intensity scale/shift and noise, for small
             data sets such as phantoms and a single real CT).
-        flips: random horizontal/vertical flips. They swap left and right anatomy, so they only suit
-            models without lateral organ pairs (the paper's BTCV model is binary).
+        flips: random flips with ``"none"`` and ``"strong"`` too.
+        size: the model's slice size S (translations and the elastic field are in pixels).
+        axes: the slice axes flips may mirror: :func:`flip_axes` of the model (never left-right for
+            a model with lateral organs).
     """
     from monai.transforms import (
         Compose,
@@ -639,24 +673,34 @@ def slice_augmentation(kind: str = "strong", flips: bool = False):
     keys = ["image", "label"]
     steps = []
     if flips or kind == "paper":
-        steps += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in axes]
     if kind == "strong":
+        r = DeviceSliceBatches
+        # DeviceSliceBatches draws each control displacement uniform in +-ELASTIC_MAGNITUDE x S pixels;
+        # MONAI draws a normal one: the same spread has SD (that bound) / sqrt(3).
+        elastic_sd = r.ELASTIC_MAGNITUDE * size / 3**0.5
         steps += [
             RandAffined(
                 keys,
-                prob=0.5,
-                rotate_range=0.2,
-                scale_range=0.15,
-                translate_range=0.06,
+                prob=r.AFFINE_PROB,
+                rotate_range=(r.ROTATE,),  # one angle in 2D
+                # MONAI takes one range per axis (a scalar is axis 0 only), translations in pixels.
+                scale_range=(r.SCALE, r.SCALE),
+                translate_range=(r.TRANSLATE * size, r.TRANSLATE * size),
                 mode=("bilinear", "nearest"),
                 padding_mode=("border", "zeros"),
             ),
             Rand2DElasticd(
-                keys, spacing=(24, 24), magnitude_range=(0.5, 2.0), prob=0.2, mode=("bilinear", "nearest"), padding_mode=("border", "zeros")
+                keys,
+                spacing=(max(1, round(size / (r.ELASTIC_GRID - 1))),) * 2,
+                magnitude_range=(elastic_sd, elastic_sd),
+                prob=r.ELASTIC_PROB,
+                mode=("bilinear", "nearest"),
+                padding_mode=("border", "zeros"),
             ),
-            RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-            RandGaussianNoised("image", std=0.03, prob=0.3),
+            RandScaleIntensityd("image", factors=r.INTENSITY_SCALE, prob=r.INTENSITY_PROB),
+            RandShiftIntensityd("image", offsets=r.INTENSITY_SHIFT, prob=r.INTENSITY_PROB),
+            RandGaussianNoised("image", std=r.NOISE_STD, prob=r.NOISE_PROB, sample_std=False),  # a fixed SD, as on the device
         ]
     return Compose(steps) if steps else None
 
@@ -788,7 +832,7 @@ class DeviceSliceBatches:
     builds each batch with a few batched tensor operations: the same sampling rule (an organ present
     in the slice, a share ``absent_fraction`` an absent one) and the same ``"strong"`` recipe as
     :func:`slice_augmentation` (random affine, coarse elastic displacement, intensity scale, shift and
-    noise; flips only if asked), resampled in one ``grid_sample`` per batch.
+    noise; flips only if asked, and only along ``axes``), resampled in one ``grid_sample`` per batch.
 
     Batch ``n`` is a pure function of ``seed`` and ``n`` (random draws come from a CPU generator), so a
     resumed run sees exactly the batches an uninterrupted one would.
@@ -806,13 +850,17 @@ class DeviceSliceBatches:
         dataset: the prepared slices.
         device: where batches are built (the training device).
         augmentation: ``"none"``, ``"paper"`` (flips) or ``"strong"``.
-        flips: random horizontal/vertical flips (only for models without left/right organ pairs).
+        flips: random flips with ``"none"`` and ``"strong"`` too.
+        axes: the slice axes flips may mirror (:func:`flip_axes`: never left-right for a model with
+            lateral organs).
         seed: base seed of the batch stream.
         organ_sampling: ``"slice"`` or ``"organ"`` (see above).
         organs_per_slice: samples taken from each drawn slice, each a different organ.
     """
 
-    # Ranges of the "strong" recipe (as in slice_augmentation's MONAI transforms).
+    # Ranges of the "strong" recipe, which slice_augmentation's MONAI transforms take too. Scale is
+    # 1 +- SCALE per axis; TRANSLATE, ELASTIC_MAGNITUDE: fractions of the slice; ELASTIC_GRID control
+    # points per side.
     AFFINE_PROB, ROTATE, SCALE, TRANSLATE = 0.5, 0.2, 0.15, 0.06
     ELASTIC_PROB, ELASTIC_GRID, ELASTIC_MAGNITUDE = 0.2, 6, 0.03
     INTENSITY_PROB, INTENSITY_SCALE, INTENSITY_SHIFT = 0.5, 0.1, 0.1
@@ -827,6 +875,7 @@ class DeviceSliceBatches:
         seed: int = 0,
         organ_sampling: str = "slice",
         organs_per_slice: int = 1,
+        axes: tuple[int, ...] = (0, 1),
     ):
         import torch
 
@@ -841,6 +890,7 @@ class DeviceSliceBatches:
         self.device = torch.device(device)
         self.augmentation = augmentation
         self.flips = bool(flips) or augmentation == "paper"
+        self.axes = tuple(axes)
         self.seed = int(seed)
         self.absent_fraction = dataset.absent_fraction
         self.two_and_half_d = dataset.preprocessing.channels == "2.5d"
@@ -929,6 +979,29 @@ class DeviceSliceBatches:
             batch["image_index"] = torch.arange(count, device=self.device).repeat_interleave(per_slice)
         return batch
 
+    def draw_spatial(self, b: int, generator) -> dict:
+        """The random spatial parameters of ``b`` samples: the flips (B, 2) of slice axes 0 and 1 (-1
+        mirrors), and of the ``"strong"`` recipe whether the affine applies (B,), its angle (B,), scale
+        (B, 2) and shift (B, 2) in affine_grid's (x, y) order, i.e. slice axes (1, 0), and the coarse
+        elastic displacements (B, 2, G, G), zero where the warp does not apply. Shifts and
+        displacements are in grid units: 2 span the slice."""
+        import torch
+
+        rand = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
+        flip = torch.ones(b, 2)
+        if self.flips:
+            # Drawn for both axes whichever may mirror, so the other draws do not depend on it.
+            draws = torch.where(rand(b, 2) < 0.5, -1.0, 1.0)
+            for axis in self.axes:
+                flip[:, axis] = draws[:, axis]
+        on = rand(b) < self.AFFINE_PROB
+        angle = (rand(b) * 2 - 1) * self.ROTATE * on
+        scale = 1 + (rand(b, 2) * 2 - 1) * self.SCALE * on[:, None]
+        shift = (rand(b, 2) * 2 - 1) * self.TRANSLATE * 2 * on[:, None]
+        warp = (rand(b) < self.ELASTIC_PROB).float()
+        coarse = (rand(b, 2, self.ELASTIC_GRID, self.ELASTIC_GRID) * 2 - 1) * self.ELASTIC_MAGNITUDE * 2
+        return {"flip": flip, "on": on, "angle": angle, "scale": scale, "shift": shift, "elastic": coarse * warp[:, None, None, None]}
+
     def _augment(self, image, mask, generator):
         import torch
         import torch.nn.functional as F
@@ -936,22 +1009,19 @@ class DeviceSliceBatches:
         b, size = image.shape[0], image.shape[-1]
         rand = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
         theta = torch.eye(2, 3).repeat(b, 1, 1)
+        drawn = self.draw_spatial(b, generator) if self.flips or self.augmentation == "strong" else None
         if self.flips:
-            theta[:, 0, 0] *= torch.where(rand(b) < 0.5, -1.0, 1.0)
-            theta[:, 1, 1] *= torch.where(rand(b) < 0.5, -1.0, 1.0)
+            # affine_grid's x (row 0) runs along the last axis, slice axis 1; its y along axis 0.
+            theta[:, 0, 0] *= drawn["flip"][:, 1]
+            theta[:, 1, 1] *= drawn["flip"][:, 0]
         elastic = None
         if self.augmentation == "strong":
-            on = rand(b) < self.AFFINE_PROB
-            angle = (rand(b) * 2 - 1) * self.ROTATE * on
-            scale = 1 + (rand(b, 2) * 2 - 1) * self.SCALE * on[:, None]
-            shift = (rand(b, 2) * 2 - 1) * self.TRANSLATE * 2 * on[:, None]  # grid units span 2
+            angle, scale, shift = drawn["angle"], drawn["scale"], drawn["shift"]
             cos, sin = torch.cos(angle), torch.sin(angle)
             rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
             affine = rotation * scale[:, None, :]
             theta = torch.cat([affine @ theta[:, :, :2], shift[:, :, None]], 2)
-            warp = (rand(b) < self.ELASTIC_PROB).float()
-            coarse = (rand(b, 2, self.ELASTIC_GRID, self.ELASTIC_GRID) * 2 - 1) * self.ELASTIC_MAGNITUDE * 2
-            elastic = (coarse * warp[:, None, None, None]).to(self.device)
+            elastic = drawn["elastic"].to(self.device)
         if self.flips or self.augmentation == "strong":
             grid = F.affine_grid(theta.to(self.device), list(image.shape), align_corners=False)
             if elastic is not None:

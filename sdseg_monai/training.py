@@ -401,7 +401,9 @@ class TrainSettings:
         seed: seeds data order, augmentation, timesteps, noise and dropout.
         absent_fraction: share of samples drawing an organ absent from the slice.
         augmentation: ``"none"``, ``"paper"`` or ``"strong"`` (see :func:`~sdseg_monai.data.slice_augmentation`).
-        flips: random flips (only for models without left/right organ pairs).
+        flips: random flips with any augmentation (``"paper"`` has them anyway); a model with
+            lateral organs (left/right kidney...) is only flipped front to back
+            (:func:`~sdseg_monai.data.flip_axes`).
         num_workers: data-loader worker processes.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         validation_batch_size: (slice, organ) pairs per forward in validation.
@@ -677,7 +679,7 @@ def train_sdseg(
     import os
     from pathlib import Path
 
-    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, derived_seed, slice_augmentation
+    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, derived_seed, flip_axes, slice_augmentation
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
@@ -702,7 +704,7 @@ def train_sdseg(
         config.preprocessing,
         config.organ_labels,
         absent_fraction=settings.absent_fraction,
-        augment=slice_augmentation(settings.augmentation, flips=settings.flips),
+        augment=slice_augmentation(settings.augmentation, settings.flips, size=config.preprocessing.slice_size, axes=flip_axes(config)),
         seed=settings.seed,
     )
     per_epoch = len(dataset) // (settings.batch_size * world)
@@ -754,6 +756,7 @@ def train_sdseg(
             seed=settings.seed,
             organ_sampling=settings.organ_sampling,
             organs_per_slice=settings.organs_per_slice,
+            axes=flip_axes(config),
         )
         if on_device
         else None

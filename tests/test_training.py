@@ -55,7 +55,7 @@ def quick_settings(**overrides):
 def test_slice_dataset_draws_present_organs_and_is_seeded(tmp_path):
     cases = write_cases(tmp_path, 1)
     config = micro_config(organs=("spleen", "liver"))
-    dataset = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=0.0, augment=slice_augmentation("strong"), seed=3)
+    dataset = SliceDataset(cases, config.preprocessing, config.organ_labels, absent_fraction=0.0, augment=slice_augmentation("strong", size=32), seed=3)
     assert len(dataset) == 6
     sample = dataset[2]
     assert sample["image"].shape == (3, 32, 32) and sample["mask"].shape == (32, 32)
@@ -493,3 +493,101 @@ def test_saved_models_hold_the_ema_weights_and_the_learning_rate_warms_up(tmp_pa
     lr = 2e-4 * 4
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "lr" in r] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])
+
+
+def _mirroring(plain, changed):
+    """The slice axes (of the last two dims) along which ``changed`` mirrors ``plain``."""
+    for axes in [(), (0,), (1,), (0, 1)]:
+        if torch.allclose(torch.flip(plain, [a - 2 for a in axes]), changed, atol=1e-4):
+            return axes
+    raise AssertionError("not a mirroring")
+
+
+@pytest.mark.parametrize(
+    "organs, expected",
+    [(("spleen", "liver", "left_kidney"), {(), (1,)}), (("spleen", "liver"), {(), (0,), (1,), (0, 1)})],
+    ids=["lateral", "control"],
+)
+def test_flips_never_mirror_left_and_right_for_a_model_with_lateral_organs(tmp_path, organs, expected):
+    """--augment paper (flips) on a model with a left kidney: both batch paths mirror front to back
+    (slice axis 1 in RAS) but never left to right (axis 0), image and mask alike. Without lateral
+    organs, both axes are mirrored."""
+    from sdseg_monai.data import DeviceSliceBatches, flip_axes
+
+    cases = write_cases(tmp_path, 2)
+    config = micro_config(organs=organs)
+    assert config.preprocessing.orientation == "RAS" and flip_axes(config) == tuple(sorted({a for m in expected for a in m}))
+    plain = SliceDataset(cases, config.preprocessing, config.organ_labels, seed=1)
+    paper = SliceDataset(cases, config.preprocessing, config.organ_labels, seed=1, augment=slice_augmentation("paper", size=32, axes=flip_axes(config)))
+    seen = set()
+    for epoch in range(4):
+        plain.set_epoch(epoch), paper.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], paper[i]
+            axes = _mirroring(a["image"], b["image"])
+            assert torch.equal(torch.flip(a["mask"], [x - 2 for x in axes]), b["mask"])  # the mask goes with it
+            seen.add(axes)
+    assert seen == expected
+    unflipped = DeviceSliceBatches(plain, "cpu", augmentation="none", seed=2).batch(0, 64)
+    flipped = DeviceSliceBatches(plain, "cpu", augmentation="paper", seed=2, axes=flip_axes(config)).batch(0, 64)
+    mirrorings = [_mirroring(unflipped["image"][i], flipped["image"][i]) for i in range(64)]
+    assert set(mirrorings) == expected
+    for i, axes in enumerate(mirrorings):
+        assert torch.equal(torch.flip(unflipped["mask"][i], [x - 2 for x in axes]), flipped["mask"][i])
+
+
+def test_both_strong_paths_draw_the_same_spread_of_spatial_parameters(tmp_path):
+    """slice_augmentation's MONAI transforms and DeviceSliceBatches apply one recipe: the same share
+    of affine and elastic draws, and per axis the same spread of rotation, scale, translation (pixels)
+    and elastic control displacements (pixels) at the same control spacing."""
+    from monai.transforms import Rand2DElasticd, RandAffined
+
+    from sdseg_monai.data import DeviceSliceBatches
+
+    size, n = 128, 4000
+    config = micro_config(organs=("spleen", "liver"))
+    device = DeviceSliceBatches(SliceDataset(write_cases(tmp_path, 1), config.preprocessing, config.organ_labels), "cpu")
+    drawn = device.draw_spatial(n, torch.Generator().manual_seed(0))
+    on = drawn["on"]
+    device_params = {
+        "rotate": drawn["angle"][on][:, None],
+        "scale": drawn["scale"][on].flip(1),  # (x, y) -> slice axes (0, 1)
+        "translate": drawn["shift"][on].flip(1) * size / 2,
+    }
+    warped = drawn["elastic"].flatten(1).any(1)
+    device_elastic = drawn["elastic"][warped].flatten() * size / 2
+
+    steps = slice_augmentation("strong", size=size).transforms
+    affine = next(t for t in steps if isinstance(t, RandAffined)).set_random_state(0)
+    elastic = next(t for t in steps if isinstance(t, Rand2DElasticd)).set_random_state(1)
+    monai_on, params = 0, {"rotate": [], "scale": [], "translate": []}
+    for _ in range(n):
+        affine.randomize(None)
+        if affine._do_transform:
+            monai_on += 1
+            affine.rand_affine.randomize()
+            grid = affine.rand_affine.rand_affine_grid
+            params["rotate"].append(grid.rotate_params)
+            params["scale"].append(grid.scale_params)
+            params["translate"].append(grid.translate_params)
+    monai_params = {k: torch.tensor(v, dtype=torch.float32) for k, v in params.items()}
+    offsets, warps = [], 0
+    deform = elastic.rand_2d_elastic.deform_grid
+    for _ in range(n // 4):
+        elastic.randomize(None)
+        if elastic._do_transform:
+            warps += 1
+            deform(spatial_size=(size, size))
+            offsets.append(torch.as_tensor(deform.random_offset * deform.rand_mag).flatten())
+    monai_elastic = torch.cat(offsets)
+
+    assert abs(monai_on / n - float(on.float().mean())) < 0.03
+    assert abs(warps / (n // 4) - float(warped.float().mean())) < 0.05
+    for key in device_params:
+        ours, theirs = device_params[key], monai_params[key]
+        assert ours.shape[1] == theirs.shape[1], key  # a range for every axis
+        assert torch.allclose(ours.std(0), theirs.std(0), rtol=0.08), (key, ours.std(0), theirs.std(0))
+        assert torch.allclose(ours.mean(0), theirs.mean(0), atol=0.1 * float(theirs.std())), key
+    assert torch.allclose(device_params["translate"].abs().amax(0), torch.full((2,), 0.06 * size), rtol=0.02)
+    assert float(device_elastic.std()) == pytest.approx(float(monai_elastic.std()), rel=0.08)
+    assert deform.spacing == pytest.approx((size / (device.ELASTIC_GRID - 1),) * 2, abs=1)
