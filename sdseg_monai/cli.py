@@ -419,7 +419,9 @@ def train(
     preset: str = typer.Option("tiny", "--preset", "-p", help="tiny, paper or sd-v1."),
     dataset: str = typer.Option("btcv", "--dataset", help="Dataset preset of the organ table and HU window."),
     organs_: Optional[str] = typer.Option(None, "--organs", help="Comma-separated organs (default: all of the dataset)."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest: its train split trains, its validation split selects."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="Manifest: its train split trains, its validation split (if any) selects; organs matched by name, its HU window must be the model's."
+    ),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Root of the manifest's files."),
     volume: list[str] = typer.Option([], "--volume", help="Extra training volume IMAGE:LABEL (repeatable)."),
     val_volume: list[str] = typer.Option([], "--val-volume", help="Extra validation volume IMAGE:LABEL (repeatable)."),
@@ -469,29 +471,28 @@ def train(
     import torch
 
     from sdseg_monai.config import SDSegConfig
-    from sdseg_monai.data import check_data_root, load_manifest
+    from sdseg_monai.data import LabelledCase, check_data_root, load_manifest, manifest_organ_values
     from sdseg_monai.model import SDSeg
     from dataclasses import replace
 
     from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
     from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
-    train_cases = []
-    validation_cases = []
+    spec, manifest_files = None, {}
     if manifest is not None:
         if data_root is None:
             raise SDSegInputError("--manifest needs --data-root")
         spec = load_manifest(manifest)
-        train_cases += [(i, l) for _, i, l in check_data_root(spec, data_root, "train")]
-        if spec.cases_for("validation"):
-            validation_cases += [(i, l) for _, i, l in check_data_root(spec, data_root, "validation")]
-    train_cases += _volume_pairs(volume, "--volume")
-    validation_cases += _volume_pairs(val_volume, "--val-volume")
+        # Every missing file is reported before a model is built; the validation split is optional.
+        for split in ["train"] + (["validation"] if "validation" in spec.splits else []):
+            manifest_files[split] = check_data_root(spec, data_root, split)
+    train_cases = _volume_pairs(volume, "--volume")
+    validation_cases = _volume_pairs(val_volume, "--val-volume")
     for image, label in train_cases + validation_cases:
         for path in (image, label):
             if not Path(path).exists():
                 raise SDSegInputError("no such file or folder", path)
-    if not train_cases:
+    if not train_cases and not manifest_files.get("train"):
         raise SDSegInputError("no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL")
     checkpoint = output / CHECKPOINT_NAME
     if resume:
@@ -522,6 +523,11 @@ def train(
         )
     if not resume:
         model = with_training_changes(model, mask_loss_weight, condition_channels, slice_size)
+    if spec is not None:  # the manifest's own label values and window, matched to the model's organs by name
+        values = manifest_organ_values(spec, model.config)
+        # Manifest cases first, then --volume ones: the order the data stream (and a resume) depends on.
+        train_cases = [LabelledCase(i, l, values) for _, i, l in manifest_files["train"]] + train_cases
+        validation_cases = [LabelledCase(i, l, values) for _, i, l in manifest_files.get("validation", [])] + validation_cases
     settings = TrainSettings(
         steps=steps,
         batch_size=batch_size,

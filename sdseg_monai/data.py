@@ -705,19 +705,78 @@ def slice_augmentation(kind: str = "strong", flips: bool = False, *, size: int, 
     return Compose(steps) if steps else None
 
 
+@dataclass(frozen=True)
+class LabelledCase:
+    """A training or validation volume, its label map, and how that map labels the model's organs.
+
+    Attributes:
+        image: path or :class:`Volume`.
+        label: path or :class:`Volume`.
+        values: ``{model label value: value in this label map}`` of the model's organs the map labels
+            (a dataset's own table, matched by organ name: :func:`manifest_organ_values`); the others
+            are not labelled there, so they are never drawn from this case, not even as absent. None:
+            the map uses the model's values for every organ.
+    """
+
+    image: Any
+    label: Any
+    values: dict[int, int] | None = None
+
+    def organ_values(self, organ_labels) -> dict[int, int]:
+        """``{model value: label map value}`` of the organs labelled, given the model's values."""
+        return {int(v): int(v) for v in organ_labels} if self.values is None else dict(self.values)
+
+
+def labelled_case(case) -> LabelledCase:
+    """A :class:`LabelledCase` as it is, or one from an ``(image, label)`` pair in the model's values."""
+    return case if isinstance(case, LabelledCase) else LabelledCase(*case)
+
+
+def manifest_organ_values(manifest: Manifest, config) -> dict[int, int]:
+    """Which of a model's organs a dataset labels, and with which value: ``{model label value: manifest
+    label value}``, matched by organ name as evaluation does.
+
+    Raises:
+        SDSegInputError: one line naming the manifest, when it labels none of the model's organs, or
+            when its HU window is not the window the model's preprocessing applies (the model would
+            train on other intensities than it segments with).
+    """
+    window = tuple(config.preprocessing.hu_window)
+    if manifest.hu_window is not None and not np.allclose(manifest.hu_window, window):
+        raise SDSegInputError(
+            f"the manifest's HU window {manifest.hu_window[0]:g}..{manifest.hu_window[1]:g} is not the model's "
+            f"{window[0]:g}..{window[1]:g}; train a model made for this dataset (e.g. --dataset {manifest.name})",
+            manifest.path,
+        )
+    values = {}
+    for organ in config.organs:
+        value = manifest.label_of(organ["name"])
+        if value is not None:
+            values[int(organ["label"])] = value
+    if not values:
+        raise SDSegInputError(
+            f"the model segments {', '.join(config.organ_names)}, none of which manifest {manifest.name!r} "
+            f"labels ({', '.join(manifest.labels.values())})",
+            manifest.path,
+        )
+    return values
+
+
 class SliceDataset:
     """Axial training slices of labelled volumes, prepared once in the model's slice space.
 
     Each volume goes through the model's own preprocessing (canonical orientation, HU window,
     aspect-preserving resize), and its slices and model-space label maps are cached in memory. A sample
     draws a slice and an organ: mostly an organ present in the slice, a share ``absent_fraction`` an
-    absent one (its mask is empty, so that absent organs learn to decode to nothing).
+    absent one (its mask is empty, so that absent organs learn to decode to nothing). Organs that a
+    case does not label (:class:`LabelledCase`) are never drawn from it.
 
     All randomness of item ``i`` in epoch ``e`` comes from ``seed``, ``e`` and ``i``: the data stream is
     the same in every run, and a resumed run sees exactly what an uninterrupted one would.
 
     Args:
-        cases: ``(image, label)`` pairs of paths or :class:`Volume`.
+        cases: :class:`LabelledCase`, or ``(image, label)`` pairs (paths or :class:`Volume`) in the
+            model's label values.
         preprocessing: the model's :class:`~sdseg_monai.config.Preprocessing`.
         organ_labels: label values of the model's organs; class index k is ``organ_labels[k]``.
         absent_fraction: share of samples that draw an organ absent from the slice.
@@ -751,23 +810,28 @@ class SliceDataset:
         # Decompression and resampling release the GIL; map keeps the case order, so the result is the
         # same with any number of threads.
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            prepared = list(pool.map(lambda case: self._prepare(case, transforms), cases))
+            prepared = list(pool.map(lambda case: self._prepare(labelled_case(case), transforms), cases))
         self.images, self.labels, self.index = [], [], []
-        for number, (model_grey, model_labels) in enumerate(prepared):
+        self.known = []  # per volume: which organs (class indices) its label map labels
+        for number, (model_grey, model_labels, known) in enumerate(prepared):
             self.images.append(model_grey)
             self.labels.append(model_labels)
+            self.known.append(known)
             self.index += [(number, z) for z in range(model_grey.shape[0])]
         if not self.index:
             raise SDSegInputError("no training slices: the case list is empty")
 
     def _prepare(self, case, transforms):
-        """One case's slices (float16 grey) and label maps (uint8), both in the model's slice space;
-        ``transforms`` are the model's canonical (deterministic) image + label transforms."""
+        """One case's slices (float16 grey) and label maps (uint8, the model's label values), both in
+        the model's slice space, and the class indices its label map labels; ``transforms`` are the
+        model's canonical (deterministic) image + label transforms."""
         import torch
 
         from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, SliceGeometry
 
-        image, label = case
+        image, label, values = case.image, case.label, case.organ_values(self.organ_labels)
+        if not set(values) & set(self.organ_labels):
+            raise SDSegInputError("this case labels none of the model's organs", getattr(label, "source", label))
         image = image if isinstance(image, Volume) else read_volume(image)
         label = label if isinstance(label, Volume) else read_volume(label, what="label map")
         check_label_grid(image, label)
@@ -778,9 +842,10 @@ class SliceDataset:
         geometry = SliceGeometry(tuple(grey.shape[1:]), size)
         model_grey = geometry.to_model(grey[:, None])[:, 0].to(torch.float16)
         model_labels = torch.zeros((grey.shape[0], size, size), dtype=torch.uint8)
-        for value in self.organ_labels:
-            model_labels[geometry.masks_to_model(lab == value) > 0] = value
-        return model_grey, model_labels
+        for value, source in values.items():
+            model_labels[geometry.masks_to_model(lab == source) > 0] = value
+        known = [k for k, value in enumerate(self.organ_labels) if value in values]
+        return model_grey, model_labels, known
 
     def __len__(self) -> int:
         return len(self.index)
@@ -805,7 +870,7 @@ class SliceDataset:
         volume, z = self.index[item]
         label_slice = self.labels[volume][z]
         present = [k for k, v in enumerate(self.organ_labels) if bool((label_slice == v).any())]
-        absent = [k for k in range(len(self.organ_labels)) if k not in present]
+        absent = [k for k in self.known[volume] if k not in present]
         if present and (not absent or rng.random() >= self.absent_fraction):
             organ = int(rng.choice(present))
         else:
@@ -883,8 +948,12 @@ class DeviceSliceBatches:
             raise SDSegInputError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
         if organ_sampling not in ORGAN_SAMPLINGS:
             raise SDSegInputError(f"organ sampling must be one of {ORGAN_SAMPLINGS}, got {organ_sampling!r}")
-        if not 1 <= int(organs_per_slice) <= len(dataset.organ_labels):
-            raise SDSegInputError(f"organs per slice must be 1 to {len(dataset.organ_labels)}, got {organs_per_slice}")
+        fewest = min(len(known) for known in dataset.known)  # organs labelled by the case that labels fewest
+        if not 1 <= int(organs_per_slice) <= fewest:
+            raise SDSegInputError(
+                f"organs per slice must be 1 to {fewest}" + (" (the organs every case labels)" if fewest < len(dataset.organ_labels) else "")
+                + f", got {organs_per_slice}"
+            )
         self.organ_sampling = organ_sampling
         self.organs_per_slice = int(organs_per_slice)
         self.device = torch.device(device)
@@ -902,6 +971,11 @@ class DeviceSliceBatches:
         self.organ_values = values.to(self.device)
         # Which organs each slice shows, and each slice's neighbours within its own volume (2.5D).
         self.present = (labels[:, None] == values[None, :, None, None]).flatten(2).any(2)  # (N, K) on the CPU
+        # Which organs each slice's label map labels: only those are drawn, present or absent.
+        known = torch.zeros(len(dataset.images), len(values), dtype=torch.bool)
+        for number, organs in enumerate(dataset.known):
+            known[number, organs] = True
+        self.known = known.repeat_interleave(torch.tensor([v.shape[0] for v in dataset.images]), 0)
         # For organ-first sampling: the slices showing each organ, concatenated, with offsets and counts.
         self.organ_slices = self.present.T.nonzero(as_tuple=True)[1]  # ordered by organ, then slice
         self.organ_counts = self.present.sum(0)
@@ -921,11 +995,12 @@ class DeviceSliceBatches:
 
     def _organs(self, slices, generator, taken=None):
         """One organ per slice, not among ``taken`` (N, K): uniform among those present, or (share
-        ``absent_fraction``, or when none is left present) uniform among those absent."""
+        ``absent_fraction``, or when none is left present) uniform among those absent that the slice's
+        case labels."""
         import torch
 
         present = self.present[slices]
-        free = torch.ones_like(present) if taken is None else ~taken
+        free = self.known[slices] if taken is None else self.known[slices] & ~taken
         pick_absent = (torch.rand(len(slices), generator=generator) < self.absent_fraction) | ~(present & free).any(1)
         pick_absent &= (~present & free).any(1)
         pool = torch.where(pick_absent[:, None], ~present, present) & free
@@ -941,7 +1016,7 @@ class DeviceSliceBatches:
         within = (torch.rand(count, generator=generator) * self.organ_counts[organs]).long()
         slices = self.organ_slices[self.organ_offsets[organs] + within.clamp(max=self.organ_counts[organs] - 1)]
         other = torch.randint(0, len(self), (count,), generator=generator)
-        absent = ~self.present[other]
+        absent = ~self.present[other] & self.known[other]
         scores = torch.rand(absent.shape, generator=generator).masked_fill(~absent, -1.0)
         negative = (torch.rand(count, generator=generator) < self.absent_fraction) & absent.any(1)
         return torch.where(negative, other, slices), torch.where(negative, scores.argmax(1), organs)

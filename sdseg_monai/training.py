@@ -606,17 +606,24 @@ class _progress_bar:
 
 
 def validation_dice(model: SDSeg, cases, device, batch_size: int | None = None, seed: int = 0) -> dict:
-    """Mean Dice per organ (present cases only) of ``model`` on labelled volumes, on their own grids."""
-    from sdseg_monai.data import read_volume
+    """Mean Dice per organ (present cases only) of ``model`` on labelled volumes, on their own grids.
+
+    ``cases``: :class:`~sdseg_monai.data.LabelledCase` or ``(image, label)`` pairs; each case scores
+    the organs its label map labels, in its own label values."""
+    from sdseg_monai.data import Volume, check_label_grid, labelled_case, read_volume
+    from sdseg_monai.evaluation import score_case
     from sdseg_monai.inference import VolumeSegmenter
-    from sdseg_monai.metrics import organ_scores
 
     segmenter = VolumeSegmenter(model, device=device, batch_size=batch_size, seed=seed)
     per_organ: dict[str, list[float]] = {}
-    for image, label in cases:
-        reference = read_volume(label, what="label map") if not hasattr(label, "image") else label
+    for case in map(labelled_case, cases):
+        image = case.image if isinstance(case.image, Volume) else read_volume(case.image)
+        reference = case.label if isinstance(case.label, Volume) else read_volume(case.label, what="label map")
+        check_label_grid(image, reference)
+        values = case.organ_values(model.config.organ_labels)
         result = segmenter.segment(image)
-        for score in organ_scores(result.labels, reference.image[0].numpy(), result.organs):
+        organs = sorted((values[m], m, name) for m, name in result.organs.items() if m in values)
+        for score in score_case(result.labels, reference.image[0].numpy(), organs):
             if score.dice is not None:
                 per_organ.setdefault(score.name, []).append(score.dice)
     means = {name: float(np.mean(v)) for name, v in per_organ.items()}
@@ -664,10 +671,12 @@ def train_sdseg(
 
     Args:
         model: the SDSeg model to train (its latent scale is fitted on the first batch if unset).
-        train_cases: ``(image, label)`` pairs (paths or loaded volumes) of training volumes.
+        train_cases: training volumes: :class:`~sdseg_monai.data.LabelledCase` (a dataset's own label
+            values, e.g. a manifest's) or ``(image, label)`` pairs (paths or loaded volumes) in the
+            model's label values.
         output_dir: run folder.
         settings: optimisation settings.
-        validation_cases: ``(image, label)`` pairs for model selection (never the test split).
+        validation_cases: the same, for model selection (never the test split).
         resume: continue from ``output_dir/checkpoint.pt`` exactly where it stopped.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under torchrun: the local GPU).
         progress: show a progress bar (rank 0).
