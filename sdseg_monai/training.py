@@ -685,7 +685,6 @@ def train_sdseg(
         a summary: steps done, last losses, best validation Dice and where the models are.
     """
     import json
-    import os
     from pathlib import Path
 
     from sdseg_monai.data import DeviceSliceBatches, SliceDataset, derived_seed, flip_axes, slice_augmentation
