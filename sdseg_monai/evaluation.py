@@ -27,15 +27,13 @@ from typing import Callable
 import numpy as np
 
 from sdseg_monai import __version__
-from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, load_manifest, read_volume
+from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, check_label_grid, load_manifest, read_volume
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
 
 CSV_NAME = "per_case.csv"
 REPORT_NAME = "report.json"
 CSV_COLUMNS = ("case", "label", "organ", "dice", "hd95", "predicted_voxels", "reference_voxels")
-# Largest affine difference (mm, or direction cosine) tolerated between an image and its label map.
-GRID_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -295,14 +293,7 @@ def read_case(image_path: str | os.PathLike, label_path: str | os.PathLike) -> t
     """
     image = read_volume(image_path)
     reference = read_volume(label_path, what="label map")
-    if reference.shape[:3] != image.shape[:3]:
-        raise SDSegInputError(
-            f"label map shape {'x'.join(map(str, reference.shape))} differs from its image's "
-            f"{'x'.join(map(str, image.shape))}",
-            label_path,
-        )
-    if not np.allclose(reference.affine, image.affine, atol=GRID_TOLERANCE):
-        raise SDSegInputError("label map affine differs from its image's: not on the same voxel grid", label_path)
+    check_label_grid(image, reference)
     return image, reference
 
 
