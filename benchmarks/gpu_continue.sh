@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 # What the GPU image lacks (its python is 3.12), at the versions tested here (einops: the SwinUNETR of
 # `sdseg3d bench`). Not SimpleITK (52 MB, over
-# what a call carries): only the DICOM reader needs it; the image has SciPy for the component filters.
+# what a call carries): only some tests read NRRD with it; the image has SciPy for the component filters.
 PACKAGES=(monai diffusers nibabel pydicom importlib_metadata einops)
 
 case "${1:-}" in
