@@ -10,6 +10,7 @@ descriptions) goes into the new series' description, labels or the log.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -140,14 +141,56 @@ def _character_set(source) -> str | list[str] | None:
     return [v or "ISO 2022 IR 6" for v in values] if len(values) > 1 else values[0]
 
 
+# Header values that may identify a patient or quote free text: never in a message.
+_QUOTABLE_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC", "DA", "DT", "TM", "AS", "CS")
+
+
+def _header_texts(datasets) -> set[str]:
+    """Every quotable value of ``datasets``, each value of a multi-valued element apart, sequences included."""
+    from pydicom.multival import MultiValue
+
+    texts = set()
+    for ds in datasets:
+        for element in ds:
+            if element.VR == "SQ":
+                texts |= _header_texts(element.value or [])
+            elif element.VR in _QUOTABLE_VRS and element.value not in (None, ""):
+                values = element.value if isinstance(element.value, (list, tuple, MultiValue)) else [element.value]
+                texts |= {str(v) for v in values if str(v)}
+    return texts
+
+
 def _scrubbed(message: str, sources: list) -> str:
-    """First line of a highdicom error with any text of the source headers replaced (names, descriptions)."""
+    """First line of a highdicom error with any header value of the sources replaced (names, dates, descriptions)."""
     line = message.splitlines()[0] if message else "no detail"
-    texts = {str(e.value) for ds in sources[:1] for e in ds if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT") and e.value}
-    for text in sorted(texts, key=len, reverse=True):
+    for text in sorted(_header_texts(sources), key=len, reverse=True):
         if len(text) > 2:
             line = line.replace(text, "<header text>")
     return line
+
+
+def _conformant(sources: list) -> list:
+    """The sources with every date or time that pydicom cannot parse blanked (in a copy): highdicom
+    re-parses the patient and study modules it copies, and real exports carry a birth date of
+    "00000000" or a time of "10:10:10"; those attributes are type 2, so empty is valid."""
+    from pydicom.valuerep import DA, DT, TM
+
+    parsers = {"DA": DA, "DT": DT, "TM": TM}
+    fixed = []
+    for ds in sources:
+        bad = []
+        for element in ds:
+            if element.VR in parsers and isinstance(element.value, str) and element.value:
+                try:
+                    parsers[element.VR](element.value)
+                except (ValueError, TypeError, OverflowError):
+                    bad.append(element.tag)
+        if bad:
+            ds = copy.deepcopy(ds)
+            for tag in bad:
+                ds[tag].value = ""
+        fixed.append(ds)
+    return fixed
 
 
 def _segment_descriptions(hd, organs: list[dict], numbers: list[int], dataset: str | None, algorithm) -> list:
@@ -270,7 +313,7 @@ def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike
             # highdicom warns about single-component patient names, quoting them: no header text in logs.
             warnings.filterwarnings("ignore", message=r"(?s).*unlikely to represent the intended person name", category=UserWarning)
             seg = hd.seg.Segmentation(
-                source_images=list(sources),
+                source_images=_conformant(list(sources)),
                 pixel_array=planes,
                 segmentation_type=segmentation_type,
                 segment_descriptions=_segment_descriptions(hd, organs, numbers, dataset, algorithm),

@@ -371,3 +371,33 @@ def test_without_highdicom_the_error_is_the_install_hint(tmp_path, monkeypatch):
         write_dicom_seg(labels, [], tmp_path / "seg.dcm", organs=ORGANS)
     assert str(error.value) == 'DICOM SEG output needs the dicom extra: pip install "sdseg3d[dicom]"'
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_dates_and_times_pydicom_cannot_parse_still_give_a_seg_and_never_reach_a_message(tmp_path, recwarn):
+    """Real exports carry a birth date "00000000" or a time "10:10:10": highdicom re-parses them and
+    failed, so the case got no SEG. They are blanked in a copy (type 2: empty is valid); the source
+    headers are left as they were, and a refusal that quotes a header value never shows it."""
+    hd = pytest.importorskip("highdicom")
+    from sdseg_monai.dicom_seg import _scrubbed
+
+    import warnings
+
+    sources, labels = _phantom(tmp_path)
+    with warnings.catch_warnings():  # pydicom warns as the values are set; read back raw, as from an export
+        warnings.simplefilter("ignore")
+        for k, ds in enumerate(sources):
+            ds.PatientBirthDate, ds.StudyTime = "00000000", "10:10:10"
+            ds.save_as(tmp_path / f"odd_{k}.dcm", enforce_file_format=False)
+    sources = [pydicom.dcmread(tmp_path / f"odd_{k}.dcm") for k in range(len(sources))]
+    recwarn.clear()
+    path = _write(tmp_path, "odd_dates", labels, sources)
+    seg = hd.seg.segread(path)
+    assert seg.PatientBirthDate == "" and seg.StudyTime == "" and seg.StudyDate == sources[0].StudyDate
+    assert sources[0].PatientBirthDate == "00000000"  # the caller's headers are not changed
+    assert not [w for w in recwarn if "00000000" in str(w.message) or "10:10:10" in str(w.message)]
+    # Dates, codes and multi-valued or nested text are header values too.
+    sources[0].ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    sources[0].OtherPatientIDsSequence = [pydicom.Dataset()]
+    sources[0].OtherPatientIDsSequence[0].PatientID = "NESTED-ID-123"
+    message = _scrubbed("bad value 00000000, AXIAL and NESTED-ID-123 in it", sources)
+    assert "00000000" not in message and "AXIAL" not in message and "NESTED-ID-123" not in message
