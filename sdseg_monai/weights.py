@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import pickle
-import types
 from pathlib import Path
 from typing import Any
 
@@ -53,63 +52,54 @@ class _Inert:
 _INERT_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric")
 
 
-def _checkpoint_globals() -> dict[str, Any]:
-    """What a checkpoint may reference: torch's ``weights_only`` allowlist, plus numpy scalars and
-    dtypes and the codec that encodes their bytes."""
+def _numpy_globals() -> dict[str, Any]:
+    """What a training callback's state pickles besides plain data: numpy scalars (their dtype and
+    the codec that encodes their bytes), by the names pickles give them."""
     import codecs
     import importlib
 
     import numpy as np
 
-    from torch import _weights_only_unpickler
-
-    allowed = dict(_weights_only_unpickler._get_allowed_globals())
-    allowed.update({"numpy.dtype": np.dtype, "_codecs.encode": codecs.encode, "builtins.set": set})
+    allowed: dict[str, Any] = {"numpy.dtype": np.dtype, "_codecs.encode": codecs.encode}
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2, numpy 1
         try:
             allowed[f"{module}.scalar"] = importlib.import_module(module).scalar
         except (ImportError, AttributeError):
             continue
+    for kind in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_):
+        dtype_class = type(np.dtype(kind))  # a dtype's state is set on its class (numpy.dtypes.Float64DType...)
+        allowed[f"{dtype_class.__module__}.{dtype_class.__qualname__}"] = dtype_class
     return allowed
 
 
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Loads tensors and plain data; training objects become :class:`_Inert`; anything else (code
-    to run, a class of some other package) is refused."""
-
-    allowed: dict[str, Any] = {}
-
-    def find_class(self, module, name):
-        module = "builtins" if module == "__builtin__" else module
-        found = self.allowed.get(f"{module}.{name}")
-        if found is not None:
-            return found
-        if module.split(".")[0] in _INERT_PACKAGES:
-            return _Inert
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
-
-
 def _load_checkpoint(path: Path) -> Any:
-    """A torch checkpoint: ``weights_only`` first; one that also pickles training objects (official
-    Lightning checkpoints) again through :class:`_CheckpointUnpickler`."""
+    """A torch checkpoint, always through torch's ``weights_only`` unpickler. One that also pickles a
+    Lightning training callback (official SD v1.x and LDM checkpoints) is loaded again with those
+    classes standing as :class:`_Inert` and numpy scalars allowed; any other global is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not any(package in str(e) for package in _INERT_PACKAGES):
+        listing = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        if listing is None or not any(package in str(e) for package in _INERT_PACKAGES):
             raise
-    _CheckpointUnpickler.allowed = _checkpoint_globals()
-    restricted = types.SimpleNamespace(__name__="sdseg_checkpoint_pickle", Unpickler=_CheckpointUnpickler,
-                                       load=lambda file, **kwargs: _CheckpointUnpickler(file, **kwargs).load())
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+    numpy_globals = _numpy_globals()
+    extra = [(found, name) for name, found in numpy_globals.items()]  # dtypes' classes too (BUILD sets their state)
+    for name in listing(str(path)):
+        if name.split(".")[0] in _INERT_PACKAGES:
+            extra.append((_Inert, name))
+        elif name not in numpy_globals:
+            raise pickle.UnpicklingError(f"Unsupported global: {name} (weights_only)")
+    with torch.serialization.safe_globals(extra):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a torch checkpoint (``.ckpt``, ``.pt``, ``.bin``).
 
-    A checkpoint is read with ``weights_only=True``; official Lightning checkpoints (SD v1.x, LDM),
-    which also pickle a training callback, through an unpickler that allows only tensors, plain data
-    and numpy scalars and never runs a pickled object's code. A ``{"state_dict": ...}`` wrapper is
-    unwrapped.
+    A checkpoint is read with torch's ``weights_only`` unpickler; official Lightning checkpoints (SD
+    v1.x, LDM), which also pickle a training callback, with that callback standing as an inert object
+    and numpy scalars allowed (:func:`_load_checkpoint`): no pickled code runs, and nothing else is
+    accepted. A ``{"state_dict": ...}`` wrapper is unwrapped.
     """
     path = Path(path)
     if not path.is_file():
@@ -123,7 +113,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             state = _load_checkpoint(path)
     except Exception as e:  # noqa: BLE001  (any reader failure is a bad-file message)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "is not allowed in a weights file" in str(e):
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "holds pickled objects besides tensors and training data; refused. Convert it to .safetensors"
         raise WeightsError(f"cannot read weights: {reason}", path) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

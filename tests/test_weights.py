@@ -474,3 +474,29 @@ def test_a_v_prediction_pipeline_is_refused_for_the_sd_v1_preset(files, tmp_path
     scheduler["prediction_type"] = "epsilon"  # control: an SD v1 scheduler config loads
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     sdseg_from_pretrained_parts("sd-v1", stable_diffusion=folder, dataset="btcv", organs=ORGANS)
+
+
+def test_a_crafted_lightning_checkpoint_cannot_change_torch_by_build(tmp_path):
+    """A pickle naming a Lightning class (so that the callback path takes it) that BUILDs on a torch
+    function in the allowlist: refused, and the function is left as it was (a restricted plain
+    unpickler let it set __defaults__, corrupting every later tensor load in the process)."""
+    import zipfile
+
+    from sdseg_monai.errors import WeightsError
+    from sdseg_monai.weights import read_state_dict
+
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    text = lambda s: b"X" + len(s).to_bytes(4, "little") + s.encode()  # noqa: E731
+    body = (b"\x80\x02}" + text("callback") + b"cpytorch_lightning.callbacks\nModelCheckpoint\ns"
+            + text("f") + b"ctorch._utils\n_rebuild_tensor_v2\nN}" + text("__defaults__") + b"}" + text("neg") + b"\x88s\x85s\x86bs.")
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"a": 1}, path)
+    with zipfile.ZipFile(path) as z:
+        items = {n: z.read(n) for n in z.namelist()}
+    items[next(n for n in items if n.endswith("data.pkl"))] = body
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in items.items():
+            z.writestr(name, data)
+    with pytest.raises(WeightsError):
+        read_state_dict(path)
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
