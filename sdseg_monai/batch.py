@@ -124,10 +124,13 @@ def dicom_seg_available() -> bool:
     return optional_import("highdicom")[1]
 
 
-def collect_cases(index, output_dir: Path) -> list[BatchCase]:
-    """Summary rows for every stack and NIfTI file of ``index``, with output folders for those to segment."""
+def collect_cases(index, output_dir: Path, dicom_seg: bool = False) -> list[BatchCase]:
+    """Summary rows for every stack and NIfTI file of ``index``, with output folders for those to
+    segment. With ``dicom_seg``, a stack no SEG can reference fails up front (before any output)."""
     cases = []
     for stack in index.stacks:
+        if dicom_seg and stack.ok and stack.seg_refusal:
+            stack.fail("split_multiframe", stack.seg_refusal)
         case = BatchCase(stack.key, stack.study_uid, stack.series_uid, stack=stack)
         case.row = summary_row(case, stack.status, stack.reason, stack.message)
         case.row.update(images_used=stack.images_used, images_dropped=sum(stack.dropped.values()),
@@ -217,7 +220,7 @@ class BatchRunner:
         if input_dir.is_dir() and self.output_dir.resolve() in input_dir.resolve().parents:
             raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
         index = index_tree(input_dir, include_derived=self.include_derived)
-        cases = collect_cases(index, self.output_dir)
+        cases = collect_cases(index, self.output_dir, self.dicom_seg)
         index_, count = self.shard
         return [c for c in cases if shard_of(c.key, count) == index_]
 

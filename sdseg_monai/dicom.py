@@ -59,7 +59,7 @@ REASONS = {
     "nonuniform_spacing": ("failed", "slice spacing not uniform (a missing slice?)"),
     "gantry_tilt": ("failed", "gantry tilt: slices not stacked along their normal"),
     "unreadable_slices": ("failed", "images that cannot be read or decoded"),
-    "split_multiframe": ("failed", "a multi-frame series spread over several files, or mixed with single-frame images"),
+    "split_multiframe": ("failed", "with DICOM SEG output: a multi-frame series spread over several files, or mixed with single-frame images"),
 }
 
 # Decoders pydicom may lack, by transfer syntax, and the package that brings one.
@@ -141,6 +141,17 @@ class Stack:
     @property
     def files(self) -> list[Path]:
         return sorted({f.path for f in self.frames})
+
+    @property
+    def seg_refusal(self) -> str | None:
+        """Why a DICOM SEG cannot reference this stack's images, or None. A SEG references one
+        multi-frame source or single-frame images only (highdicom too); such a stack still reads
+        exactly, for labels without a SEG."""
+        files = {f.path for f in self.frames}
+        if len(files) > 1 and any(f.number is not None for f in self.frames):
+            return (f"{len(self.frames)} slices from {len(files)} files, multi-frame among them: no DICOM SEG can reference them; "
+                    "convert the series to one multi-frame file or to single-frame images, or run without DICOM SEG output")
+        return None
 
     @property
     def sop_uids(self) -> list[str]:
@@ -466,12 +477,6 @@ def _check_geometry(stack: Stack, entry: Series) -> None:
         return
     if entry.tilt > 0:
         stack.fail("gantry_tilt", f"GantryDetectorTilt is {entry.tilt:g} degrees; resample the series first")
-        return
-    files = {f.path for f in frames}
-    if len(files) > 1 and any(f.number is not None for f in frames):
-        # A DICOM SEG references one multi-frame source or single-frame images only (highdicom too).
-        stack.fail("split_multiframe", f"{len(frames)} slices from {len(files)} files, multi-frame among them; "
-                   "convert the series to one multi-frame file or to single-frame images")
         return
     positions = np.array([f.position for f in frames], dtype=np.float64)
     normal = stack.normal

@@ -297,7 +297,8 @@ class DicomNode:
         from sdseg_monai.batch import collect_cases
         from sdseg_monai.dicom import index_tree
 
-        cases = collect_cases(index_tree(self.incoming / study / series, include_derived=self.runner.include_derived), self.results)
+        cases = collect_cases(index_tree(self.incoming / study / series, include_derived=self.runner.include_derived), self.results,
+                              self.runner.dicom_seg)
         for case in cases:
             if not case.segmentable:
                 log.info("series %s: %s (%s)", case.key, case.row["status"], case.row["reason"])

@@ -206,16 +206,24 @@ def test_duplicates_exact_ones_dropped_different_pixels_ambiguous(tmp_path):
     assert stack.ok and stack.dropped == {"duplicate": 10} and stack.images_used == 8
 
 
-def test_a_multiframe_series_split_over_files_is_refused_and_two_copies_of_one_are_not(tmp_path):
+def test_a_multiframe_series_split_over_files_reads_but_no_seg_can_reference_it(tmp_path):
     """A DICOM SEG can reference one multi-frame source only: a series spread over two multi-frame
-    files fails in the reader with its reason, before any output, instead of after label.nii.gz."""
+    files reads exactly (labels need no SEG), and says why no SEG can reference it; with SEG output
+    it fails up front with its reason, before any output, instead of after label.nii.gz."""
+    from sdseg_monai.batch import collect_cases
+    from sdseg_monai.dicom import index_tree
+
     datasets = ct_slices(IMAGE)
     first, second = enhanced_ct(datasets[:4], uid(1, 5)), enhanced_ct(datasets[4:], uid(1, 5))
     second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = uid(1, 5, 2)
     write([first, second], tmp_path / "mf", names=["a.dcm", "b.dcm"])
     stack = _only(tmp_path)
-    assert (stack.status, stack.reason) == ("failed", "split_multiframe")
-    assert stack.message.startswith("8 slices from 2 files, multi-frame among them")
+    assert stack.ok and stack.seg_refusal.startswith("8 slices from 2 files, multi-frame among them")
+    assert np.array_equal(read_stack(stack)[0].numpy(), IMAGE.astype(np.float32))
+    (without,) = collect_cases(index_tree(tmp_path), tmp_path / "out", dicom_seg=False)
+    (with_seg,) = collect_cases(index_tree(tmp_path), tmp_path / "out", dicom_seg=True)
+    assert without.row["status"] == "ok" and without.out_dir is not None
+    assert (with_seg.row["status"], with_seg.row["reason"]) == ("failed", "split_multiframe") and with_seg.out_dir is None
     # Control: two copies of one enhanced file are exact duplicates; every frame kept is from one file,
     # and the file is decoded once per copy, not once per frame.
     shutil.rmtree(tmp_path / "mf")
