@@ -838,18 +838,25 @@ def main(argv: list[str] | None = None) -> int:
     except SDSegInputError as e:
         typer.echo(f"sdseg3d: error: {e}", err=True)
         return 2
-    except (KeyboardInterrupt, typer.Abort):
+    except (KeyboardInterrupt, typer.Abort) as e:
+        if isinstance(e.__cause__, EOFError):  # click turns an EOFError inside a command into Abort: not a Ctrl-C
+            return _internal_error(e.__cause__)
         typer.echo("sdseg3d: interrupted", err=True)
         return 130
     except Exception as e:  # noqa: BLE001
         if _is_usage_error(e):
             typer.echo(_usage_line(e), err=True)
             return int(e.exit_code)
-        if os.environ.get("SDSEG3D_DEBUG"):
-            raise
-        message = " ".join(str(e).split())
-        typer.echo(f"sdseg3d: internal error: {type(e).__name__}: {message} (set SDSEG3D_DEBUG=1 for a traceback)", err=True)
-        return 1
+        return _internal_error(e)
+
+
+def _internal_error(error: BaseException) -> int:
+    """One line and exit 1 for our own failure; ``SDSEG3D_DEBUG`` raises it with its traceback."""
+    if os.environ.get("SDSEG3D_DEBUG"):
+        raise error
+    message = " ".join(str(error).split())
+    typer.echo(f"sdseg3d: internal error: {type(error).__name__}: {message} (set SDSEG3D_DEBUG=1 for a traceback)", err=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -515,3 +515,14 @@ def test_an_internal_error_exits_1_in_one_line_and_debug_raises_it(monkeypatch, 
     monkeypatch.setenv("SDSEG3D_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         main(["organs"])
+    # click turns an EOFError (a truncated stream) inside a command into Abort: still ours, not a Ctrl-C.
+    monkeypatch.delenv("SDSEG3D_DEBUG")
+
+    def truncated(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(sdseg_monai.labels, "dataset_preset", truncated)
+    capfd.readouterr()
+    assert main(["organs"]) == 1
+    err = capfd.readouterr().err  # click writes an empty line before it converts the EOFError
+    assert err.strip() == "sdseg3d: internal error: EOFError: Ran out of input (set SDSEG3D_DEBUG=1 for a traceback)"
