@@ -470,11 +470,11 @@ def train(
     """Train SDSeg (vision encoder + UNet; the autoencoder stays frozen). Works under torchrun."""
     import torch
 
+    from dataclasses import replace
+
     from sdseg_monai.config import SDSegConfig
     from sdseg_monai.data import LabelledCase, check_data_root, load_manifest, manifest_organ_values
     from sdseg_monai.model import SDSeg
-    from dataclasses import replace
-
     from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
     from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
@@ -525,6 +525,10 @@ def train(
         model = with_training_changes(model, mask_loss_weight, condition_channels, slice_size)
     if spec is not None:  # the manifest's own label values and window, matched to the model's organs by name
         values = manifest_organ_values(spec, model.config)
+        unlabelled = [organ["name"] for organ in model.config.organs if int(organ["label"]) not in values]
+        if unlabelled:  # matched by name: a differently named organ would otherwise drop out silently
+            typer.echo(f"note: manifest {spec.name!r} labels no {', '.join(unlabelled)} (by name): its cases train and "
+                       "validate the other organs only", err=True)
         # Manifest cases first, then --volume ones: the order the data stream (and a resume) depends on.
         train_cases = [LabelledCase(i, l, values) for _, i, l in manifest_files["train"]] + train_cases
         validation_cases = [LabelledCase(i, l, values) for _, i, l in manifest_files.get("validation", [])] + validation_cases

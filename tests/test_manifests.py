@@ -143,6 +143,11 @@ def test_train_cli_reads_a_manifest_by_its_own_labels_with_or_without_a_validati
     assert main(["train", "-o", str(tmp_path / "r2"), "--manifest", str(validated), *common]) == 0
     records = [json.loads(line) for line in (tmp_path / "r2" / "log.jsonl").read_text().splitlines()]
     assert [set(r["validation"]["organs"]) for r in records if "validation" in r] == [{"spleen", "liver"}]
+    # An organ the manifest names otherwise ("hepar" is not "liver") is not trained from it, and says so.
+    capsys.readouterr()
+    renamed = write_manifest(tmp_path, "renamed.json", labels={"6": "spleen", "1": "hepar"}, cases=entries, splits={"train": ["a", "b"]})
+    assert main(["train", "-o", str(tmp_path / "r4"), "--manifest", str(renamed), *common]) == 0
+    assert "labels no liver (by name)" in capsys.readouterr().err
     # A teeth manifest with its own window, for the BTCV window model: refused before training.
     capsys.readouterr()
     teeth = write_manifest(tmp_path, "teeth.json", labels={"1": "teeth"}, hu_window=[-100, 1100], cases=entries, splits={"train": ["a"]})
