@@ -155,6 +155,7 @@ class DicomNode:
         self._stop = threading.Event()
         self._wake_sender = threading.Event()
         self._binary: dict[Path, str] = {}  # result folder -> the SEG its seg_binary.dcm was made for
+        self._held: dict[str, float] = {}  # outbox item -> when to try again, where its record could not be written
         self._threads: list[threading.Thread] = []
         self._server = None
         self.busy = False  # a series is being segmented
@@ -307,9 +308,11 @@ class DicomNode:
                 if stored is not None:
                     case.row = stored
                 else:
-                    self.runner.segment_case(case)
-                    for stale in (SENT_NAME, BINARY_SEG_NAME):  # of the old SEG (sent.json also names its SEG)
+                    # Before the new SEG is written: removed after it, a send of the new one that finished
+                    # meanwhile would lose its record and go again.
+                    for stale in (SENT_NAME, BINARY_SEG_NAME):
                         (case.out_dir / stale).unlink(missing_ok=True)
+                    self.runner.segment_case(case)
                     log.info("series %s: %s (%s) in %.1f s, %d images", case.key, case.row["status"], case.row["reason"],
                              case.row["seconds"], case.row["images_used"])
             forwarding = self.forward is not None and case.row["status"] == "ok"
@@ -346,13 +349,16 @@ class DicomNode:
                     delay = float(record.get("next_attempt", 0.0)) - time.time()
                 except (OSError, ValueError, TypeError, AttributeError):  # half-gone or not an outbox item
                     continue
+                delay = max(delay, self._held.get(path.name, 0.0) - time.time())
                 if delay > 0:
                     wait = min(wait, delay)
                     continue
                 try:
                     self._send_item(path, record)
-                except Exception as e:  # noqa: BLE001 - e.g. a full disk: this item is retried, the others go on
-                    log.error("outbox item %s: %s", path.name, type(e).__name__)
+                    self._held.pop(path.name, None)
+                except Exception as e:  # noqa: BLE001 - e.g. a full disk: this item is retried later, the others go on
+                    self._held[path.name] = time.time() + self.max_retry_seconds
+                    log.error("outbox item %s: %s; next try in %.0f s", path.name, type(e).__name__, self.max_retry_seconds)
             self._wake_sender.wait(max(0.05, wait))
 
     def _send_item(self, path: Path, record: dict) -> None:

@@ -355,3 +355,23 @@ def test_the_command_serves_until_sigterm(model_dir, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_an_item_whose_record_cannot_be_written_waits_instead_of_spinning(model_dir, tmp_path):
+    """Where even the outbox record cannot be written (a full disk), the item waits the longest
+    back-off in memory: it was sent to the peer again every second, for good."""
+    store = tmp_path / "store"
+    (store / "outbox").mkdir(parents=True)
+    item = {"case": "1.2.3.4", "study_uid": "1.2.3", "series_uid": "1.2.3.4", "result": "1.2.3/1.2.3.4", "attempts": 0, "next_attempt": 0.0}
+    (store / "outbox" / "1.2.3.4.json").write_text(json.dumps(item))
+    tries = []
+    with Pacs(free_port()) as pacs, node(model_dir, store, pacs.port, retry_seconds=0.2, max_retry_seconds=30.0) as scp:
+
+        def full_disk(path, record):
+            tries.append(time.monotonic())
+            raise OSError(28, "No space left on device")
+
+        scp._send_item = full_disk
+        scp._wake_sender.set()
+        time.sleep(2.5)
+    assert len(tries) == 1, tries
