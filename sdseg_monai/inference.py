@@ -214,8 +214,8 @@ class VolumeSegmenter:
         compile: bool = False,
     ):
         check_num_shifts(num_shifts)
-        if not 0 <= int(seed) < 2**64:  # what torch's generator takes
-            raise SDSegInputError(f"seed must be in 0..2**64-1, got {seed}")
+        if not 0 <= int(seed) < 2**63:  # as the command line takes it (torch's generator: below 2**64)
+            raise SDSegInputError(f"seed must be in 0..2**63-1, got {seed}")
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()

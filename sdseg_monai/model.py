@@ -545,7 +545,8 @@ class SDSeg(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` to folder ``path``, atomically.
 
         Args:
-            path: the model folder (replaced whole if it exists).
+            path: the model folder (replaced whole if it holds an earlier model; a non-empty folder
+                holding none is refused, see :func:`check_output_folder`).
             dtype: store floating-point weights in this dtype (e.g. ``torch.float16`` halves the
                 size of a packaged model); loading always restores the model's own dtype.
         """
