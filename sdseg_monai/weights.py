@@ -75,16 +75,19 @@ def _numpy_globals() -> dict[str, Any]:
 def _load_checkpoint(path: Path) -> Any:
     """A torch checkpoint, always through torch's ``weights_only`` unpickler. One that also pickles a
     Lightning training callback (official SD v1.x and LDM checkpoints) is loaded again with those
-    classes standing as :class:`_Inert` and numpy scalars allowed; any other global is refused."""
+    classes standing as :class:`_Inert` and numpy scalars allowed (torch >= 2.6); any other global is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        listing = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-        if listing is None or not any(package in str(e) for package in _INERT_PACKAGES):
+    except pickle.UnpicklingError:
+        # safe_globals takes (object, name) pairs from torch 2.6; older torch refuses these files as before.
+        if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
             raise
     numpy_globals = _numpy_globals()
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # every one, whatever the order
+    if not any(name.split(".")[0] in _INERT_PACKAGES for name in names):
+        raise pickle.UnpicklingError(f"Unsupported global: {names[0] if names else 'unknown'} (weights_only)")
     extra = [(found, name) for name, found in numpy_globals.items()]  # dtypes' classes too (BUILD sets their state)
-    for name in listing(str(path)):
+    for name in names:
         if name.split(".")[0] in _INERT_PACKAGES:
             extra.append((_Inert, name))
         elif name not in numpy_globals:

@@ -436,11 +436,15 @@ def test_official_lightning_checkpoints_load_and_pickled_code_never_runs(tmp_pat
             patch.setitem(sys.modules, name, lightning)
         torch.save({"state_dict": state, "callbacks": {ModelCheckpoint: ModelCheckpoint()}, "epoch": 6,
                     "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2"}, checkpoint)
+        # The same with a numpy scalar pickled before the callback: weights_only names numpy first.
+        torch.save({"global_step": np.int64(470000), "state_dict": state, "callbacks": {ModelCheckpoint: ModelCheckpoint()}},
+                   tmp_path / "numpy_first.ckpt")
     assert "pytorch_lightning" not in sys.modules
     with pytest.raises(Exception, match="pytorch_lightning"):  # why the plain weights_only load is not enough
         torch.load(checkpoint, weights_only=True)
-    loaded = read_state_dict(checkpoint)
-    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    for path in (checkpoint, tmp_path / "numpy_first.ckpt"):
+        loaded = read_state_dict(path)
+        assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
 
     marker = tmp_path / "ran"
 
