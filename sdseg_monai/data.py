@@ -194,6 +194,15 @@ def check_label_grid(image: Volume, label: Volume) -> None:
         raise SDSegInputError("label map affine differs from its image's: not on the same voxel grid", label.source)
 
 
+def check_case_grids(cases) -> None:
+    """:func:`check_label_grid` for each case (:class:`LabelledCase` or ``(image, label)`` pair of
+    paths or volumes), reading what is not loaded yet."""
+    for case in map(labelled_case, cases):
+        image = case.image if isinstance(case.image, Volume) else read_volume(case.image)
+        label = case.label if isinstance(case.label, Volume) else read_volume(case.label, what="label map")
+        check_label_grid(image, label)
+
+
 def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
     """Fail early (before any compute) when ``output`` cannot be written, or would overwrite one of
     ``inputs`` (see :func:`_check_output_spares_inputs`)."""

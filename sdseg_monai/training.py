@@ -687,7 +687,7 @@ def train_sdseg(
     import json
     from pathlib import Path
 
-    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, derived_seed, flip_axes, slice_augmentation
+    from sdseg_monai.data import DeviceSliceBatches, SliceDataset, check_case_grids, derived_seed, flip_axes, slice_augmentation
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
@@ -715,6 +715,8 @@ def train_sdseg(
         augment=slice_augmentation(settings.augmentation, settings.flips, size=config.preprocessing.slice_size, axes=flip_axes(config)),
         seed=settings.seed,
     )
+    if settings.validate_every:  # a label map off its image's grid: refused now, not hours in at the first validation
+        check_case_grids(validation_cases)
     per_epoch = len(dataset) // (settings.batch_size * world)
     if per_epoch < 1:
         raise SDSegInputError(f"only {len(dataset)} training slices: fewer than one batch per process")

@@ -526,3 +526,9 @@ def test_an_internal_error_exits_1_in_one_line_and_debug_raises_it(monkeypatch, 
     assert main(["organs"]) == 1
     err = capfd.readouterr().err  # click writes an empty line before it converts the EOFError
     assert err.strip() == "sdseg3d: internal error: EOFError: Ran out of input (set SDSEG3D_DEBUG=1 for a traceback)"
+
+    def interrupted(*args, **kwargs):  # control: a real Ctrl-C stays an interruption
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sdseg_monai.labels, "dataset_preset", interrupted)
+    assert main(["organs"]) == 130 and capfd.readouterr().err.strip() == "sdseg3d: interrupted"

@@ -102,6 +102,11 @@ def test_slice_dataset_refuses_a_label_map_off_its_image_grid(tmp_path):
     # Control: within the tolerance (a rounding of the affine), the case is read.
     nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj), np.diag([1.5 + 1e-4, 1.5, 3.0, 1.0])), str(tmp_path / "rounded.nii.gz"))
     assert len(SliceDataset([(image, tmp_path / "rounded.nii.gz")], config.preprocessing, config.organ_labels)) == 6
+    # A validation case off its grid is refused before the first step, not at the first validation.
+    with pytest.raises(SDSegInputError, match="flipped.nii.gz: label map affine differs"):
+        train_sdseg(micro(), [(image, label)], tmp_path / "run", quick_settings(validate_every=3),
+                    validation_cases=[(image, tmp_path / "flipped.nii.gz")], device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
