@@ -836,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Not standalone: usage errors come here, to be told in one line like every other refusal.
         code = app(args=argv, prog_name="sdseg3d", standalone_mode=False)
+        if code == 130:  # typer answers a Ctrl-C in a command with 130 and no word
+            typer.echo("sdseg3d: interrupted", err=True)
         return code if isinstance(code, int) else 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
