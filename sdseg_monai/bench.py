@@ -625,9 +625,11 @@ def _warm_up_array(path: str, slices: int):
     import nibabel as nib
     import numpy as np
 
+    from sdseg_monai.transforms import axial_axis
+
     image = nib.load(str(path))
     shape = list(image.shape[:3])
-    axial = [code in "SI" for code in nib.aff2axcodes(image.affine)].index(True)
+    axial = axial_axis(image.affine)
     shape[axial] = min(shape[axial], slices)
     return np.random.default_rng(0).uniform(-200, 200, shape).astype(np.float32), image.affine
 
@@ -726,18 +728,20 @@ def peer_case(case: dict) -> dict:
     from monai.transforms import Compose, Invertd, Orientationd, ScaleIntensityRanged, Spacingd
 
     from sdseg_monai.data import read_volume, write_label_volume
+    from sdseg_monai.model import precision_dtype
     from sdseg_monai.transforms import AXIS_LABELS
 
     device = _setup_child(case)
     roi, spacing = case["roi"], tuple(case["spacing"])
     net = peer_network(case["feature_size"]).to(device).eval()
-    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = peer_precision(device)
+    amp = torch.autocast(device.type, dtype=precision_dtype(precision), enabled=precision != "fp32")
     pre = Compose([
         Orientationd(keys="image", axcodes="RAS", labels=AXIS_LABELS),
         Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
         ScaleIntensityRanged(keys="image", a_min=PEER_HU_RANGE[0], a_max=PEER_HU_RANGE[1], b_min=0.0, b_max=1.0, clip=True),
     ])
-    out: dict = {"precision": peer_precision(device), "feature_size": case["feature_size"], "roi": roi}
+    out: dict = {"precision": precision, "feature_size": case["feature_size"], "roi": roi}
     with torch.inference_mode():
         if device.type == "cuda":  # kernel choice; on a CPU a warm-up would cost as much as a window
             with amp:

@@ -757,18 +757,34 @@ def manifest_organ_values(manifest: Manifest, config) -> dict[int, int]:
             f"{window[0]:g}..{window[1]:g}; train a model made for this dataset (e.g. --dataset {manifest.name})",
             manifest.path,
         )
-    values = {}
-    for organ in config.organs:
-        value = manifest.label_of(organ["name"])
-        if value is not None:
-            values[int(organ["label"])] = value
-    if not values:
+    matched, _ = match_organs(manifest, dict(zip(config.organ_labels, config.organ_names)))
+    return {model_label: dataset_label for dataset_label, model_label, _ in matched}
+
+
+def match_organs(manifest: Manifest, organs: dict[int, str]) -> tuple[list[tuple[int, int, str]], list[str]]:
+    """Match a model's organs (``{model label: name}``) to a manifest's labels by name.
+
+    Returns:
+        ``(dataset label, model label, name)`` per organ matched, in dataset label order, and the
+        names of the model's organs that the manifest does not label.
+
+    Raises:
+        SDSegInputError: one line naming the manifest, when it labels none of them.
+    """
+    matched, unmatched = [], []
+    for model_label, name in organs.items():
+        dataset_label = manifest.label_of(name)
+        if dataset_label is None:
+            unmatched.append(name)
+        else:
+            matched.append((dataset_label, int(model_label), name))
+    if not matched:
         raise SDSegInputError(
-            f"the model segments {', '.join(config.organ_names)}, none of which manifest {manifest.name!r} "
+            f"the model segments {', '.join(organs.values())}, none of which manifest {manifest.name!r} "
             f"labels ({', '.join(manifest.labels.values())})",
             manifest.path,
         )
-    return values
+    return sorted(matched), unmatched
 
 
 class SliceDataset:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from sdseg_monai import __version__
-from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, check_label_grid, load_manifest, read_volume
+from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, check_label_grid, load_manifest, match_organs, read_volume
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
 
@@ -220,20 +220,7 @@ def scored_organs(segmenter, manifest: Manifest) -> tuple[list[tuple[int, int, s
         ``(dataset label, model label, name)`` per organ scored, in dataset label order, and the names
         of the model's organs that the manifest does not label.
     """
-    scored, unscored = [], []
-    for model_label, name in segmenter.organs.items():
-        dataset_label = manifest.label_of(name)
-        if dataset_label is None:
-            unscored.append(name)
-        else:
-            scored.append((dataset_label, int(model_label), name))
-    if not scored:
-        raise SDSegInputError(
-            f"the model segments {', '.join(segmenter.organs.values())}, none of which manifest "
-            f"{manifest.name!r} labels ({', '.join(manifest.labels.values())})",
-            manifest.path,
-        )
-    return sorted(scored), unscored
+    return match_organs(manifest, segmenter.organs)
 
 
 def score_case(

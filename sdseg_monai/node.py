@@ -317,19 +317,20 @@ class DicomNode:
                              case.row["seconds"], case.row["images_used"])
             forwarding = self.forward is not None and case.row["status"] == "ok"
             with self._lock:  # the row first: the sender updates it once the SEG is queued
-                case.row[FORWARD_FIELD] = (_sent_state(case.out_dir) or "queued") if forwarding else ""
+                sent = _sent_state(case.out_dir) if forwarding else ""
+                case.row[FORWARD_FIELD] = (sent or "queued") if forwarding else ""
                 self.rows[case.key] = case.row
                 self._write_summary()
-                if forwarding:  # under the lock: the sender's check that what it sent is still on disk is too
+                if forwarding and not sent:  # under the lock: the sender's check that what it sent is still on disk is too
                     self._queue_seg(case.key, case.study_uid, case.series_uid, case.out_dir)
 
     def _queue_seg(self, key: str, study_uid: str, series_uid: str, folder: Path) -> None:
-        """Put the case's SEG in the outbox unless it reached the peer already (or waits there). Call
-        with the lock held."""
+        """Put the case's SEG, not sent yet, in the outbox unless it waits there already. Call with the
+        lock held."""
         from sdseg_monai.data import atomic_write_text
 
         item = self.outbox / f"{key}.json"
-        if item.is_file() or _sent_state(folder) or not (folder / SEG_NAME).is_file():
+        if item.is_file() or not (folder / SEG_NAME).is_file():
             return
         record = {"case": key, "study_uid": study_uid, "series_uid": series_uid,
                   "result": folder.relative_to(self.results).as_posix(), "attempts": 0, "next_attempt": 0.0, "last_error": ""}

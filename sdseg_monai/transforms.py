@@ -139,15 +139,20 @@ def volume_transforms(
     return Compose(steps + list(canonical_transforms(preprocessing, keys, label_keys).transforms))
 
 
-def axial_depth(shape: Sequence[int], affine, orientation: str = "RAS") -> int:
-    """How many axial slices a volume of ``shape`` gives once :func:`canonical_transforms` reorients
-    it to ``orientation``: the length of the input axis that becomes the last (nibabel's axis codes,
+def axial_axis(affine, orientation: str = "RAS") -> int:
+    """The input axis that :func:`canonical_transforms` makes the last, the one axial slices are
+    taken along, when it reorients a volume of ``affine`` to ``orientation`` (nibabel's axis codes,
     as MONAI's ``Orientation`` picks them)."""
     import nibabel as nib
 
     codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64), labels=AXIS_LABELS)
     pair = next(p for p in AXIS_LABELS if orientation[-1].upper() in p)
-    return int(shape[next(i for i, code in enumerate(codes) if code in pair)])
+    return next(i for i, code in enumerate(codes) if code in pair)
+
+
+def axial_depth(shape: Sequence[int], affine, orientation: str = "RAS") -> int:
+    """How many axial slices a volume of ``shape`` gives once reoriented to ``orientation``."""
+    return int(shape[axial_axis(affine, orientation)])
 
 
 def axial_slices(volume: torch.Tensor, indices: Sequence[int] | range, channels: str = "replicate") -> torch.Tensor:
