@@ -468,9 +468,9 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train SDSeg (vision encoder + UNet; the autoencoder stays frozen). Works under torchrun."""
-    import torch
-
     from dataclasses import replace
+
+    import torch
 
     from sdseg_monai.config import SDSegConfig
     from sdseg_monai.data import LabelledCase, check_data_root, load_manifest, manifest_organ_values

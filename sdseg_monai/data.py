@@ -644,11 +644,10 @@ def flip_axes(config) -> tuple[int, ...]:
     never mirrored left to right: a mirrored right kidney looks like a left one, so the model would
     learn that the two are interchangeable. Mirroring front to back keeps left and right, and stays.
     """
-    orientation = config.preprocessing.orientation.upper()
-    left_right = next((axis for axis in (0, 1) if orientation[axis] in "LR"), None)
     if not lateral_organs(config):
         return (0, 1)
-    return tuple(axis for axis in (0, 1) if axis != left_right)
+    orientation = config.preprocessing.orientation.upper()
+    return tuple(axis for axis in (0, 1) if orientation[axis] not in "LR")
 
 
 def slice_augmentation(kind: str = "strong", flips: bool = False, *, size: int, axes: tuple[int, ...] = (0, 1)):
