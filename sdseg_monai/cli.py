@@ -174,7 +174,7 @@ class _SliceBar:
 @app.command()
 def segment(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="NIfTI file (.nii/.nii.gz) or a DICOM series folder."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output label map (.nii.gz); names go to OUTPUT.json."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output label map (.nii.gz); the label names go to a .json beside it (mask.nii.gz: mask.json)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),
@@ -356,7 +356,7 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED, help="Seed of the diffusion noise."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-case progress; only the table."),
 ):
-    """Choose per-organ thresholds, largest-component organs and which decodes to skip on a validation split; write a calibrated copy of the model."""
+    """Choose per-organ thresholds, axial smoothing, largest-component organs and which decodes to skip on a validation split; write a calibrated copy of the model."""
     from sdseg_monai.calibration import calibrate as run_calibration
     from sdseg_monai.calibration import check_calibration_output, check_calibration_split, save_calibrated_model
     from sdseg_monai.data import check_data_root, load_manifest
@@ -780,7 +780,7 @@ def serve_dicom(
     ae_title: str = typer.Option("SDSEG", "--ae-title", "-a", help="This node's AE title."),
     port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     host: str = typer.Option("", "--host", help="Address to listen on (default: every interface)."),
-    allow: Optional[str] = typer.Option(None, "--allow", help="Comma-separated calling AE[@HOST] accepted (default: any)."),
+    allow: Optional[str] = typer.Option(None, "--allow", help="Comma-separated calling AE titles accepted, each as AE or AE@HOST (default: any)."),
     quiet_seconds: float = typer.Option(5.0, "--quiet-seconds", help="A series is complete once no instance of it arrived for this long."),
     seg_type: str = typer.Option("binary", "--seg-type", help="binary or labelmap (sent as binary where the peer refuses labelmap)."),
     retry_seconds: float = typer.Option(5.0, "--retry-seconds", help="First wait before resending a SEG that failed; it doubles, up to 5 minutes."),
