@@ -8,7 +8,8 @@ instance atomically under ``STORE/incoming/<StudyInstanceUID>/<SeriesInstanceUID
 ``STORE/results/<study>/<series>[#k]/`` (labels, sidecar, ``seg.dcm``, done-record) and the summary.
 Each SEG is queued in ``STORE/outbox/`` and sent by C-STORE to the forward peer; a failed send is
 retried with exponential back-off, and the queue, being files, survives a restart. A LABELMAP SEG that
-the peer refuses is rewritten and sent as BINARY.
+the peer refuses is rewritten and sent as BINARY. A series whose processing fails (e.g. a full disk) is
+taken up again with the same back-off.
 
 Logs name UIDs, AE titles and addresses only: no patient name or other header text.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -150,8 +152,11 @@ class DicomNode:
         self.bind = (host, int(port))
         self.port = int(port)
         self.rows: dict[str, dict] = self._load_rows()
-        self._pending: dict[tuple[str, str], float] = {}  # (study, series) -> time of its last instance
+        # (study, series) -> when it is due (time.monotonic()): quiet_seconds after its last instance
+        self._pending: dict[tuple[str, str], float] = {}
+        self._failures: dict[tuple[str, str], int] = {}  # series whose processing failed -> how many times in a row
         self._lock = threading.Lock()
+        self._summary_lock = threading.Lock()  # summary writes, in the order of their snapshots
         self._stop = threading.Event()
         self._wake_sender = threading.Event()
         self._binary: dict[Path, str] = {}  # result folder -> the SEG its seg_binary.dcm was made for
@@ -163,7 +168,7 @@ class DicomNode:
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> DicomNode:
         """Listen, and start the segmenting and sending threads. Series already received but not done
-        (a previous run stopped before them) are taken up first."""
+        (a previous run stopped before them) are taken up first; those done are not read again."""
         pynetdicom = _pynetdicom()
         from pydicom.uid import AllTransferSyntaxes
         from pynetdicom import evt
@@ -185,8 +190,10 @@ class DicomNode:
             raise SDSegInputError(f"cannot listen on port {self.bind[1]}: {e.strerror or e}") from None
         self.port = self._server.server_address[1]
         for series_dir in sorted(self.incoming.glob("*/*")):
-            if series_dir.is_dir() and _valid_uids(series_dir.parent.name, series_dir.name):
-                self._pending[(series_dir.parent.name, series_dir.name)] = 0.0  # complete: nothing arrives for it now
+            key = (series_dir.parent.name, series_dir.name)
+            if series_dir.is_dir() and _valid_uids(*key) and not self._completed(*key):
+                with self._lock:  # setdefault: an instance that arrived since the server started sets its own time
+                    self._pending.setdefault(key, 0.0)  # due now: nothing more arrives for it from before
         for target, name in ((self._process_loop, "sdseg3d-segment"), (self._send_loop, "sdseg3d-forward")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -195,11 +202,13 @@ class DicomNode:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop listening, let the series in flight finish (the rest stay on disk for the next start, the
-        unsent SEGs in the outbox), and return."""
+        """Stop listening, abort the associations in progress, let the series in flight finish (the rest
+        stay on disk for the next start, the unsent SEGs in the outbox), and return."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+            for assoc in server.active_associations:  # shutdown() leaves them running, and their threads keep the process
+                assoc.abort()
         self._stop.set()
         self._wake_sender.set()
         for thread in self._threads:
@@ -261,7 +270,7 @@ class DicomNode:
             log.error("series %s: cannot store instance %s (%s)", series, sop, e.strerror or type(e).__name__)
             return OUT_OF_RESOURCES
         with self._lock:
-            self._pending[(study, series)] = time.monotonic()
+            self._pending[(study, series)] = time.monotonic() + self.quiet_seconds
         return SUCCESS
 
     def _record_refused(self, study: str, series: str, sop_class: str) -> None:
@@ -272,27 +281,37 @@ class DicomNode:
 
             row = summary_row(BatchCase(series, study, series), "skipped", "not_ct", f"SOP class {sop_class} is not CT; refused (0x0122)")
             self.rows[series] = row
-            self._write_summary()
+        self._write_summary()
         log.info("series %s: refused, SOP class %s is not CT", series, sop_class)
 
     # -- segmenting -------------------------------------------------------------------------------
     def _process_loop(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = sorted(key for key, last in self._pending.items() if now - last >= self.quiet_seconds)
-                if due:
-                    del self._pending[due[0]]
+            with self._lock:  # the longest due first: taken by UID, a series sorting last could wait for good
+                now = time.monotonic()
+                due = min(((at, key) for key, at in self._pending.items() if at <= now), default=None)
+                if due is not None:
+                    del self._pending[due[1]]
                     self.busy = True
-            if not due:
+            if due is None:
                 self._stop.wait(0.1)
                 continue
+            key = due[1]
             try:
-                self._process_series(*due[0])
-            except Exception as e:  # noqa: BLE001 - the node keeps serving; the series stays on disk
-                log.error("series %s: processing failed (%s)", due[0][1], type(e).__name__)
+                self._process_series(*key)
+                self._failures.pop(key, None)
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk: the node keeps serving, the series is retried
+                self._failures[key] = self._failures.get(key, 0) + 1
+                delay = self._backoff(self._failures[key])
+                with self._lock:  # before busy drops, so that the node never looks idle meanwhile
+                    self._pending.setdefault(key, time.monotonic() + delay)  # an instance that came meanwhile keeps its time
+                log.error("series %s: processing failed (%s); next try in %.1f s", key[1], type(e).__name__, delay)
             finally:
                 self.busy = False
+
+    def _backoff(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` failed ones: doubling, up to the longest."""
+        return min(self.max_retry_seconds, self.retry_seconds * 2 ** (attempts - 1))
 
     def _process_series(self, study: str, series: str) -> None:
         from sdseg_monai.batch import collect_cases
@@ -320,9 +339,27 @@ class DicomNode:
                 sent = _sent_state(case.out_dir) if forwarding else ""
                 case.row[FORWARD_FIELD] = (sent or "queued") if forwarding else ""
                 self.rows[case.key] = case.row
-                self._write_summary()
                 if forwarding and not sent:  # under the lock: the sender's check that what it sent is still on disk is too
                     self._queue_seg(case.key, case.study_uid, case.series_uid, case.out_dir)
+        if cases:
+            self._write_summary()  # after the outbox items: a summary that cannot be written holds no SEG back
+
+    def _completed(self, study: str, series: str) -> bool:
+        """A series found at start that needs nothing: its done-record names exactly the instances on
+        disk (and this model and these options), its row is in the summary, and its SEG was sent or
+        waits in the outbox. Decided without reading a header. A series that was split into stacks, or
+        had images dropped, has a done-record naming other instances: it is processed again."""
+        from types import SimpleNamespace
+
+        from sdseg_monai.batch import BatchCase
+
+        folder, out_dir = self.incoming / study / series, self.results / study / series
+        with os.scandir(folder) as entries:  # the node names each instance <SOPInstanceUID>.dcm
+            instances = sorted(e.name[:-4] for e in entries if e.name.endswith(".dcm") and not e.name.startswith("."))
+        case = BatchCase(series, study, series, stack=SimpleNamespace(sop_uids=instances), out_dir=out_dir)
+        if series not in self.rows or self.runner.finished_row(case) is None:
+            return False
+        return self.forward is None or bool(_sent_state(out_dir)) or (self.outbox / f"{series}.json").is_file()
 
     def _queue_seg(self, key: str, study_uid: str, series_uid: str, folder: Path) -> None:
         """Put the case's SEG, not sent yet, in the outbox unless it waits there already. Call with the
@@ -388,16 +425,18 @@ class DicomNode:
                     log.info("series %s: a newer SEG replaced it meanwhile; queued", case)
         else:
             record["attempts"] = int(record.get("attempts", 0)) + 1
-            backoff = min(self.max_retry_seconds, self.retry_seconds * 2 ** (record["attempts"] - 1))
+            backoff = self._backoff(record["attempts"])
             record["next_attempt"], record["last_error"] = time.time() + backoff, error
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
             state = f"retrying: {error}"
             log.warning("series %s: SEG not sent to %s (%s); attempt %d, next in %.1f s", case, self.forward, error,
                         record["attempts"], backoff)
         with self._lock:
-            if case in self.rows:
+            known = case in self.rows
+            if known:
                 self.rows[case][FORWARD_FIELD] = state
-                self._write_summary()
+        if known:
+            self._write_summary()
 
     def _send_seg(self, folder: Path, record: dict) -> tuple[str, str, str | None]:
         """Send ``folder/seg.dcm``, falling back to a BINARY rewrite when the peer refuses a LABELMAP
@@ -486,10 +525,14 @@ class DicomNode:
         return rows
 
     def _write_summary(self) -> None:
-        """``results/summary.csv`` and ``.jsonl`` of every series seen (call with the lock held)."""
+        """``results/summary.csv`` and ``.jsonl`` of every series seen. Call without ``_lock``: only the
+        snapshot takes it, as every C-STORE needs it and the summary grows with the node's life."""
         from sdseg_monai.batch import write_summary
 
-        write_summary(self.results, list(self.rows.values()), extra_fields=(FORWARD_FIELD,))
+        with self._summary_lock:  # snapshot and write together: a later snapshot is never overwritten by an older one
+            with self._lock:
+                rows = [dict(row) for row in self.rows.values()]
+            write_summary(self.results, rows, extra_fields=(FORWARD_FIELD,))
 
 
 def _seg_uid(folder: Path) -> str | None:
@@ -515,18 +558,31 @@ def _sent_state(folder: Path) -> str:
 
 
 def serve(node: DicomNode) -> None:
-    """Run ``node`` until SIGINT or SIGTERM, then stop it cleanly (the CLI's loop)."""
+    """Run ``node`` until SIGINT or SIGTERM, then stop it cleanly (the CLI's loop). A second signal
+    while it stops exits at once, with status 130."""
     import signal
+    import sys
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    node.start()
-    try:
-        while not stop.wait(0.5):
-            pass
+
+    def on_signal(*_) -> None:
+        if stop.is_set():  # the second: a CPU segmentation can take minutes. Every file is written whole or not at all
+            log.warning("interrupted: what was in flight is taken up again at the next start")
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(130)  # at once: the threads in flight (segmenting, sending) are not waited for
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:  # the handlers go back whatever happens, a node that cannot start too (a busy port)
+        node.start()
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            log.info("stopping: the series in flight finishes first (a second Ctrl-C or SIGTERM ends it at once)")
+            node.stop()
     finally:
-        log.info("stopping: the series in flight finishes first")
-        node.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -375,3 +376,186 @@ def test_an_item_whose_record_cannot_be_written_waits_instead_of_spinning(model_
         scp._wake_sender.set()
         time.sleep(2.5)
     assert len(tries) == 1, tries
+
+
+def test_due_series_are_taken_longest_due_first(model_dir, tmp_path):
+    """Where series arrive faster than they are segmented (about 100 s a CT on a CPU), the one due
+    longest goes first, ties by UID. Before, the smallest UID went first: one sorting last could wait for good."""
+    scp, taken = node(model_dir, tmp_path / "store"), []
+    scp._process_series = lambda study, series: taken.append(series)
+    now = time.monotonic()
+    scp._pending = {(uid(1), uid(1, 1)): now - 10, (uid(2), uid(2, 9)): now - 40, (uid(1), uid(1, 5)): now - 20,
+                    (uid(1), uid(1, 4)): now - 20, (uid(1), uid(1, 2)): now + 600}
+    with scp:
+        wait_for(lambda: len(taken) == 4, "the series due")
+        assert list(scp._pending) == [(uid(1), uid(1, 2))]  # not due yet
+    assert taken == [uid(2, 9), uid(1, 4), uid(1, 5), uid(1, 1)]
+
+
+@pytest.mark.parametrize("failing", ["summary", "outbox item"])
+def test_a_failure_after_segmenting_is_retried_and_the_seg_sent(model_dir, tmp_path, monkeypatch, caplog, failing):
+    """A brief full disk while the summary or the outbox item is written: the series is taken up again
+    (not segmented again) and its SEG sent. Before, it had left the queue: a done-record, a row saying
+    "queued", and nothing in the outbox until a restart."""
+    import sdseg_monai.batch
+
+    caplog.set_level(logging.INFO, logger="sdseg3d.node")
+    store, failed, segmented = tmp_path / "store", [], []
+
+    def once(function):
+        def failing_once(*args, **kwargs):
+            if not failed and threading.current_thread().name == "sdseg3d-segment":
+                failed.append(function)
+                raise OSError(28, "No space left on device")
+            return function(*args, **kwargs)
+        return failing_once
+
+    if failing == "summary":
+        monkeypatch.setattr(sdseg_monai.batch, "write_summary", once(sdseg_monai.batch.write_summary))
+    with Pacs(free_port()) as pacs, node(model_dir, store, pacs.port) as scp:
+        if failing == "outbox item":
+            scp._queue_seg = once(scp._queue_seg)
+        segment_case = scp.runner.segment_case
+        scp.runner.segment_case = lambda case, *args: segmented.append(case.key) or segment_case(case, *args)
+        assert send(series(1), scp.port) == [0] * 6
+        wait_for(lambda: pacs.received, "the SEG")
+        wait_for(scp.idle, "the node to settle")
+    assert failed and segmented == [uid(1, 1)] and len(pacs.received) == 1
+    assert rows(store)[uid(1, 1)]["forward"] == "sent" and not list((store / "outbox").iterdir())
+    assert any(f"series {uid(1, 1)}: processing failed (OSError); next try in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_series_arriving_while_the_node_starts_waits_for_its_quiet_time(model_dir, tmp_path, monkeypatch):
+    """Series found in incoming/ at start are due at once; one whose instances arrive while the node
+    starts waits for --quiet-seconds. Before, it was marked due too, and segmented while still arriving."""
+    from pynetdicom import AE
+
+    store, start_server = tmp_path / "store", AE.start_server
+    _incoming(store, series(1))  # received before a restart
+
+    def starting(ae, *args, **kwargs):
+        server = start_server(ae, *args, **kwargs)
+        assert send(series(2)[:3], server.server_address[1]) == [0] * 3  # the scanner sends on
+        return server
+
+    monkeypatch.setattr(AE, "start_server", starting)
+    with node(model_dir, store, quiet_seconds=600.0) as scp:
+        with scp._lock:
+            due = scp._pending.get((uid(1), uid(1, 2)), 0.0)
+        assert due > time.monotonic()
+        wait_for(lambda: uid(1, 1) in rows(store), "the series received before the start")
+    assert uid(1, 2) not in rows(store)
+
+
+def test_a_restart_takes_up_only_the_series_that_need_it(model_dir, tmp_path):
+    """At start, a series segmented on all its instances whose SEG was sent is not read again (before,
+    every start read every series ever received); one whose SEG is neither sent nor queued, or that
+    was never segmented, is. The summary keeps every row."""
+    store, port = tmp_path / "store", free_port()
+    with Pacs(port) as pacs:
+        with node(model_dir, store, port) as scp:
+            assert send(series(1) + series(2), scp.port) == [0] * 12
+            wait_for(lambda: len(pacs.received) == 2, "two SEGs")
+            wait_for(scp.idle, "the node to settle")
+        (store / "results" / uid(1) / uid(1, 2) / "sent.json").unlink()  # as if lost: neither sent nor queued
+        third = series(3)
+        write(third, store / "incoming" / uid(1) / uid(1, 3), names=[f"{ds.SOPInstanceUID}.dcm" for ds in third])
+        scp, taken = node(model_dir, store, port), []
+        process_series = scp._process_series
+        scp._process_series = lambda study, series: taken.append(series) or process_series(study, series)
+        with scp:
+            wait_for(lambda: len(pacs.received) == 4, "the SEGs of series 2 and 3")
+            wait_for(scp.idle, "the node to settle")
+    assert taken == [uid(1, 2), uid(1, 3)]
+    summary = rows(store)
+    assert sorted(summary) == [uid(1, 1), uid(1, 2), uid(1, 3)] and {r["forward"] for r in summary.values()} == {"sent"}
+
+
+def test_instances_are_taken_while_the_summary_is_written(model_dir, tmp_path, monkeypatch):
+    """The summary, rewritten whole for each series and each send, grows with the node's life: it is
+    written outside the lock every C-STORE takes. Before, C-STORE responses waited for it."""
+    import sdseg_monai.batch
+
+    store, writing, release, statuses = tmp_path / "store", threading.Event(), threading.Event(), []
+    write_summary = sdseg_monai.batch.write_summary
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        release.wait(WAIT)
+        return write_summary(*args, **kwargs)
+
+    monkeypatch.setattr(sdseg_monai.batch, "write_summary", slow_write)
+    with node(model_dir, store) as scp:
+        try:
+            assert send(series(1), scp.port) == [0] * 6
+            wait_for(writing.is_set, "the summary being written")
+            threading.Thread(target=lambda: statuses.append(send(series(2), scp.port)), daemon=True).start()
+            wait_for(lambda: statuses, "C-STOREs while the summary is written")
+        finally:
+            release.set()
+        wait_for(lambda: uid(1, 2) in rows(store), "the second series")
+    assert statuses == [[0] * 6]
+
+
+def test_stop_aborts_the_associations_in_progress(model_dir, tmp_path):
+    """pynetdicom's server shutdown leaves running associations be, and their threads (not daemons)
+    kept a stopped node's process alive until the caller let go."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    scp = node(model_dir, tmp_path / "store").start()
+    try:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SDSEG")
+        assert assoc.is_established
+        acceptors = scp._server.active_associations
+    finally:
+        scp.stop()
+    try:
+        assert acceptors and not any(a.dul.is_alive() for a in acceptors)
+        wait_for(lambda: assoc.is_aborted, "the A-ABORT at the caller")
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+# serve-dicom whose segmentation takes as long as the test wants (minutes on a CPU, in life).
+SEGMENTING_FOREVER = """
+import os, sys, threading
+from pathlib import Path
+from sdseg_monai.batch import BatchRunner
+from sdseg_monai.cli import main
+
+def segment_case(self, case, *args, **kwargs):
+    Path(os.environ["SDSEG_TEST_SEGMENTING"]).touch()
+    threading.Event().wait()
+
+BatchRunner.segment_case = segment_case
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_signal_while_stopping_exits_at_once(model_dir, tmp_path):
+    """The first SIGTERM lets the series in flight finish; a second signal (here Ctrl-C) ends the
+    process at once, 130 and one line. Before, it was ignored: only SIGKILL ended a long segmentation."""
+    port, store, segmenting, stderr = free_port(), tmp_path / "store", tmp_path / "segmenting", tmp_path / "stderr.txt"
+    command = [sys.executable, "-c", SEGMENTING_FOREVER, "serve-dicom", "--store", str(store), "--host", "127.0.0.1",
+               "--port", str(port), "-m", str(model_dir), "--device", "cpu", "--quiet-seconds", "0.5"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SDSEG_TEST_SEGMENTING": str(segmenting)}
+    with stderr.open("w") as err:
+        process = subprocess.Popen(command, stderr=err, env=env)
+    try:
+        wait_for(lambda: process.poll() is not None or echo(port) == 0, "the node to answer C-ECHO")
+        assert send(series(1), port) == [0] * 6
+        wait_for(segmenting.exists, "the segmentation to start")
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in stderr.read_text(), "the node to begin stopping")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=WAIT) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    after = stderr.read_text().split("stopping", 1)[1].splitlines()[1:]
+    assert len(after) == 1 and "interrupted" in after[0], after
+    assert len(list((store / "incoming" / uid(1) / uid(1, 1)).iterdir())) == 6  # taken up at the next start
