@@ -2,16 +2,19 @@
 
 ``OUTPUT_DIR/<StudyInstanceUID>/<SeriesInstanceUID>[#k]/`` receives ``label.nii.gz``, ``label.json``,
 optionally ``seg.dcm`` and ``image.nii.gz``, and last ``done.json``: a series is done when its
-done-record exists and its key (series, sorted SOP instance UIDs, model hash, options) matches, so a
-killed run resumes and a changed model or option recomputes. NIfTI cases go to
-``OUTPUT_DIR/nifti/<relative path>/``. Only validated UIDs and the tree's own relative paths become
+done-record exists, its key (series, sorted SOP instance UIDs, model hash, options) matches and the
+outputs it lists are there and not empty, so a killed run resumes and a changed model or option
+recomputes. NIfTI cases go to ``OUTPUT_DIR/nifti/<relative path>/`` (two files that would share a
+folder, ``scan.nii`` and ``scan.nii.gz``, both fail). Only validated UIDs and the tree's own relative paths become
 path parts; no header free text reaches a path or a log line.
 
 Reading and preprocessing the next series (reader threads) and writing the last one (a writer thread)
 overlap with inference on the current one; bounded queues keep memory flat. Under
 ``torchrun`` or with ``shard=(i, n)`` a case belongs to the rank where sha256(key) mod n equals it;
 each rank writes its summary part and the last to finish merges them. Only that rank's exit code
-speaks for the run (torchrun stops every rank when one exits non-zero); the others exit 0.
+speaks for the run (torchrun stops every rank when one exits non-zero); the others exit 0. A part
+carries its run's id (the tree's cases, the model, the options, the shard count): parts of another
+run are never merged.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import queue
 import re
 import threading
@@ -33,15 +38,17 @@ from typing import Callable
 import numpy as np
 
 from sdseg_monai._version import __version__
-from sdseg_monai.data import atomic_write_text, nifti_stem
+from sdseg_monai.data import atomic_write_text, nifti_stem, remove_stale_temporaries
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import file_sha256, model_hash
 
 DONE_NAME = "done.json"
+CASE_FILES = ("label.nii.gz", "label.json", "seg.dcm", "image.nii.gz", DONE_NAME)  # what a case folder receives
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSONL = "summary.jsonl"
 PART_PREFIX = "summary.part-"
 PART_NAME = re.compile(r"summary\.part-([0-9]+)-of-([0-9]+)\.jsonl")
+PART_RUN = "sdseg3d_run"  # the key of a part's first line: the id of the run that wrote it
 SEG_TYPES = ("binary", "labelmap")
 SUMMARY_FIELDS = ("case", "study_uid", "series_uid", "status", "reason", "message", "images_used", "images_dropped",
                   "plane", "spacing_mm", "seconds", "model_hash", "sdseg3d_version")
@@ -55,7 +62,10 @@ CUDA_SEG_WRITERS = 4
 RUN_REASONS = {
     "read_error": ("failed", "the image could not be read"),
     "inference_error": ("failed", "segmenting or writing failed (the error type is given)"),
+    "duplicate_output": ("failed", "NIfTI files whose names differ only in the suffix (scan.nii, scan.nii.gz) would share "
+                                   "one output folder; rename one"),
 }
+log = logging.getLogger("sdseg3d.batch")
 
 
 @dataclass
@@ -69,6 +79,8 @@ class BatchCase:
     nifti: Path | None = None
     out_dir: Path | None = None
     row: dict = field(default_factory=dict)
+    sha256: str | None = None  # a NIfTI file's, hashed once: the done-key of what was segmented
+    source_stat: tuple | None = None  # the NIfTI file's identity when hashed: a changed file is not what was hashed
 
     @property
     def segmentable(self) -> bool:
@@ -79,11 +91,13 @@ class BatchCase:
 class BatchReport:
     """``rows``: this run's cases, or every shard's once this run merged the summary parts.
     ``exit_code``: see :func:`exit_code`; 0 for a shard that left the merging to another.
-    ``summary``: the summary written, or None while parts await other shards."""
+    ``summary``: the summary written, or None while parts await other shards.
+    ``ignored_parts``: summary parts found of another run (not merged)."""
 
     rows: list[dict]
     exit_code: int
     summary: Path | None
+    ignored_parts: list[Path] = field(default_factory=list)
 
 
 class _Counter:
@@ -139,15 +153,54 @@ def collect_cases(index, output_dir: Path, dicom_seg: bool = False) -> list[Batc
             case.out_dir = output_dir / stack.study_uid / stack.key
         cases.append(case)
     root = index.root if index.root.is_dir() else index.root.parent
+    sharing: dict[Path, list[BatchCase]] = {}
     for path in index.nifti:
         relative = path.relative_to(root)
         case = BatchCase(relative.as_posix(), nifti=path, out_dir=output_dir / "nifti" / relative.parent / nifti_stem(relative))
         case.row = summary_row(case, "ok", "ok", "")
+        sharing.setdefault(case.out_dir, []).append(case)
         cases.append(case)
+    for shared in sharing.values():
+        # All of them fail, whatever the order: one would overwrite the others' outputs (and done-record),
+        # and under --shard two ranks would write one folder.
+        if len(shared) > 1:
+            folder = shared[0].out_dir.relative_to(output_dir).as_posix()
+            names = " and ".join(c.key for c in shared)
+            for case in shared:
+                case.row.update(status="failed", reason="duplicate_output",
+                                message=f"{names} would share the output folder {folder}; rename one of them")
+                case.out_dir = None
     for case in cases:  # belt and braces: nothing is written outside the output folder
         if case.out_dir is not None and output_dir.resolve() not in case.out_dir.resolve().parents:
             raise SDSegInputError("a case's output folder would leave the output folder", case.out_dir)
     return cases
+
+
+def _read_failure(error: Exception) -> SDSegInputError:
+    """A read failure as a one-line input error: the error itself, or its type (never a library's text)."""
+    return error if isinstance(error, SDSegInputError) else SDSegInputError(f"cannot read ({type(error).__name__})")
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _size_and_time(path: Path) -> list[int] | None:
+    """A file's size and modification time, alike on every machine that mounts it; None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _non_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def summary_row(case: BatchCase, status: str, reason: str, message: str) -> dict:
@@ -208,6 +261,11 @@ class BatchRunner:
 
     # -- planning ---------------------------------------------------------------------------------
     def plan(self, input_dir) -> list[BatchCase]:
+        """This shard's cases of the tree, NIfTI files hashed (see :meth:`done_key`)."""
+        return self._plan(input_dir)[0]
+
+    def _plan(self, input_dir) -> tuple[list[BatchCase], str]:
+        """(this shard's cases, the run's id: see :meth:`run_id`)."""
         from sdseg_monai.data import _check_output_spares_inputs
         from sdseg_monai.dicom import index_tree
 
@@ -221,24 +279,71 @@ class BatchRunner:
             raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
         index = index_tree(input_dir, include_derived=self.include_derived)
         cases = collect_cases(index, self.output_dir, self.dicom_seg)
+        run = self.run_id(cases)
         index_, count = self.shard
-        return [c for c in cases if shard_of(c.key, count) == index_]
+        mine = [c for c in cases if shard_of(c.key, count) == index_]
+        for case in mine:
+            if case.nifti is not None and case.segmentable:
+                try:
+                    self._nifti_sha256(case)
+                except Exception as e:  # noqa: BLE001  (reported in the case's row)
+                    case.row.update(status="failed", reason="read_error", message=str(_read_failure(e)))
+                    case.out_dir = None
+        return mine, run
+
+    def run_id(self, cases: list[BatchCase]) -> str:
+        """What every shard of one run computes alike, from every case of the tree (before sharding)
+        with its QC outcome and content (a series' instances; a NIfTI file's size and time, not its
+        hash: no rank reads another's files), the model, the options and the shard count."""
+        plan = sorted(([c.key, c.row["status"], c.row["reason"],
+                        c.stack.sop_uids if c.stack is not None else _size_and_time(c.nifti)] for c in cases), key=lambda entry: entry[0])
+        record = {"cases": plan, "model_hash": self.model_hash, "options": self.options, "shards": self.shard[1],
+                  "sdseg3d_version": __version__}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
     def done_key(self, case: BatchCase) -> str:
-        content = case.stack.sop_uids if case.stack is not None else [file_sha256(case.nifti)]
+        """The key of a done-record: the case, its content (sorted SOP instance UIDs, or the NIfTI
+        file's sha256, computed once per case), the model and the options."""
+        content = case.stack.sop_uids if case.stack is not None else [self._nifti_sha256(case)]
         record = {"case": case.key, "instances": content, "model_hash": self.model_hash, "options": self.options}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
+    @staticmethod
+    def _nifti_sha256(case: BatchCase) -> str:
+        """The NIfTI file's sha256, hashed on first use only: the done-record names the bytes hashed
+        when planning, not a file replaced since. Notes the file's identity for :meth:`_read`.
+
+        Raises:
+            SDSegInputError: the file changed while it was hashed.
+        """
+        if case.sha256 is None:
+            before = _file_identity(case.nifti)
+            digest = file_sha256(case.nifti)
+            if _file_identity(case.nifti) != before:
+                raise SDSegInputError("the file changed while it was read; run again once it is complete", case.nifti)
+            case.sha256, case.source_stat = digest, before
+        return case.sha256
+
+    def _outputs(self, case: BatchCase) -> list[str]:
+        """The files of ``case``'s folder that its done-record vouches for."""
+        return ["label.nii.gz", "label.json", *(["seg.dcm"] if self.dicom_seg and case.stack is not None else []),
+                *(["image.nii.gz"] if self.save_image else [])]
+
     def finished_row(self, case: BatchCase) -> dict | None:
-        """The stored summary row when ``case`` is already done with this model and these options."""
+        """The stored summary row when ``case`` is already done with this model and these options, and
+        every output its done-record lists is there and not empty (a power loss can leave a file empty)."""
         path = case.out_dir / DONE_NAME
         if self.overwrite or not path.is_file():
             return None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if not isinstance(record, dict) or record.get("key") != self.done_key(case):
+                return None
+            if not all(_non_empty_file(case.out_dir / name) for name in {*self._outputs(case), *record.get("outputs", ())}):
+                return None
+        except (OSError, ValueError, TypeError, SDSegInputError):
             return None
-        return record.get("row") if record.get("key") == self.done_key(case) else None
+        return record.get("row")
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, input_dir, progress: Callable[[int, int, dict], None] | None = None) -> BatchReport:
@@ -247,11 +352,18 @@ class BatchRunner:
         Three stages overlap: reader threads read and prepare the next cases, this thread segments,
         and a writer thread writes the last case's files (handing DICOM SEG objects to
         ``seg_writers`` processes, when there are any, and finishing each case when its SEG is
-        written). ``progress`` is called (from the writer thread) as each case is finished."""
+        written). ``progress`` is called (from the writer thread) as each case is finished.
+
+        In the main thread, SIGTERM (torchrun's stop for the other ranks when one fails) raises
+        KeyboardInterrupt meanwhile, so that no temporary file is left behind."""
+        with _sigterm_interrupts():
+            return self._run(input_dir, progress)
+
+    def _run(self, input_dir, progress) -> BatchReport:
         count = self.shard[1]
         if count > 1:  # a part left by an earlier run must not complete another rank's merge before ours is in
             self._part_path().unlink(missing_ok=True)
-        cases = self.plan(input_dir)
+        cases, run = self._plan(input_dir)
         todo = []
         for case in cases:
             if case.segmentable:
@@ -284,6 +396,7 @@ class BatchRunner:
                 finished.step(case.row)
 
         def write_behind():
+            stopped = False  # the stop marker is taken: waiting for another would hang both threads
             try:
                 while (item := writes.get()) is not None:
                     case, volume, result, start = item
@@ -295,10 +408,11 @@ class BatchRunner:
                     else:
                         encoding.append((case, start, *pending))
                     finish_encoded(keep=self.seg_writers)
+                stopped = True
                 finish_encoded(keep=0)
             except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
                 failures.append(e)
-                while writes.get() is not None:  # never leave the segmenting thread blocked on a full queue
+                while not stopped and writes.get() is not None:  # never leave the segmenting thread blocked on a full queue
                     pass
 
         writer = threading.Thread(target=write_behind, name="sdseg3d-writer", daemon=True)
@@ -324,9 +438,9 @@ class BatchRunner:
                 seg_pool.shutdown(wait=True, cancel_futures=True)
         if failures:
             raise failures[0]
-        summary, rows = self.write_summary([c.row for c in cases])
+        summary, rows, ignored = self.write_summary([c.row for c in cases], run)
         # A shard that leaves the merging to another exits 0: the merging one speaks for the whole tree.
-        return BatchReport(rows, exit_code(rows) if summary is not None else 0, summary)
+        return BatchReport(rows, exit_code(rows) if summary is not None else 0, summary, ignored)
 
     def segment_case(self, case: BatchCase, volume=None, error: Exception | None = None) -> dict:
         """Segment one case and write its outputs (reading it first when ``volume`` is None), or record
@@ -380,7 +494,7 @@ class BatchRunner:
         try:
             volume = self._read(case)
         except Exception as e:  # noqa: BLE001  (reported in the case's row)
-            return None, None, e if isinstance(e, SDSegInputError) else SDSegInputError(f"cannot read ({type(e).__name__})")
+            return None, None, _read_failure(e)
         try:
             return volume, self.segmenter.prepare(volume), None
         except Exception as e:  # noqa: BLE001
@@ -391,7 +505,11 @@ class BatchRunner:
         from sdseg_monai.dicom import read_stack
 
         if case.nifti is not None:
-            return read_volume(case.nifti)
+            self._nifti_sha256(case)  # before reading, when no plan hashed it
+            volume = read_volume(case.nifti)
+            if _file_identity(case.nifti) != case.source_stat:  # what was read is not what the done-key names
+                raise SDSegInputError("the file changed since the run hashed it; run again once it is complete", case.nifti)
+            return volume
         image = read_stack(case.stack)
         return Volume(image=image, source=case.key, header=None, shape=tuple(image.shape[1:]))
 
@@ -413,6 +531,7 @@ class BatchRunner:
 
         case.out_dir.mkdir(parents=True, exist_ok=True)
         (case.out_dir / DONE_NAME).unlink(missing_ok=True)  # recomputing: not done until the new record
+        remove_stale_temporaries(case.out_dir, CASE_FILES)  # of a run killed mid-write; only this case writes here
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         counts = np.bincount(result.labels.reshape(-1), minlength=256)
         case.row["volume_ml"] = {name: round(float(counts[label]) * voxel_ml, 3) for label, name in sorted(result.organs.items())}
@@ -442,7 +561,7 @@ class BatchRunner:
     def _finish(self, case: BatchCase, start: float) -> None:
         """The done-record, written last: it marks the case done."""
         case.row["seconds"] = round(time.perf_counter() - start, 3)
-        record = {"key": self.done_key(case), "row": case.row}
+        record = {"key": self.done_key(case), "outputs": self._outputs(case), "row": case.row}
         atomic_write_text(case.out_dir / DONE_NAME, json.dumps(record, indent=2) + "\n")
 
     def seg_job(self, stack, labels, label_values, output: Path, seg_type: str) -> dict:
@@ -465,20 +584,42 @@ class BatchRunner:
         return write_seg_job(self.seg_job(stack, labels, label_values, output, seg_type))
 
     # -- summary ----------------------------------------------------------------------------------
-    def write_summary(self, rows: list[dict]) -> tuple[Path | None, list[dict]]:
-        """The summary of ``rows``; with shards, this shard's part, merged with the others' once all are
-        in. Returns (the summary, the rows it holds), or (None, ``rows``) while parts await other shards."""
+    def write_summary(self, rows: list[dict], run_id: str = "") -> tuple[Path | None, list[dict], list[Path]]:
+        """The summary of ``rows``; with shards, this shard's part (headed by ``run_id``, see
+        :meth:`run_id`), merged with the other shards' parts of the same run once all are in.
+
+        Returns:
+            (the summary, the rows it holds, the parts of other runs found), or (None, ``rows``, ...)
+            while parts of this run await other shards. Each part of another run is logged as not merged.
+        """
         count = self.shard[1]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if count == 1:
-            return write_summary(self.output_dir, rows), rows
-        atomic_write_text(self._part_path(), "".join(json.dumps(r) + "\n" for r in rows))
-        present = {int(m.group(1)) for p in self.output_dir.glob(f"{PART_PREFIX}*")
-                   if (m := PART_NAME.fullmatch(p.name)) and int(m.group(2)) == count}
-        if not present >= set(range(count)):
-            return None, rows
-        merged = read_summary_parts(self.output_dir)
-        return write_summary(self.output_dir, merged), merged
+            return write_summary(self.output_dir, rows), rows, []
+        atomic_write_text(self._part_path(), json.dumps({PART_RUN: run_id}) + "\n" + "".join(json.dumps(r) + "\n" for r in rows))
+        ours: dict[int, list[dict]] = {}
+        ignored = []
+        for part in sorted(self.output_dir.glob(f"{PART_PREFIX}*")):
+            if not (match := PART_NAME.fullmatch(part.name)):
+                continue
+            problem = None
+            try:
+                run, part_rows = _read_part(part)
+            except SDSegInputError as e:
+                run, problem = None, e
+            except OSError as e:
+                run, problem = None, SDSegInputError(f"cannot read ({type(e).__name__})", part)
+            if run == run_id and int(match.group(2)) == count:
+                ours[int(match.group(1))] = part_rows
+            else:
+                ignored.append(part)
+                problem = problem or SDSegInputError("a summary part of another run (other cases, model, options or shard count)",
+                                                     part)
+                log.warning("%s; not merged", problem)
+        if set(ours) != set(range(count)):
+            return None, rows, ignored
+        merged = [row for index in range(count) for row in ours[index]]
+        return write_summary(self.output_dir, merged), merged, ignored
 
     def _part_path(self) -> Path:
         return self.output_dir / f"{PART_PREFIX}{self.shard[0]}-of-{self.shard[1]}.jsonl"
@@ -542,7 +683,7 @@ def read_summary_parts(output_dir) -> list[dict]:
 
     Raises:
         SDSegInputError: no parts, a part not named summary.part-I-of-N.jsonl, parts missing or of
-            several shard counts, or a line that is not a JSON row (naming the file).
+            several shard counts or runs, or a line that is not a JSON row (naming the file).
     """
     output_dir = Path(output_dir)
     parts = sorted(output_dir.glob(f"{PART_PREFIX}*"))
@@ -558,21 +699,60 @@ def read_summary_parts(output_dir) -> list[dict]:
     counts = {n for _, n in shards}
     if len(counts) != 1 or len(shards) != next(iter(counts)):
         raise SDSegInputError(f"summary parts incomplete or from different shard counts: {len(parts)} found", output_dir)
-    rows = []
+    runs = {part: _read_part(part) for part in parts}
+    newest = max(parts, key=lambda p: p.stat().st_mtime_ns)
     for part in parts:
-        for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict) or not {"case", "study_uid", "status"} <= set(row):
-                raise SDSegInputError(f"line {number} is not a summary row", part)
-            rows.append(row)
-    return rows
+        if runs[part][0] != runs[newest][0]:
+            raise SDSegInputError(f"a summary part of another run than {newest.name} (other cases, model or options); "
+                                  "move the stale part away and merge again", part)
+    return [row for part in parts for row in runs[part][1]]
+
+
+def _read_part(part: Path) -> tuple[str | None, list[dict]]:
+    """(the run id heading a summary part, None in a part written before parts carried one; its rows).
+
+    Raises:
+        SDSegInputError: a line that is not a summary row (naming the file).
+    """
+    run, rows = None, []
+    for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if number == 1 and isinstance(row, dict) and set(row) == {PART_RUN}:
+            run = str(row[PART_RUN])
+            continue
+        if not isinstance(row, dict) or not {"case", "study_uid", "status"} <= set(row):
+            raise SDSegInputError(f"line {number} is not a summary row", part)
+        rows.append(row)
+    return run, rows
 
 
 def merge_summaries(output_dir) -> Path:
     """Combine every rank's summary part into ``summary.csv`` / ``summary.jsonl``."""
-    return write_summary(Path(output_dir), read_summary_parts(output_dir))
+    with _sigterm_interrupts():
+        return write_summary(Path(output_dir), read_summary_parts(output_dir))
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """While the block runs, SIGTERM raises KeyboardInterrupt: Python's default action for it ends the
+    process at once, running no ``finally`` (temporary files stay, SEG processes are not waited for).
+    Only in the main thread (the only one that can set a handler), and only over the default action."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -6,13 +6,15 @@ renamed into place, so an existing output is never half-overwritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -264,25 +266,100 @@ def sidecar_path(output: str | os.PathLike) -> Path:
     return output.with_name(name + ".json")
 
 
+_PROC_STATUS = "/proc/self/status"
+
+
+def _proc_umask() -> int | None:
+    """The umask as Linux reports it (``Umask:`` in /proc/self/status, Linux 4.7+), or None."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _import_umask() -> int:
+    """The umask once, at import (before any thread of ours), for where /proc has none."""
+    value = _proc_umask()
+    if value is None:  # no /proc: os.umask is the only reader; 0o077 meanwhile, so a racing thread's file is never laxer
+        value = os.umask(0o077)
+        os.umask(value)
+    return value
+
+
+_UMASK_AT_IMPORT = _import_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without setting it: os.umask() sets it process-wide, a race with
+    threads creating files (they would get the passing value). Falls back to the value at import."""
+    value = _proc_umask()
+    return _UMASK_AT_IMPORT if value is None else value
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush ``path`` to disk. A folder's flush is skipped where the OS or file system has none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # e.g. Windows cannot open a folder
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not directory or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
-    """Temporary paths beside ``targets``; on success all are renamed into place, on failure removed."""
+    """Temporary paths beside ``targets``; on success all are flushed to disk and renamed into place,
+    on failure removed.
+
+    Each temporary is fsynced before its rename and each folder after: after a power loss a file
+    written later (a done-record) never survives while one written before it is empty.
+    """
     temps = []
     for target in targets:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes[-2:]) or ".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix="".join(target.suffixes[-2:]) or ".tmp", dir=target.parent)
         os.close(fd)
         temps.append(Path(tmp))
     try:
         yield temps
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = 0o666 & ~current_umask()  # mkstemp makes 0600; outputs get ordinary permissions
+        for tmp in temps:
+            os.chmod(tmp, mode)
+            _fsync_path(tmp)
         for tmp, target in zip(temps, targets):
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
             os.replace(tmp, target)
+        for folder in dict.fromkeys(target.parent for target in targets):
+            _fsync_path(folder, directory=True)
     finally:
         for tmp in temps:
             if tmp.exists():
                 tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Remove the temporaries :func:`atomic_paths` left in ``folder`` for the files ``names`` (a
+    process killed mid-write runs no cleanup). Only for a folder no other process writes. Returns them."""
+    removed = []
+    for name in names:
+        for stale in folder.glob(glob_escape(_temp_prefix(Path(name))) + "*"):
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -55,6 +55,12 @@ def _rows(out: Path) -> dict:
     return {r["case"]: r for r in map(json.loads, (out / "summary.jsonl").read_text().splitlines())}
 
 
+def _part(path: Path) -> tuple[str, list[dict]]:
+    """A summary part: (the run id on its first line, its rows)."""
+    header, *rows = map(json.loads, path.read_text().splitlines())
+    return header["sdseg3d_run"], rows
+
+
 def test_tree_layout_summary_and_exit_code(first_run, tree, model_dir, tmp_path):
     code, out = first_run
     assert code == 3  # the series with a missing slice failed; the others ran
@@ -136,7 +142,7 @@ def test_shards_are_disjoint_and_merge(tree, model_dir, tmp_path, capsys):
     assert shard_of(uid(2, 2), 2) == 0 and main([*base, "--shard", "0/2"]) == 0
     assert not (out / "summary.csv").exists()  # waits for the other shard
     assert main([*base, "--shard", "1/2"]) == 3  # merges: a series of the tree failed
-    parts = [[json.loads(line)["case"] for line in (out / f"summary.part-{i}-of-2.jsonl").read_text().splitlines()] for i in range(2)]
+    parts = [[row["case"] for row in _part(out / f"summary.part-{i}-of-2.jsonl")[1]] for i in range(2)]
     assert not set(parts[0]) & set(parts[1]) and len(parts[0]) + len(parts[1]) == 5
     assert all(shard_of(case, 2) == i for i in range(2) for case in parts[i])
     assert {k: (r["status"], r["reason"]) for k, r in _rows(out).items()} == EXPECTED
@@ -162,7 +168,8 @@ def test_an_empty_share_is_not_an_error_and_the_merging_shard_speaks_for_the_tre
     base = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
     assert not [case for case in EXPECTED if shard_of(case, 3) == 0]  # shard 0 of 3 has no case
     assert main([*base, "--shard", "0/3"]) == 0 and capsys.readouterr().err == ""
-    assert (out / "summary.part-0-of-3.jsonl").read_text() == ""
+    run, rows = _part(out / "summary.part-0-of-3.jsonl")
+    assert rows == [] and run  # no rows, only the run's id
     assert main([*base, "--shard", "1/3"]) == 0 and main([*base, "--shard", "2/3"]) == 3
     assert {k: (r["status"], r["reason"]) for k, r in _rows(out).items()} == EXPECTED
     write(ct_slices(IMAGE, modality="MR"), tmp_path / "mr")
@@ -395,3 +402,232 @@ def test_seg_writer_processes_that_cannot_start_leave_the_segs_to_the_writer_thr
     for index in (1, 2):
         folder = tmp_path / "out" / uid(5) / uid(5, index)
         assert (folder / "seg.dcm").is_file() and (folder / "done.json").is_file()
+
+
+def test_an_error_in_the_progress_callback_with_seg_writer_processes_is_raised_not_hung(model_dir, tmp_path):
+    """The last case's SEG is still being encoded in a process when the writer thread takes the stop
+    marker; finishing that case then raises (here the progress callback). The error reaches the caller.
+    Before, the writer thread waited for a second stop marker that never came, and run() hung."""
+    pytest.importorskip("highdicom")
+    import threading
+
+    from sdseg_monai.batch import BatchRunner
+
+    write(ct_slices(IMAGE, study=uid(6), series=uid(6, 1)), tmp_path / "in" / "ct")
+
+    def progress(done, total, row):
+        if row:
+            raise RuntimeError("the caller's own bug")
+
+    outcome = []
+
+    def run():
+        try:
+            BatchRunner(model_dir, tmp_path / "out", dicom_seg=True, seg_writers=1).run(tmp_path / "in", progress=progress)
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=300)  # a guard against a hang, not a timing check
+    assert not thread.is_alive() and outcome == ["the caller's own bug"]
+
+
+def _nifti(path: Path, image=IMAGE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([0.8, 0.7, 3.0, 1.0])), str(path))
+    return path
+
+
+def _count_segments(monkeypatch) -> list:
+    from sdseg_monai.inference import VolumeSegmenter
+
+    calls = []
+    original = VolumeSegmenter.segment
+    monkeypatch.setattr(VolumeSegmenter, "segment", lambda self, volume, **k: calls.append(volume.source) or original(self, volume, **k))
+    return calls
+
+
+def test_nifti_files_that_would_share_an_output_folder_both_fail(model_dir, tmp_path, monkeypatch):
+    """scan.nii beside scan.nii.gz (any case of the suffix) map to one folder: both fail, every run and
+    on every shard, naming each other. Before, one overwrote the other's outputs, and a rerun
+    reported the other ok from the done-record of the first."""
+    from sdseg_monai.batch import BatchRunner
+
+    calls = _count_segments(monkeypatch)
+    _nifti(tmp_path / "in" / "a.nii.gz")
+    out = tmp_path / "out"
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0
+    assert (out / "nifti" / "a" / "done.json").is_file() and len(calls) == 1
+    _nifti(tmp_path / "in" / "a.nii", IMAGE[:, :, :5])
+    _nifti(tmp_path / "in" / "sub" / "scan.NII.GZ")
+    _nifti(tmp_path / "in" / "sub" / "scan.nii")
+    _nifti(tmp_path / "in" / "sub" / "scan2.nii")  # a neighbour of its own
+    calls.clear()
+    report = BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in")
+    rows = {r["case"]: r for r in report.rows}
+    assert report.exit_code == 3 and calls == [str(tmp_path / "in" / "sub" / "scan2.nii")]
+    assert rows["sub/scan2.nii"]["status"] == "ok"
+    for pair, folder in ((("a.nii", "a.nii.gz"), "nifti/a"), (("sub/scan.NII.GZ", "sub/scan.nii"), "nifti/sub/scan")):
+        for case in pair:
+            assert (rows[case]["status"], rows[case]["reason"]) == ("failed", "duplicate_output"), case
+            message = rows[case]["message"]
+            assert all(name in message for name in pair) and folder in message and "\n" not in message
+    assert not (out / "nifti" / "sub" / "scan").exists()
+    for shard in range(2):  # no rank writes either (the keys differ, so the ranks may too)
+        cases = BatchRunner(model_dir, out, dicom_seg=False, shard=(shard, 2)).plan(tmp_path / "in")
+        assert not [c for c in cases if c.key in ("a.nii", "a.nii.gz") and c.segmentable]
+
+
+def test_a_summary_part_of_another_run_is_not_merged(model_dir, tmp_path, caplog):
+    """A part left by an earlier run over another tree (a damaged file since removed) must not
+    complete this run's merge: shard 0 rerun alone waits, and says why; shard 1 then merges this
+    run's rows only. ``--merge`` by hand refuses a mix of runs, naming the stale part."""
+    from sdseg_monai.batch import BatchRunner
+
+    names = [f"s{k}.nii.gz" for k in range(12)]
+    good0 = next(n for n in names if shard_of(n, 2) == 0)
+    good1, bad1 = [n for n in names if shard_of(n, 2) == 1][:2]
+    for name in (good0, good1):
+        _nifti(tmp_path / "in" / name)
+    (tmp_path / "in" / bad1).write_bytes(b"not a nifti")
+    out = tmp_path / "out"
+    assert BatchRunner(model_dir, out, dicom_seg=False, shard=(0, 2)).run(tmp_path / "in").exit_code == 0
+    assert BatchRunner(model_dir, out, dicom_seg=False, shard=(1, 2)).run(tmp_path / "in").exit_code == 3
+    (tmp_path / "in" / bad1).unlink()
+    stale = out / "summary.part-1-of-2.jsonl"
+    (out / "summary.csv").unlink()
+    caplog.clear()
+    report = BatchRunner(model_dir, out, dicom_seg=False, shard=(0, 2)).run(tmp_path / "in")
+    assert report.summary is None and report.exit_code == 0 and report.ignored_parts == [stale]
+    assert not (out / "summary.csv").exists()
+    assert [r.getMessage() for r in caplog.records if r.name == "sdseg3d.batch"] == [
+        f"{stale}: a summary part of another run (other cases, model, options or shard count); not merged"]
+    assert main(["batch", "--merge", str(out), "-q"]) == 2  # by hand: a mix of runs is refused
+    report = BatchRunner(model_dir, out, dicom_seg=False, shard=(1, 2)).run(tmp_path / "in")
+    assert report.exit_code == 0 and report.ignored_parts == []
+    assert {k: r["status"] for k, r in _rows(out).items()} == {good0: "ok", good1: "ok"}
+    assert main(["batch", "--merge", str(out), "-q"]) == 0
+
+
+def test_merge_by_hand_names_the_part_of_another_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {"case": "x.nii.gz", "study_uid": "", "status": "ok"}
+    for index, run in ((0, "new"), (1, "old")):
+        (out / f"summary.part-{index}-of-2.jsonl").write_text(json.dumps({"sdseg3d_run": run}) + "\n" + json.dumps(row) + "\n")
+    os.utime(out / "summary.part-1-of-2.jsonl", ns=(1, 1))  # the older one
+    assert main(["batch", "--merge", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'summary.part-1-of-2.jsonl'}: a summary part of another run than summary.part-0-of-2.jsonl" in err
+    assert len(err.splitlines()) == 1 and not (out / "summary.csv").exists()
+
+
+def test_a_nifti_file_is_hashed_once_and_its_done_record_names_what_was_read(model_dir, tmp_path, monkeypatch):
+    """The done-key of a NIfTI case comes from one hash, taken when planning. A file replaced after
+    it was read is not vouched for by the done-record: the case fails, and the next run segments the
+    new file. Before, the writer thread hashed the file again, and the done-record named the new
+    file's bytes over labels of the old one: every later run skipped it."""
+    import sdseg_monai.batch
+    import sdseg_monai.data
+    from sdseg_monai.batch import BatchRunner
+
+    scan = _nifti(tmp_path / "in" / "scan.nii.gz")
+    replacement = _nifti(tmp_path / "replacement.nii.gz", IMAGE[:, :, :5])
+    hashed = []
+    file_sha256 = sdseg_monai.batch.file_sha256
+    monkeypatch.setattr(sdseg_monai.batch, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    read_volume = sdseg_monai.data.read_volume
+
+    def read_then_replace(path):
+        volume = read_volume(path)
+        shutil.copyfile(replacement, tmp_path / "new.nii.gz")
+        os.replace(tmp_path / "new.nii.gz", scan)  # someone replaces the input meanwhile
+        return volume
+
+    monkeypatch.setattr(sdseg_monai.data, "read_volume", read_then_replace)
+    calls = _count_segments(monkeypatch)
+    out = tmp_path / "out"
+    report = BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in")
+    assert (report.rows[0]["status"], report.rows[0]["reason"]) == ("failed", "read_error")
+    assert "changed since the run hashed it" in report.rows[0]["message"] and hashed == [scan]
+    assert not (out / "nifti" / "scan" / "done.json").exists()
+    monkeypatch.setattr(sdseg_monai.data, "read_volume", read_volume)
+    hashed.clear()
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0
+    assert hashed == [scan] and len(calls) == 1  # one hash for planning and the done-record
+    assert nib.load(str(out / "nifti" / "scan" / "label.nii.gz")).shape == (24, 20, 5)
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0 and len(calls) == 1
+
+
+def test_a_done_record_whose_outputs_are_missing_or_empty_does_not_count(model_dir, tmp_path, monkeypatch):
+    """After a power loss a done-record can survive its label file, empty: the case is not done."""
+    from sdseg_monai.batch import BatchRunner
+
+    _nifti(tmp_path / "in" / "scan.nii.gz")
+    calls = _count_segments(monkeypatch)
+    out, folder = tmp_path / "out", tmp_path / "out" / "nifti" / "scan"
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0
+    assert json.loads((folder / "done.json").read_text())["outputs"] == ["label.nii.gz", "label.json"]
+    (folder / "label.nii.gz").write_bytes(b"")
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0 and len(calls) == 2
+    assert nib.load(str(folder / "label.nii.gz")).shape == (24, 20, 6)
+    (folder / "label.json").unlink()
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0 and len(calls) == 3
+    assert BatchRunner(model_dir, out, dicom_seg=False).run(tmp_path / "in").exit_code == 0 and len(calls) == 3
+
+
+def test_a_case_folder_loses_the_temporaries_of_a_killed_run(model_dir, tmp_path):
+    """A SIGKILL or a power loss mid-write leaves ``.<name>.<random>`` temporaries: removed when the case
+    is written again; other files of the folder stay."""
+    from sdseg_monai.batch import BatchRunner
+
+    _nifti(tmp_path / "in" / "scan.nii.gz")
+    folder = tmp_path / "out" / "nifti" / "scan"
+    folder.mkdir(parents=True)
+    stale = [".label.nii.gz.k3j4h5g6.nii.gz", ".label.json.x1.json", ".done.json.abc.json", ".seg.dcm.q9.dcm", ".image.nii.gz.z.nii.gz"]
+    kept = [".label.nii.gz", ".hidden", "notes.txt", ".labels.nii.gz.k3.nii.gz"]
+    for name in stale + kept:
+        (folder / name).write_text("partial")
+    assert BatchRunner(model_dir, tmp_path / "out", dicom_seg=False).run(tmp_path / "in").exit_code == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["done.json", "label.json", "label.nii.gz", *kept])
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+from pathlib import Path
+import sdseg_monai.batch as batch
+from sdseg_monai.cli import main
+from sdseg_monai.data import atomic_paths
+
+write_text = batch.atomic_write_text
+
+def stalled(path, text):  # the summary: stop half-way through writing it, in the main thread
+    if Path(path).name != "summary.jsonl":
+        return write_text(path, text)
+    with atomic_paths(Path(path)) as (tmp,):
+        tmp.write_text(text[:10])
+        Path(sys.argv[1]).touch()
+        time.sleep(600)
+
+batch.atomic_write_text = stalled
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_leaves_no_temporary_file(model_dir, tmp_path):
+    """torchrun stops the other ranks with SIGTERM when one fails; Python's default action for it
+    runs no ``finally``, so a temporary being written stayed. batch turns it into an interrupt."""
+    _nifti(tmp_path / "in" / "scan.nii.gz")
+    out, marker = tmp_path / "out", tmp_path / "writing"
+    process = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(marker), "batch", str(tmp_path / "in"), "-o", str(out),
+                                "-m", str(model_dir), "-q", "--no-dicom-seg"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a guard against a hang, not a timing check
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    assert list(out.glob(".summary.jsonl.*"))  # caught half-way
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "sdseg3d: interrupted" in err, err[-2000:]
+    assert not list(out.glob(".summary.jsonl.*")) and not (out / "summary.jsonl").exists()
