@@ -390,12 +390,18 @@ def label_nifti(labels: np.ndarray, volume: Volume):
         header["cal_min"], header["cal_max"] = 0, 0  # the CT's display range means nothing for labels
         nifti = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image  # NIfTI-2 in, NIfTI-2 out
         image = nifti(data, None, header=header)
-        qform, qcode = volume.header.get_qform(coded=True)
-        sform, scode = volume.header.get_sform(coded=True)
-        if qform is not None:
-            image.set_qform(qform, int(qcode))
-        if sform is not None:
-            image.set_sform(sform, int(scode))
+        for getter, setter in ((volume.header.get_qform, image.set_qform), (volume.header.get_sform, image.set_sform)):
+            with np.errstate(all="ignore"):
+                try:
+                    form, code = getter(coded=True)
+                except Exception:  # noqa: BLE001  (a qform that cannot be decoded: the reader skipped it too)
+                    form, code = np.full((4, 4), np.nan), 1
+            if form is None:
+                continue
+            # A form the reader skipped (NaN, singular) goes uncoded, holding the affine it used instead:
+            # readers of the labels then place them by the other form, as the input was read.
+            usable = usable_affine(form)
+            setter(form if usable else volume.affine, int(code) if usable else 0)
         # With neither form coded, both stay uncoded: every reader then places the labels where it
         # places the input (ITK and Slicer use the voxel sizes; a coded sform would flip them there).
     else:

@@ -307,6 +307,25 @@ def test_sform_unusable_but_qform_usable_is_read_with_the_qform(tmp_path):
     assert np.allclose(read_volume(path).affine, np.diag([2.0, 2.0, 3.0, 1.0]))
 
 
+@pytest.mark.parametrize("bad_row", [np.nan, 0.0], ids=["nan", "singular"])
+def test_labels_of_a_file_read_by_its_qform_are_placed_by_it(model_dir, tmp_path, bad_row):
+    """A coded sform the reader skipped (NaN: nibabel cannot even write it back; singular) goes into
+    the labels uncoded, so every reader places them by the qform, as the input was read (before: an
+    internal error after all the computing, or labels placed by the singular sform)."""
+    qform = np.diag([2.0, 2.0, 3.0, 1.0])
+
+    def broken_sform(header):
+        header.set_qform(qform, code=1)
+        header["sform_code"] = 1
+        header["srow_x"], header["srow_y"], header["srow_z"] = [bad_row, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0]
+
+    scan = _save_with_header(tmp_path / "q.nii.gz", labelled_scan()[0].astype(np.int16), broken_sform)
+    assert main(["segment", str(scan), "-o", str(tmp_path / "mask.nii.gz"), "-m", str(model_dir), "-q"]) == 0
+    header = nib.load(str(tmp_path / "mask.nii.gz")).header
+    assert header["sform_code"] == 0 and header["qform_code"] == 1
+    assert np.allclose(header.get_best_affine(), qform)
+
+
 def test_partial_nan_volume_segments_as_window_bottom_and_is_counted(model_dir, tmp_path):
     image, _, affine = labelled_scan()
     image = image.astype(np.float32)
