@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -21,6 +22,11 @@ PREDICTION_TYPES = ("epsilon", "sample")
 MASK_LATENTS = ("sample", "mean")
 LATENT_SCALE_SOURCES = ("std", "autoencoder")
 CHANNEL_MODES = ("replicate", "2.5d")
+# Largest seed of the diffusion noise (and of phantoms): torch's generators take any seed below 2**64,
+# and sample n of a pass uses seed + n. Here, not in the model, so that the command line needs no torch.
+MAX_SEED = 2**63 - 1
+# diffusers' number of UNet levels when a config does not list its blocks (both UNet classes).
+DIFFUSERS_UNET_LEVELS = 4
 
 # 1000-step schedules, both linear in sqrt(beta) (diffusers "scaled_linear", LDM "linear").
 SCHEDULES: dict[str, tuple[str, float, float]] = {
@@ -144,8 +150,10 @@ class Preprocessing:
             raise SDSegInputError(f"HU window must be (low, high) with low < high, got {self.hu_window}")
         if self.channels not in CHANNEL_MODES:
             raise SDSegInputError(f"channels must be one of {CHANNEL_MODES}, got {self.channels!r}")
-        if self.slice_size <= 0 or self.slice_size % 8:
-            raise SDSegInputError(f"slice_size must be a positive multiple of 8, got {self.slice_size}")
+        # What it must be a multiple of depends on the network: SDSegConfig.check_slice_size.
+        if isinstance(self.slice_size, bool) or not isinstance(self.slice_size, numbers.Integral) or self.slice_size <= 0:
+            raise SDSegInputError(f"slice_size must be a positive integer, got {self.slice_size!r}")
+        self.slice_size = int(self.slice_size)
         if not _is_axis_codes(self.orientation):
             raise SDSegInputError(f"orientation must be three axis codes such as RAS or LPS, got {self.orientation!r}")
 
@@ -318,6 +326,17 @@ class SDSegConfig:
             f"unet in_channels must be the mask plus image latent channels = {fused} (concat fusion), got {self.unet.get('in_channels')}",
         )
         check(int(self.unet.get("out_channels", 0)) == latent, f"unet out_channels must equal latent channels ({latent})")
+        self.check_slice_size(self.preprocessing.slice_size)
+
+    def check_slice_size(self, slice_size: int) -> None:
+        """Refuse a slice size this network cannot run: the autoencoder and then the UNet halve it at
+        each level, and the UNet's skip connections need every level's size to be whole."""
+        multiple = self.slice_multiple
+        if slice_size <= 0 or slice_size % multiple:
+            raise SDSegInputError(
+                f"slice size must be a positive multiple of {multiple} for this network (the autoencoder "
+                f"downsamples by {self.downsample_factor}, its UNet by {multiple // self.downsample_factor}), got {slice_size}"
+            )
 
     # -- derived facts -----------------------------------------------------------------------------
     @property
@@ -344,6 +363,13 @@ class SDSegConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.autoencoder["block_out_channels"]) - 1)
+
+    @property
+    def slice_multiple(self) -> int:
+        """What every slice size must be a multiple of: the autoencoder's downsampling times the UNet's
+        (each of its levels but the last halves the latent)."""
+        levels = len(self.unet.get("down_block_types", ())) or DIFFUSERS_UNET_LEVELS
+        return self.downsample_factor * 2 ** (levels - 1)
 
     @property
     def latent_size(self) -> int:

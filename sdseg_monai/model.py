@@ -7,9 +7,11 @@ UNet call at t = T - 1 on seeded noise, then z0_hat is decoded into a probabilit
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai import diffusion
-from sdseg_monai.config import SDSegConfig
+from sdseg_monai.config import MAX_SEED, SDSegConfig
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.layers import drop_unit_output_scale, fuse_upsample_convs
 
@@ -44,6 +46,40 @@ def check_num_shifts(num_shifts: int) -> None:
     """Refuse a shift count that :data:`SHIFT_OFFSETS` does not define."""
     if num_shifts not in SHIFT_OFFSETS:
         raise SDSegInputError(f"num_shifts must be one of {sorted(SHIFT_OFFSETS)}, got {num_shifts}")
+
+
+def _latent_distance(z0: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """:meth:`SDSeg.empty_distance` of latents ``z0`` from the empty latent ``empty``."""
+    return (z0.float() - empty).norm(dim=1).flatten(1).amax(dim=1)
+
+
+def check_seed(seed: int) -> int:
+    """Refuse a seed that is not an integer in 0..:data:`~sdseg_monai.config.MAX_SEED`; returns it."""
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise SDSegInputError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
+    return int(seed)
+
+
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (True would pass for 1) nor a float that happens to be whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def preserved_rng() -> contextlib.AbstractContextManager:
+    """Around building a network whose random initial weights are then overwritten by loaded ones: the
+    caller's global (CPU) random state is left as it was, as if nothing had been drawn."""
+    return torch.random.fork_rng(devices=[])
+
+
+class _EmptyLatentCache:
+    """:meth:`SDSeg.empty_latent`, the key it was computed for, and the encoder's tensors then, held so
+    that no new tensor can take their addresses (a key of addresses could not tell them apart). A copy
+    or a pickle of the model gets an empty cache: it encodes again, rather than carry a second encoder."""
+
+    key = latent = tensors = None
+
+    def __reduce_ex__(self, protocol):
+        return _EmptyLatentCache, ()
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -177,7 +213,9 @@ class SDSeg(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.config = config
+        # Each model owns its config: fit_latent_scale or a new postprocessing must not reach other
+        # models built from the same one (nor the caller's).
+        self.config = config = copy.deepcopy(config)
         self.autoencoder = AutoencoderKL.from_config(config.autoencoder)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
@@ -198,7 +236,7 @@ class SDSeg(nn.Module):
         self.register_buffer(
             "alphas_cumprod", diffusion.alphas_cumprod(config.schedule, config.num_train_timesteps), persistent=False
         )
-        self._empty_latent: tuple[tuple, torch.Tensor] | None = None  # (key, latent), see empty_latent()
+        self._empty_latent = _EmptyLatentCache()
         self._batch_multiple = 1  # COMPILED_BATCH_MULTIPLE once compile_for_inference ran
 
     # -- basics -------------------------------------------------------------------------------------
@@ -209,7 +247,16 @@ class SDSeg(nn.Module):
     def train(self, mode: bool = True) -> SDSeg:
         super().train(mode)
         self.autoencoder.eval()  # frozen: never in train mode
-        self._empty_latent = None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .double(), .cuda() and the like: the schedule stays float64 (z0_hat divides by
+        # sqrt(abar_{T-1}), 1/38.7, and bf16 would round abar by 0.4%), and the empty latent is redone.
+        super()._apply(fn, *args, **kwargs)
+        if self.alphas_cumprod.dtype != torch.float64:
+            schedule = diffusion.alphas_cumprod(self.config.schedule, self.config.num_train_timesteps)
+            self.alphas_cumprod = schedule.to(self.alphas_cumprod.device)
+        self._empty_latent = _EmptyLatentCache()
         return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -219,15 +266,24 @@ class SDSeg(nn.Module):
         if self.null_context is not None:
             yield self.null_context
 
-    def class_indices(self, organs: Sequence[str | int] | None = None) -> list[int]:
-        """Class indices (0..K-1) of the organs named (or given as indices); all organs if None."""
+    def class_indices(self, organs: Sequence[str | int] | str | None = None) -> list[int]:
+        """Class indices (0..K-1) of the organs named (or given as indices); all organs if None. A
+        single name (a plain string) is that one organ."""
         if organs is None:
             return list(range(self.config.num_classes))
+        if isinstance(organs, str):  # not its letters, one by one
+            organs = [organs]
+        if not isinstance(organs, Sequence):
+            raise SDSegInputError(f"organs must be a list of organ names or class indices, got {type(organs).__name__}")
+        if not organs:
+            raise SDSegInputError("organs is empty: name at least one organ (None means every organ of the model)")
         out = []
         for organ in organs:
             if isinstance(organ, str):
                 out.append(self.config.organ_index(organ))
-            elif 0 <= int(organ) < self.config.num_classes:
+            elif not _is_int(organ):
+                raise SDSegInputError(f"an organ is a name or a class index, got {organ!r}")
+            elif 0 <= organ < self.config.num_classes:
                 out.append(int(organ))
             else:
                 raise SDSegInputError(f"organ index {organ} out of range 0..{self.config.num_classes - 1}")
@@ -259,8 +315,7 @@ class SDSeg(nn.Module):
         posterior variance is tiny, so this is near the mean but regularises like mild augmentation,
         and it is what the decoder saw in its own training. ``"mean"`` gives deterministic targets.
         """
-        x = self.masks_to_autoencoder_input(masks.to(self.device))
-        posterior = self.autoencoder.encode(x).latent_dist
+        posterior = self._mask_posterior(masks)
         z = posterior.sample(generator=generator) if self.config.mask_latent == "sample" else posterior.mean
         return z * self.latent_scale if scaled else z
 
@@ -278,27 +333,44 @@ class SDSeg(nn.Module):
         self.config.latent_scale = scale
         return scale
 
+    def _mask_posterior(self, masks: torch.Tensor):
+        """The frozen autoencoder's posterior for binary masks, fed in its encoder's own dtype (fp32
+        unless the whole model was cast, e.g. by ``.to(torch.bfloat16)``)."""
+        x = self.masks_to_autoencoder_input(masks.to(self.device))
+        return self.autoencoder.encode(x.to(_weight_dtype(self.autoencoder.encoder))).latent_dist
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image slices (B, 3, H, W) in [-1, 1] -> image latents c (B, z, H/f, W/f)."""
         return self.vision_encoder(images.to(_weight_dtype(self.vision_encoder)))
 
-    @torch.no_grad()
     def empty_latent(self) -> torch.Tensor:
         """(1, C, h, w) scaled latent (posterior mean, fp32) of an all-background mask at the slice size:
-        what the UNet should predict for an organ absent from the slice. Cached per device and scale."""
+        what the UNet should predict for an organ absent from the slice. A copy: the model keeps its own."""
+        return self._cached_empty_latent().clone()
+
+    @torch.no_grad()
+    def _cached_empty_latent(self) -> torch.Tensor:
+        """:meth:`empty_latent`, computed again whenever the latent scale, the slice size or any tensor
+        of the encoder changes: a load (``load_state_dict`` copies in place, which moves the tensors'
+        version counters), an in-place edit, a cast or a move (new tensors). The check costs 0.8 ms on
+        the paper's encoder (106 tensors), once per :meth:`predict` call; encoding again would cost a
+        whole encoder pass at the slice size (7 s on this project's CPU at 256², about a slice's)."""
         size = self.config.preprocessing.slice_size
-        key = (self.device, self.latent_scale, size)
-        if self._empty_latent is None or self._empty_latent[0] != key:
+        parts = (self.autoencoder.encoder, self.autoencoder.quant_conv)
+        tensors = [p for part in parts if part is not None for p in part.parameters()]
+        key = (self.latent_scale, size, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors))
+        cache = self._empty_latent
+        if cache.key != key:
             with torch.autocast(self.device.type, enabled=False):
-                x = self.masks_to_autoencoder_input(torch.zeros((1, size, size), device=self.device))
-                latent = self.autoencoder.encode(x).latent_dist.mean.float() * self.latent_scale
-            self._empty_latent = (key, latent)
-        return self._empty_latent[1]
+                posterior = self._mask_posterior(torch.zeros((1, size, size)))
+                cache.latent = posterior.mean.float() * self.latent_scale
+            cache.key, cache.tensors = key, [p.detach() for p in tensors]
+        return cache.latent
 
     def empty_distance(self, z0: torch.Tensor) -> torch.Tensor:
         """(B,) how far predicted latents (B, C, h, w) are from an empty mask's: the largest Euclidean
         distance over latent pixels, so that one small organ, a few pixels of the latent, counts."""
-        return (z0.float() - self.empty_latent()).norm(dim=1).flatten(1).amax(dim=1)
+        return _latent_distance(z0, self._cached_empty_latent())
 
     def decode_probabilities(self, z0: torch.Tensor) -> torch.Tensor:
         """z0_hat -> decoder -> clamp to [-1, 1] -> [0, 1] -> channel mean: (B, H, W) probabilities.
@@ -312,9 +384,33 @@ class SDSeg(nn.Module):
 
     @property
     def cast_dtype(self) -> torch.dtype | None:
-        """The dtype :meth:`cast_for_inference` put the UNet in; None while it is fp32."""
+        """The dtype :meth:`cast_for_inference` (or ``.to(dtype)``, ``.half()``...) put the UNet in; None
+        while it is fp32."""
         dtype = _weight_dtype(self.unet)
         return None if dtype == torch.float32 else dtype
+
+    def effective_precision(self, precision: str = "auto", device: str | torch.device | None = None) -> str:
+        """The precision :meth:`predict` runs this model in for ``precision`` on ``device`` (default:
+        the model's own), as it should be recorded with outputs.
+
+        A model whose UNet is not fp32 (:meth:`cast_for_inference`, or ``.to(torch.bfloat16)``,
+        ``.half()``, ``.double()``) runs wholly in that dtype: ``"auto"`` and that dtype's name
+        (``"bf16"``, ``"fp16"``, ``"fp64"``) give it, and any other precision is refused (it cannot be
+        honoured without a cast back). An fp32 model: :func:`resolve_precision`.
+
+        Raises:
+            SDSegInputError: an unknown precision, or one the cast model cannot run.
+        """
+        cast = self.cast_dtype
+        if cast is None:
+            return resolve_precision(self.device if device is None else torch.device(device), precision, self.config)
+        name = DTYPE_NAMES.get(cast, str(cast))
+        if precision not in ("auto", name):
+            raise SDSegInputError(
+                f"this model's weights are {name} (cast_for_inference or .to(dtype)), so it runs {name} only, not "
+                f"precision={precision!r}: call cast_for_inference(torch.float32) (or .float()) first"
+            )
+        return name
 
     def cast_for_inference(self, dtype: torch.dtype) -> SDSeg:
         """Put the vision encoder, the UNet (and its null context) and the mask decoder in ``dtype``, in
@@ -443,7 +539,7 @@ class SDSeg(nn.Module):
     def predict(
         self,
         images: torch.Tensor,
-        organs: Sequence[str | int] | None = None,
+        organs: Sequence[str | int] | str | None = None,
         *,
         seed: int = 0,
         batch_size: int | None = None,
@@ -463,12 +559,14 @@ class SDSeg(nn.Module):
 
         Args:
             images: (S, 3, H, W) slices in [-1, 1] at the model's slice size.
-            organs: organ names or class indices (default: every organ of the model).
-            seed: seed of the shared initial noise; sample n uses ``seed + n``.
+            organs: organ names or class indices, or one organ's name (default: every organ of the model).
+            seed: seed of the shared initial noise, 0..2**63-1; sample n uses ``seed + n``.
             batch_size: (slice, organ) pairs per forward pass (default: automatic).
-            num_steps: 1 is SDSeg's one-step reverse process; more runs a DDIM chain.
+            num_steps: 1 is SDSeg's one-step reverse process; more (up to the schedule's T) runs a
+                DDIM chain.
             num_samples: averages the probability maps of this many noise draws.
-            precision: ``"auto"`` (see :func:`resolve_precision`), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+            precision: ``"auto"`` (see :func:`resolve_precision`), ``"fp32"``, ``"bf16"``, ``"fp16"``;
+                a model cast to another dtype runs in that one only (see :meth:`effective_precision`).
             skip_decode_radius: pairs closer than this to an empty mask are not decoded; their maps
                 are zero (0 decodes every pair; see ``Postprocessing.skip_decode_radius``).
             return_distances: also return each pair's :meth:`empty_distance` (the largest over the
@@ -480,14 +578,17 @@ class SDSeg(nn.Module):
         Returns:
             (S, K, H, W) float32 probabilities on the images' device, and with ``return_distances``
             the (S, K) float32 distances there too (no copy to the host, no wait for it, per batch).
+
+        Raises:
+            SDSegInputError: an argument out of range or of the wrong kind, in one line, before any
+                compute.
+
+        Call ``model.eval()`` first: in train mode (as ``SDSeg(config)`` builds it, like every
+        ``nn.Module``) dropout is active and draws from the global random state, so the same input and
+        seed no longer give the same output.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise SDSegInputError(f"expected image slices of shape (S, 3, H, W), got {tuple(images.shape)}")
-        if num_steps < 1 or num_samples < 1:
-            raise SDSegInputError("num_steps and num_samples must be >= 1")
-        if not skip_decode_radius >= 0:
-            raise SDSegInputError(f"skip_decode_radius must be >= 0, got {skip_decode_radius}")
-        check_num_shifts(num_shifts)
+        self._check_predict_arguments(images, batch_size, num_steps, num_samples, seed, skip_decode_radius, num_shifts)
+        precision = self.effective_precision(precision)
         if num_shifts > 1:
             return self._predict_shifted(
                 images, organs, num_shifts, seed=seed, batch_size=batch_size, num_steps=num_steps,
@@ -501,10 +602,11 @@ class SDSeg(nn.Module):
         out = torch.zeros((n_slices, n_organs, *images.shape[-2:]), dtype=torch.float32, device=images.device)
         distances = torch.zeros((n_slices, n_organs), dtype=torch.float32, device=images.device)
         measure = return_distances or skip_decode_radius > 0
+        empty = self._cached_empty_latent() if measure else None  # checked once per call, not per batch
         noises = [self.initial_noise(seed + n) for n in range(num_samples)]
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
         # A model cast by cast_for_inference runs in its dtype; autocast would put its GroupNorms back in fp32.
-        with autocast(device, precision, self.config) if self.cast_dtype is None else contextlib.nullcontext():
+        with autocast(device, precision) if self.cast_dtype is None else contextlib.nullcontext():
             cond = torch.cat([self.encode_images(images[i : i + batch].to(device)) for i in range(0, n_slices, batch)])
             for start in range(0, n_slices * n_organs, batch):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
@@ -512,7 +614,7 @@ class SDSeg(nn.Module):
                 c, cls = cond[slice_idx], class_tensor[organ_idx]
                 latents = [self.reverse(c, cls, noise, num_steps) for noise in noises]
                 if measure:
-                    distance = torch.stack([self.empty_distance(z) for z in latents]).amax(dim=0)
+                    distance = torch.stack([_latent_distance(z, empty) for z in latents]).amax(dim=0)
                     distances[slice_idx.to(distances.device), organ_idx.to(distances.device)] = distance.float().to(distances.device)
                 if skip_decode_radius > 0:
                     decode = (distance >= skip_decode_radius).nonzero()[:, 0]
@@ -524,6 +626,30 @@ class SDSeg(nn.Module):
                 prob = (prob / num_samples).float().to(out.device)
                 out[slice_idx.to(out.device), organ_idx.to(out.device)] = prob
         return (out, distances) if return_distances else out
+
+    def _check_predict_arguments(self, images, batch_size, num_steps, num_samples, seed, skip_decode_radius, num_shifts):
+        """:meth:`predict`'s refusals of plain misuse, each in one line (no tensor is read: cheap)."""
+        size = self.config.preprocessing.slice_size
+        expected = f"(S, 3, {size}, {size}) (this model's slice size is {size})"
+        if not isinstance(images, torch.Tensor):
+            raise SDSegInputError(f"images must be a torch.Tensor of shape {expected}, got {type(images).__name__}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise SDSegInputError(f"expected image slices of shape {expected}, got {tuple(images.shape)}")
+        if not images.shape[0]:
+            raise SDSegInputError("no image slices to segment (S = 0)")
+        if not images.is_floating_point():
+            raise SDSegInputError(f"images must be floating point, in [-1, 1], got {images.dtype}")
+        if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
+            raise SDSegInputError(f"batch_size must be a positive integer (or None: automatic), got {batch_size!r}")
+        steps = self.config.num_train_timesteps
+        if not (_is_int(num_steps) and 1 <= num_steps <= steps):
+            raise SDSegInputError(f"num_steps must be an integer in 1..{steps} (the schedule's steps), got {num_steps!r}")
+        if not (_is_int(num_samples) and num_samples >= 1):
+            raise SDSegInputError(f"num_samples must be a positive integer, got {num_samples!r}")
+        check_seed(seed)
+        if not (isinstance(skip_decode_radius, numbers.Real) and skip_decode_radius >= 0):
+            raise SDSegInputError(f"skip_decode_radius must be >= 0, got {skip_decode_radius!r}")
+        check_num_shifts(num_shifts)
 
     def _predict_shifted(self, images: torch.Tensor, organs, num_shifts: int, return_distances: bool, **options):
         """:meth:`predict` averaged over the shifts of :data:`SHIFT_OFFSETS`: each pass rolls the
@@ -548,10 +674,12 @@ class SDSeg(nn.Module):
             path: the model folder (replaced whole if it holds an earlier model; a non-empty folder
                 holding none is refused, see :func:`check_output_folder`).
             dtype: store floating-point weights in this dtype (e.g. ``torch.float16`` halves the
-                size of a packaged model); loading always restores the model's own dtype.
+                size of a packaged model): ``torch.float32``, ``float16``, ``bfloat16`` or ``float64``,
+                or its name (``"float16"`` or ``"fp16"``...); loading always restores the model's own dtype.
         """
         from safetensors.torch import save_file
 
+        dtype = None if dtype is None else storage_dtype(dtype)
         if self.config.latent_scale is None:
             raise SDSegInputError("cannot save a model whose latent scale is not set (call fit_latent_scale)")
         path = Path(path)
@@ -562,7 +690,9 @@ class SDSeg(nn.Module):
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "sdseg_class": "SDSeg"})
+            # One metadata key: safetensors writes them in a hash map's random order, so two keys made the
+            # same model's bytes (and its model_hash) differ from one save to the next.
+            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -572,19 +702,29 @@ class SDSeg(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SDSeg:
         """Load a model folder written by :meth:`save_pretrained`, or a MONAI bundle folder written by
-        :func:`sdseg_monai.bundle.export_bundle`."""
+        :func:`sdseg_monai.bundle.export_bundle`, in eval mode.
+
+        Args:
+            path: the model or bundle folder.
+            device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (see
+                :func:`resolve_device`).
+
+        Loading leaves the caller's global random state as it was.
+        """
         from sdseg_monai.weights import load_state_into, read_state_dict
 
+        target = resolve_device(device)
         config_path, weights_path = model_files(path)
         config = SDSegConfig.from_json_file(config_path)
         if config.latent_scale is None:
             raise SDSegInputError("model config has no latent_scale", config_path)
         try:
-            model = cls(config)
+            with preserved_rng():
+                model = cls(config)
         except (TypeError, ValueError, KeyError, IndexError) as e:  # diffusers refuses the network's shape
             raise SDSegInputError(f"invalid network in the model config ({type(e).__name__}: {e})", config_path) from None
         load_state_into(model, read_state_dict(weights_path), weights_path, what="SDSeg model")
-        return model.to(device).eval()
+        return model.to(target).eval()
 
     def describe(self) -> dict:
         """Parameter counts per part, for logs and model cards."""
@@ -749,9 +889,27 @@ def resolve_precision(device: torch.device, precision: str = "auto", config: SDS
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
+# The floating dtypes a model runs (and is saved) in, by the names precisions have here.
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
 def precision_dtype(precision: str) -> torch.dtype:
     """The torch dtype of an explicit precision (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {name: dtype for dtype, name in DTYPE_NAMES.items()}[precision]
+
+
+def storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A dtype :meth:`SDSeg.save_pretrained` may store weights in (one of :data:`DTYPE_NAMES`, which
+    :meth:`SDSeg.from_pretrained` reads back), given as a ``torch.dtype`` or by name (``"float16"``,
+    ``"fp16"``); anything else (integers, float8) is refused before anything is written."""
+    if isinstance(dtype, str):
+        names = {name: d for d, name in DTYPE_NAMES.items()} | {str(d).removeprefix("torch."): d for d in DTYPE_NAMES}
+        found = names.get(dtype.removeprefix("torch."))
+    else:
+        found = dtype if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES else None
+    if found is None:
+        raise SDSegInputError(f"dtype to save weights in must be float32, float16, bfloat16 or float64, got {dtype!r}")
+    return found
 
 
 def autocast(device: torch.device, precision: str = "auto", config: SDSegConfig | None = None):

@@ -505,6 +505,8 @@ def load_autoencoder(source: PathLike, config: dict | PathLike | None = None, st
     """
     from diffusers import AutoencoderKL
 
+    from sdseg_monai.model import preserved_rng
+
     folder = component_folder(source, "vae")
     if folder is not None:
         cfg = _config_arg(config, read_config(folder))
@@ -515,7 +517,8 @@ def load_autoencoder(source: PathLike, config: dict | PathLike | None = None, st
         origin = Path(source)
         tensors = None
     try:
-        model = AutoencoderKL.from_config(cfg)
+        with preserved_rng():  # random initial weights, overwritten below
+            model = AutoencoderKL.from_config(cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"config does not describe an AutoencoderKL ({e})", folder or origin) from None
     if tensors is None:  # the converter reads keys a partial config may leave to diffusers' defaults
@@ -543,7 +546,15 @@ def load_unet(
         attention_heads: heads of the AttentionBlocks of an LDM ``UNet2DModel`` file; the returned model
             uses that many heads in every attention layer, as the checkpoint does.
     """
+    return _load_unet(source, config, state, attention_heads)[0]
+
+
+def _load_unet(source: PathLike, config: dict | PathLike | None, state: dict | None, attention_heads: int):
+    """:func:`load_unet`, and whether the UNet came from an LDM ``UNet2DModel`` file (whose heads
+    ``attention_heads`` set in every layer, where a diffusers UNet has its own config's layout)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from sdseg_monai.model import preserved_rng, set_attention_heads
 
     folder = component_folder(source, "unet")
     if folder is not None:
@@ -564,17 +575,16 @@ def load_unet(
         if ldm_unet2d:
             cfg = ldm_openai_unet2d_config(cfg)
     try:
-        model = cls.from_config(cfg)
+        with preserved_rng():  # random initial weights, overwritten below
+            model = cls.from_config(cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"config does not describe a {cls.__name__} ({e})", folder or origin) from None
     if tensors is None:  # the converter reads keys a partial config may leave to diffusers' defaults
         tensors = _unet_state(raw, {**model.config, **cfg}, origin, attention_heads=attention_heads)
     load_state_into(model, tensors, origin, what="UNet")
     if ldm_unet2d:
-        from sdseg_monai.model import set_attention_heads
-
         set_attention_heads(model, attention_heads)
-    return model.eval()
+    return model.eval(), ldm_unet2d
 
 
 def widen_conv_in(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
@@ -627,9 +637,8 @@ def with_training_changes(
         model.config.mask_loss_weight = float(mask_loss_weight)
         model.config.validate()
     if slice_size is not None:
+        model.config.check_slice_size(slice_size)
         factor = model.config.downsample_factor
-        if slice_size <= 0 or slice_size % factor:
-            raise SDSegInputError(f"slice size must be a positive multiple of {factor}, got {slice_size}")
         model.config.preprocessing.slice_size = int(slice_size)
         model.config.unet["sample_size"] = int(slice_size) // factor
         model.config.autoencoder["sample_size"] = int(slice_size)
@@ -680,7 +689,10 @@ def sdseg_from_pretrained_parts(
       :func:`sdseg_monai.training.train_mask_autoencoder`.
 
     The vision encoder copies the autoencoder's encoder weights. conv_in's extra input channels and a
-    new class embedding start at zero, so the UNet initially matches the pretrained one.
+    new class embedding start at zero, so the UNet initially matches the pretrained one. Its attention
+    layout is the pretrained one's too: a UNet in diffusers keys keeps its own config's heads (the
+    paper preset's 8 heads are not forced on it; ``attention_heads`` in ``overrides`` sets them), an
+    LDM ``UNet2DModel`` file gets ``attention_heads`` (default 8, as LDM checkpoints have) in every layer.
     """
     from sdseg_monai.model import SDSeg
 
@@ -701,12 +713,13 @@ def sdseg_from_pretrained_parts(
     if unet is not None:
         if preset == "paper" and unet_config is None and Path(unet).is_file():
             unet_config = paper_ldm_unet_config()
-        pretrained_unet = load_unet(
-            unet,
-            unet_config,
-            state=raw if raw is not None and unet == stable_diffusion else None,
-            attention_heads=overrides.get("attention_heads") or LDM_ATTENTION_HEADS,
+        heads = overrides.get("attention_heads") or LDM_ATTENTION_HEADS
+        pretrained_unet, ldm_heads = _load_unet(
+            unet, unet_config, state=raw if raw is not None and unet == stable_diffusion else None, attention_heads=heads
         )
+        # The model's config must rebuild the loaded layout (on save and load too): the LDM file's heads,
+        # else the UNet's own config's, unless the caller names the heads.
+        overrides["attention_heads"] = heads if ldm_heads else overrides.get("attention_heads")
     config: SDSegConfig = model_preset(
         preset,
         dataset=dataset,
@@ -728,5 +741,5 @@ def sdseg_from_pretrained_parts(
             state["class_embedding.weight"] = torch.zeros_like(own["class_embedding.weight"])
         load_state_into(model.unet, state, unet, what="SDSeg UNet")
     if config.latent_scale_source == "autoencoder":
-        config.latent_scale = float(vae.config.get("scaling_factor", 0.18215))
+        model.config.latent_scale = float(vae.config.get("scaling_factor", 0.18215))
     return model

@@ -327,8 +327,10 @@ def test_a_model_retargeted_to_larger_slices_segments_them(micro_model):
     assert model.config.preprocessing.slice_size == 64 and model.config.latent_size == 8
     assert model.initial_noise(0).shape == (1, 4, 8, 8)
     assert model.predict(torch.zeros(2, 3, 64, 64), seed=0).shape == (2, 3, 64, 64)
-    with pytest.raises(SDSegInputError, match="slice size must be a positive multiple of 8, got 60"):
-        with_training_changes(micro_model, slice_size=60)
+    # 40 is a multiple of the autoencoder's 8, not of the 16 that its UNet's halving needs too.
+    with pytest.raises(SDSegInputError, match=r"slice size must be a positive multiple of 16 .*its UNet by 2\), got 40"):
+        with_training_changes(model, slice_size=40)
+    assert model.config.preprocessing.slice_size == 64 and model.config.unet["sample_size"] == 8  # left as it was
 
 
 def test_cuda_batch_size_follows_the_decoder_memory_of_the_model():
@@ -390,3 +392,132 @@ def test_predict_is_the_reference_steps_written_out_by_hand(prediction_type):
                 x = model.autoencoder.decode(z0 / 0.37).sample
                 expected = torch.clamp((x + 1) / 2, 0, 1).mean(dim=1)[0]
                 assert torch.allclose(predicted[s, k], expected, atol=1e-5), (s, k)
+
+
+# -- ownership, dtypes, devices and persistence of the public API -----------------------------------
+
+
+def test_each_model_owns_its_config():
+    """Two models built from one config: fitting one's latent scale or giving it new postprocessing
+    leaves the other (and the caller's config) as they were, so the other still decodes with its scale."""
+    from sdseg_monai.config import Postprocessing
+
+    torch.manual_seed(0)
+    config = micro_config()
+    a, b = SDSeg(config), SDSeg(config)
+    scale = a.fit_latent_scale(blob_masks(4))
+    assert scale != 0.5 and a.latent_scale == scale
+    assert b.latent_scale == 0.5 and config.latent_scale == 0.5
+    a.config.postprocessing = Postprocessing(default_threshold=0.3)
+    assert b.config.postprocessing.default_threshold == 0.5 == config.postprocessing.default_threshold
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.02), (torch.float16, 0.005), (torch.float64, 1e-5)])
+def test_a_model_converted_with_to_dtype_measures_distances(micro_model, slices, dtype, tolerance):
+    """``.to(dtype)`` casts the autoencoder's encoder too: the empty mask's latent is encoded in its
+    dtype, and the schedule stays float64 for the one-step arithmetic."""
+    import copy
+
+    converted = copy.deepcopy(micro_model).to(dtype)
+    assert {p.dtype for p in converted.autoencoder.encoder.parameters()} == {dtype}
+    got, measured = converted.predict(slices, seed=0, return_distances=True)
+    maps, distances = micro_model.predict(slices, seed=0, return_distances=True)
+    assert torch.equal(converted.alphas_cumprod, micro_model.alphas_cumprod)  # float64, not rounded to dtype
+    assert got.dtype == measured.dtype == torch.float32
+    assert (got - maps).abs().max() < tolerance
+    assert ((measured - distances).abs() / distances).max() < tolerance
+    assert converted.effective_precision() == {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[dtype]
+
+
+def test_a_cast_model_runs_its_dtype_and_refuses_another_precision(micro_model, slices):
+    from sdseg_monai.model import resolve_precision
+
+    micro_model.cast_for_inference(torch.bfloat16)
+    for other in ("fp32", "fp16"):  # it would run bf16 all the same
+        with pytest.raises(SDSegInputError, match=rf"runs bf16 only, not precision='{other}': call cast_for_inference\(torch.float32\)"):
+            micro_model.predict(slices, precision=other)
+    assert micro_model.effective_precision() == micro_model.effective_precision("bf16") == "bf16"
+    micro_model.cast_for_inference(torch.float32)
+    cpu = torch.device("cpu")
+    for precision in ("auto", "fp32", "bf16"):  # an fp32 model: as resolve_precision says
+        assert micro_model.effective_precision(precision) == resolve_precision(cpu, precision, micro_model.config)
+    assert micro_model.effective_precision("fp32") == "fp32"
+    assert micro_model.predict(slices, precision="fp32").shape == (4, 3, 32, 32)
+
+
+def test_from_pretrained_resolves_devices_as_the_segmenter_does(model_dir):
+    from sdseg_monai.model import resolve_device
+
+    assert SDSeg.from_pretrained(model_dir, device="auto").device == resolve_device("auto")
+    with pytest.raises(SDSegInputError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        SDSeg.from_pretrained(model_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SDSegInputError, match="device cuda requested but CUDA is not available"):
+            SDSeg.from_pretrained(model_dir, device="cuda")
+
+
+def test_a_slice_size_the_network_cannot_halve_is_refused_in_its_config():
+    """The autoencoder halves a slice 3 times (f=8), then the UNet once per level but its last: the
+    tiny preset's 3 levels need multiples of 32, the micro model's 2 levels multiples of 16."""
+    from sdseg_monai.config import model_preset
+
+    for size in (24, 40, 100):
+        with pytest.raises(SDSegInputError, match=rf"slice size must be a positive multiple of 32 .* got {size}$"):
+            model_preset("tiny", preprocessing={"slice_size": size})
+    assert model_preset("tiny", preprocessing={"slice_size": 96}).latent_size == 12
+    with pytest.raises(SDSegInputError, match="multiple of 16"):
+        micro_config(preprocessing={"hu_window": (-175, 250), "slice_size": 24})
+    torch.manual_seed(0)
+    smallest = SDSeg(micro_config(preprocessing={"hu_window": (-175, 250), "slice_size": 16})).eval()
+    assert smallest.predict(torch.zeros(1, 3, 16, 16), seed=0).shape == (1, 3, 16, 16)  # what it accepts runs
+
+
+def test_loading_leaves_the_global_random_state_alone(model_dir):
+    state = torch.get_rng_state()
+    SDSeg.from_pretrained(model_dir)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_empty_latent_is_a_copy_and_follows_the_encoder(slices):
+    torch.manual_seed(0)
+    a = SDSeg(micro_config()).eval()
+    torch.manual_seed(0)
+    twin = SDSeg(micro_config()).eval()
+    torch.manual_seed(1)
+    b = SDSeg(micro_config()).eval()
+    a.empty_latent().mul_(0)  # the caller's copy, not the model's
+    assert torch.equal(a.predict(slices, seed=0, return_distances=True)[1], twin.predict(slices, seed=0, return_distances=True)[1])
+    a.load_state_dict(b.state_dict())  # new weights: a now measures as b does
+    assert torch.equal(a.predict(slices, seed=0, return_distances=True)[1], b.predict(slices, seed=0, return_distances=True)[1])
+    with torch.no_grad():  # an edit in place
+        a.autoencoder.encoder.conv_in.bias.add_(1.0)
+    assert not torch.equal(a.empty_latent(), b.empty_latent())
+    b.autoencoder.encoder.to(torch.bfloat16)  # a round trip of the encoder alone: its rounding is seen
+    b.autoencoder.encoder.to(torch.float32)
+    with torch.no_grad():
+        expected = b.autoencoder.encode(-torch.ones(1, 3, 32, 32)).latent_dist.mean * 0.5
+    assert torch.equal(b.empty_latent(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, getattr(torch, "float8_e4m3fn", torch.uint8), "int8", "float17", 16])
+def test_saving_in_a_dtype_that_cannot_be_loaded_is_refused_before_writing(micro_model, tmp_path, dtype):
+    with pytest.raises(SDSegInputError, match="dtype to save weights in must be float32, float16, bfloat16 or float64"):
+        micro_model.save_pretrained(tmp_path / "model", dtype=dtype)
+    assert not any(tmp_path.iterdir())
+
+
+def test_dtypes_to_save_in_may_be_named(micro_model, slices, tmp_path):
+    typed = micro_model.save_pretrained(tmp_path / "typed", dtype=torch.bfloat16)
+    for name in ("bfloat16", "bf16", "torch.bfloat16"):
+        named = micro_model.save_pretrained(tmp_path / name, dtype=name)
+        assert (named / "model.safetensors").read_bytes() == (typed / "model.safetensors").read_bytes()
+    assert SDSeg.from_pretrained(typed).predict(slices, seed=0).shape == (4, 3, 32, 32)
+
+
+def test_saving_the_same_model_twice_writes_the_same_bytes(micro_model, tmp_path):
+    """The weights file's bytes feed model_hash, recorded with every output."""
+    from sdseg_monai.model import model_hash
+
+    first = micro_model.save_pretrained(tmp_path / "first")
+    hashes = {model_hash(micro_model.save_pretrained(tmp_path / f"again{k}")) for k in range(6)}
+    assert hashes == {model_hash(first)}

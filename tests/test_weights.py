@@ -290,22 +290,68 @@ def test_sd_v1_model_from_pretrained_parts_starts_as_the_pretrained_unet(source,
         check_parts(model, pretrained["vae"], pretrained["unet"], organs, inputs, context)
 
 
+def attention_heads(unet) -> list[int]:
+    """The head count of each attention layer of a UNet, in order."""
+    return [a.heads for a in unet.modules() if hasattr(a, "heads")]
+
+
 @pytest.mark.parametrize("organs", [ORGANS, ["liver"]], ids=["3-organs", "1-organ"])
-def test_paper_model_from_pretrained_parts_starts_as_the_pretrained_unet(organs, files, pretrained, inputs):
+def test_paper_model_from_pretrained_parts_starts_as_the_pretrained_unet(organs, files, pretrained, inputs, tmp_path):
+    from sdseg_monai.model import SDSeg
+
     model = sdseg_from_pretrained_parts(
         "paper", autoencoder=files["klf8"], autoencoder_config=VAE_CONFIG, unet=files["unet2d"],
         dataset="btcv", organs=organs,
     ).eval()
-    assert model.config.attention_heads == 8 and isinstance(model.unet, UNet2DModel)
-    assert {a.heads for a in model.unet.modules() if hasattr(a, "heads")} == {8}
-    # The preset's 8 heads everywhere differ from the 4 that head width 8 gives at width 32, so the
-    # reference is the pretrained UNet with the same heads (the weights are the same either way).
+    # A diffusers UNet keeps its own attention layout (head width 8: 4 heads at width 32, 8 at 64),
+    # not the preset's 8 heads everywhere, which would make it compute something else.
+    assert isinstance(model.unet, UNet2DModel) and model.config.attention_heads is None
+    assert attention_heads(model.unet) == attention_heads(pretrained["unet2d"]) and 4 in attention_heads(model.unet)
+    eight = copy.deepcopy(pretrained["unet2d"])
+    set_attention_heads(eight, 8)
+    with torch.no_grad():
+        expected = check_parts(model, pretrained["vae"], pretrained["unet2d"], organs, inputs, None)
+        assert (unet_out(eight, inputs["z"], inputs["t"]) - expected).abs().max() > 1e-3  # heads change the function
+    # The layout is in the config: the saved model rebuilds it.
+    model.config.latent_scale = 0.5
+    loaded = SDSeg.from_pretrained(model.save_pretrained(tmp_path / "model"))
+    assert attention_heads(loaded.unet) == attention_heads(pretrained["unet2d"])
+    classes = torch.zeros(2, dtype=torch.long) if len(organs) > 1 else None
+    with torch.no_grad():
+        args = (inputs["z"], torch.ones_like(inputs["z"]), inputs["t"], classes)
+        assert torch.equal(loaded.denoise(*args), model.denoise(*args))
+
+
+def test_heads_named_for_a_pretrained_unet_are_the_callers_choice(files, pretrained):
+    """A diffusers folder saved from an LDM conversion lost its heads (diffusers stores a head width):
+    naming them puts them back, in the model and in its config."""
+    model = sdseg_from_pretrained_parts(
+        "paper", autoencoder=files["klf8"], autoencoder_config=VAE_CONFIG, unet=files["unet2d"],
+        organs=["liver"], attention_heads=8,
+    ).eval()
+    assert model.config.attention_heads == 8 and set(attention_heads(model.unet)) == {8}
     reference = copy.deepcopy(pretrained["unet2d"])
     set_attention_heads(reference, 8)
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 999])
     with torch.no_grad():
-        expected = check_parts(model, pretrained["vae"], reference, organs, inputs, None)
-        plain = unet_out(pretrained["unet2d"], inputs["z"], inputs["t"])
-    assert not torch.allclose(plain, expected, atol=1e-4)  # the head count really changes the function
+        assert torch.allclose(model.denoise(z, torch.zeros_like(z), t, None), unet_out(reference, z, t), atol=1e-5)
+
+
+def test_a_latent_scale_taken_from_the_autoencoder_is_the_models(files):
+    model = sdseg_from_pretrained_parts(
+        "paper", autoencoder=files["klf8"], autoencoder_config=VAE_CONFIG, unet=files["unet2d"],
+        organs=["liver"], latent_scale_source="autoencoder",
+    )
+    assert model.config.latent_scale == pytest.approx(0.18215)  # diffusers' scaling_factor, VAE_CONFIG names none
+
+
+def test_loading_parts_leaves_the_global_random_state_alone(files):
+    """Loaders build networks whose random initial weights the file's replace: the caller's random
+    state must not move (a seeded experiment would draw other numbers after a load)."""
+    state = torch.get_rng_state()
+    load_autoencoder(files["klf8"], VAE_CONFIG)
+    load_unet(files["unet2d"])
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # -- bad inputs: one line, naming the file --------------------------------------------------------
