@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai import diffusion
 from sdseg_monai.config import MAX_SEED, SDSegConfig
+from sdseg_monai.data import current_umask
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.layers import drop_unit_output_scale, fuse_upsample_convs
 
@@ -800,9 +801,7 @@ def replace_dir(new: Path, target: Path, *inputs: str | os.PathLike | None) -> N
     """Move folder ``new`` to ``target``; an existing ``target`` is swapped out, never half-overwritten,
     and only when :func:`check_output_folder` allows it (``inputs`` are never replaced)."""
     check_output_folder(target, *inputs)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder gets ordinary permissions
+    os.chmod(new, 0o777 & ~current_umask())  # mkdtemp makes 0700; a model folder gets ordinary permissions
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         old.rmdir()

@@ -39,6 +39,23 @@ def test_atomic_paths_reads_the_umask_without_setting_it(tmp_path, monkeypatch, 
     assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.txt", "b.txt")} == {0o640}
 
 
+def test_a_replaced_model_folder_takes_the_umask_without_setting_it(tmp_path, monkeypatch, umask_027):
+    """The same for the folders that calibrate, export-bundle and train-autoencoder put in place."""
+    import tempfile
+
+    from sdseg_monai.model import replace_dir
+
+    new = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as the writers make it
+    (new / "config.json").write_text("{}\n")
+
+    def umask(_):
+        raise AssertionError("os.umask called while replacing a folder")
+
+    monkeypatch.setattr(os, "umask", umask)
+    replace_dir(new, tmp_path / "model")
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask_027 == 0o750
+
+
 def test_the_umask_falls_back_to_its_value_at_import(tmp_path, monkeypatch, umask_027):
     """Without /proc (macOS, a sandbox), the value read once at import stands in."""
     if data._proc_umask() != umask_027:
