@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdseg_monai._quiet import quiet_dicom
 from sdseg_monai.errors import SDSegInputError
 
 # LPS (DICOM / ITK) to RAS (NIfTI / MONAI) world coordinates.
@@ -258,6 +259,7 @@ def _multi_frame(header, path: Path) -> list[Frame] | None:
     return frames or None
 
 
+@quiet_dicom()
 def _read_header(path: Path):
     import pydicom
 
@@ -266,6 +268,7 @@ def _read_header(path: Path):
         return pydicom.dcmread(path, stop_before_pixels=True)
 
 
+@quiet_dicom()  # a header's values are checked where first used: in this loop, not in dcmread
 def index_tree(root: str | os.PathLike, include_derived: bool = False) -> DicomIndex:
     """Index every file under ``root`` (a folder, or one file): DICOM series split into QC'd stacks,
     and NIfTI files. Unreadable files and non-DICOM files are counted, never fatal."""
@@ -501,6 +504,7 @@ class _UnreadableFrame(Exception):
     pass
 
 
+@quiet_dicom()
 def _decode_error(path: Path, error: Exception) -> str:
     import pydicom
 
@@ -515,6 +519,7 @@ def _decode_error(path: Path, error: Exception) -> str:
     return f"an image cannot be read ({type(error).__name__})"
 
 
+@quiet_dicom()
 def _pixels(path: Path) -> np.ndarray:
     import pydicom
 

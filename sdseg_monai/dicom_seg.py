@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sdseg_monai._quiet import quiet_dicom
 from sdseg_monai._version import __version__
 from sdseg_monai.data import atomic_paths
 from sdseg_monai.errors import SDSegInputError
@@ -165,7 +166,8 @@ def _scrubbed(message: str, sources: list) -> str:
     line = message.splitlines()[0] if message else "no detail"
     for text in sorted(_header_texts(sources), key=len, reverse=True):
         if len(text) > 2:
-            line = line.replace(text, "<header text>")
+            # highdicom quotes a value as Python writes it, control characters escaped.
+            line = line.replace(text, "<header text>").replace(repr(text)[1:-1], "<header text>")
     return line
 
 
@@ -219,6 +221,7 @@ def _segment_descriptions(hd, organs: list[dict], numbers: list[int], dataset: s
     return descriptions
 
 
+@quiet_dicom()  # highdicom reads the sources' values, and copies patient and study into the SEG
 def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike, *, organs: list[dict],
                     dataset: str | None = None, seg_type: str = "binary", frame_numbers: list[int] | None = None,
                     model_hash: str = "", series_number: int = 901) -> Path:

@@ -16,8 +16,10 @@ Logs name UIDs, AE titles and addresses only: no patient name or other header te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdseg_monai._quiet import quiet_dicom
 from sdseg_monai.errors import SDSegInputError
 
 log = logging.getLogger("sdseg3d.node")
@@ -104,6 +107,18 @@ def parse_allow(text: str | None) -> list[tuple[str, str | None]]:
     return allowed
 
 
+def _seconds(value, what: str) -> float:
+    """A positive, finite number of seconds. NaN passes a ``<= 0`` check and would leave every series
+    waiting for good, as infinity would."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SDSegInputError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
 def _valid_uids(*values) -> bool:
     from sdseg_monai.dicom import valid_uid
 
@@ -134,11 +149,14 @@ class DicomNode:
                  max_retry_seconds: float = 300.0, **segmenter_options):
         from sdseg_monai.batch import BatchRunner, dicom_seg_available
 
+        quiet_seconds = _seconds(quiet_seconds, "--quiet-seconds")
+        retry_seconds = _seconds(retry_seconds, "--retry-seconds")
+        max_retry_seconds = _seconds(max_retry_seconds, "max_retry_seconds")
+        if max_retry_seconds < retry_seconds:
+            raise SDSegInputError(f"--retry-seconds must be at most {max_retry_seconds:g}, the longest back-off; got {retry_seconds:g}")
         _pynetdicom()
         if not dicom_seg_available():
             raise SDSegInputError('the DICOM node writes DICOM SEG, which needs highdicom: pip install "sdseg3d[dicom]"')
-        if quiet_seconds <= 0 or retry_seconds <= 0 or max_retry_seconds < retry_seconds:
-            raise SDSegInputError("--quiet-seconds and the retry intervals must be positive (max >= first)")
         self.ae_title = _check_ae_title(ae_title, "--ae-title")
         self.store = Path(store)
         if self.store.exists() and not self.store.is_dir():
@@ -148,7 +166,7 @@ class DicomNode:
             folder.mkdir(parents=True, exist_ok=True)
         self.runner = BatchRunner(model, self.results, dicom_seg=True, seg_type=seg_type, **segmenter_options)
         self.forward, self.allow = forward, list(allow or [])
-        self.quiet_seconds, self.retry_seconds, self.max_retry_seconds = float(quiet_seconds), float(retry_seconds), float(max_retry_seconds)
+        self.quiet_seconds, self.retry_seconds, self.max_retry_seconds = quiet_seconds, retry_seconds, max_retry_seconds
         self.bind = (host, int(port))
         self.port = int(port)
         self.rows: dict[str, dict] = self._load_rows()
@@ -163,6 +181,7 @@ class DicomNode:
         self._held: dict[str, float] = {}  # outbox item -> when to try again, where its record could not be written
         self._threads: list[threading.Thread] = []
         self._server = None
+        self._quiet = contextlib.ExitStack()  # quiet_dicom() from start to stop
         self.busy = False  # a series is being segmented
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -184,9 +203,13 @@ class DicomNode:
         if self.allow:
             ae.require_calling_aet = sorted({title for title, _ in self.allow})
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_ACCEPTED, self._on_accepted)]
+        # pynetdicom decodes what senders send on its own threads (a C-STORE request names the
+        # instance's UID), and the SEGs sent hold the sources' patient: no value checks while serving.
+        self._quiet.enter_context(quiet_dicom())
         try:
             self._server = ae.start_server(self.bind, block=False, evt_handlers=handlers)
         except OSError as e:
+            self._quiet.close()
             raise SDSegInputError(f"cannot listen on port {self.bind[1]}: {e.strerror or e}") from None
         self.port = self._server.server_address[1]
         for series_dir in sorted(self.incoming.glob("*/*")):
@@ -214,6 +237,7 @@ class DicomNode:
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []
+        self._quiet.close()
         log.info("stopped; %d SEG(s) waiting in the outbox", len(list(self.outbox.glob("*.json"))))
 
     def __enter__(self) -> DicomNode:

@@ -401,3 +401,20 @@ def test_dates_and_times_pydicom_cannot_parse_still_give_a_seg_and_never_reach_a
     sources[0].OtherPatientIDsSequence[0].PatientID = "NESTED-ID-123"
     message = _scrubbed("bad value 00000000, AXIAL and NESTED-ID-123 in it", sources)
     assert "00000000" not in message and "AXIAL" not in message and "NESTED-ID-123" not in message
+
+
+def test_a_refusal_never_quotes_a_header_value_even_as_python_escapes_it(tmp_path):
+    """highdicom quotes a value it refuses with repr(): a Specific Character Set of "EVIL\\nFAKE" came
+    out as 'EVIL\\\\nFAKE', which the value itself does not match, and reached the summary."""
+    pytest.importorskip("highdicom")
+    import warnings
+
+    sources, labels = _phantom(tmp_path)
+    with warnings.catch_warnings():  # pydicom warns as it is set
+        warnings.simplefilter("ignore")
+        for ds in sources:
+            ds.SpecificCharacterSet = "EVIL\nFAKE CHARSET"
+    with pytest.raises(SDSegInputError, match="cannot build a DICOM SEG") as error:
+        _write(tmp_path, "evil", labels, sources)
+    message = str(error.value)
+    assert "<header text>" in message and "EVIL" not in message and "FAKE" not in message and "\n" not in message

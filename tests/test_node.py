@@ -358,6 +358,62 @@ def test_the_command_serves_until_sigterm(model_dir, tmp_path):
             process.wait()
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_seconds_that_are_not_positive_and_finite_are_refused(model_dir, tmp_path, capsys, value):
+    """NaN passed the old ``<= 0`` check, and a node given it never segmented what it received."""
+    from sdseg_monai.cli import main
+    from sdseg_monai.errors import SDSegInputError
+
+    store = tmp_path / "store"
+    for name in ("quiet_seconds", "retry_seconds", "max_retry_seconds"):
+        with pytest.raises(SDSegInputError, match="must be a positive, finite number of seconds") as error:
+            DicomNode(model_dir, store, port=0, **{name: float(value)})
+        assert "\n" not in str(error.value)
+    for option in ("--quiet-seconds", "--retry-seconds"):
+        code = main(["serve-dicom", "--store", str(store), "-m", str(model_dir), "--port", "0", "--device", "cpu", option, value])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and option in err, err  # the CLI may refuse it before the node
+    assert not store.exists()  # refused before anything was made
+
+
+def test_the_command_says_nothing_of_hostile_headers(model_dir, tmp_path):
+    """pydicom's warnings quote the values they find wrong: a UID that is a path with a line break (in
+    the request itself, decoded on pynetdicom's threads), an over-long name or description, a character
+    set it does not know. None reaches the log; the instances are refused or segmented as before."""
+    import warnings
+
+    port, store = free_port(), tmp_path / "store"
+    with warnings.catch_warnings():  # pydicom warns here too, as these are set and sent
+        warnings.simplefilter("ignore")
+        hostile = ct_slices(IMAGE, study="../../../escape_study", series="../escape_series\nFAKE LOG LINE")
+        long = ct_slices(IMAGE, study=uid(1), series=uid(1, 1), patient_name="Long^" + "N" * 100, description="D" * 120)
+        charset = ct_slices(IMAGE, study=uid(1), series=uid(1, 2), patient_name=PATIENT)
+        for ds in charset:
+            ds.SpecificCharacterSet = "EVIL\nFAKE CHARSET"
+    command = [sys.executable, "-m", "sdseg_monai.cli", "serve-dicom", "--store", str(store), "--host", "127.0.0.1",
+               "--port", str(port), "-m", str(model_dir), "--device", "cpu", "--quiet-seconds", "0.5"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: process.poll() is not None or echo(port) == 0, "the node to answer C-ECHO")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert send(hostile, port) == [0xC000] * 6
+            assert send(long, port) == [0] * 6 and send(charset, port) == [0] * 6
+        wait_for(lambda: len(rows(store)) == 2, "both series to be done")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT) == 0
+        log = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "refused an instance" in log and "stopping" in log
+    assert [word for word in ("Warning", "warn", "FAKE", "escape", "exceeds", "EVIL", "NNNN", "DDDD", "Secret") if word in log] == [], log
+    summary = rows(store)
+    assert summary[uid(1, 1)]["status"] == "ok"
+    assert summary[uid(1, 2)]["status"] == "failed" and "EVIL" not in json.dumps(summary[uid(1, 2)])
+
+
 def test_an_item_whose_record_cannot_be_written_waits_instead_of_spinning(model_dir, tmp_path):
     """Where even the outbox record cannot be written (a full disk), the item waits the longest
     back-off in memory: it was sent to the peer again every second, for good."""
