@@ -552,7 +552,7 @@ def segment_case(case: dict) -> dict:
     built = build_network(case["network"], device)
     model = model_for_precision(built, device, resolve_precision(device, case["precision"], built.config), owned=True)
     organs = _organ_names(model, case["organs"])
-    segmenter = VolumeSegmenter(model, organs=organs, skip_decode=case["skip_decode"], device=device, batch_size=case["batch_size"],
+    segmenter = VolumeSegmenter(model, copy_model=False, organs=organs, skip_decode=case["skip_decode"], device=device, batch_size=case["batch_size"],
                                 precision=case["precision"], seed=0)
     warm_up(segmenter, case["volume"])
     parts = {"encoder": model.vision_encoder, "unet": model.unet, "decoder": model.autoencoder.decoder}
@@ -615,7 +615,7 @@ def warm_up(segmenter, path: str) -> None:
         array, affine = _warm_up_array(path, segmenter.chunk_slices)
     else:
         organs, array, affine = organs[:1], np.random.default_rng(0).uniform(-200, 200, (64, 64, 1)).astype(np.float32), None
-    VolumeSegmenter(segmenter.model, organs=organs, skip_decode=False, device=segmenter.device, batch_size=segmenter.batch_size,
+    VolumeSegmenter(segmenter.model, copy_model=False, organs=organs, skip_decode=False, device=segmenter.device, batch_size=segmenter.batch_size,
                     precision=segmenter.precision, seed=segmenter.seed).segment_array(array, affine)
 
 

@@ -12,6 +12,7 @@ back onto the input's exact grid.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, check_num_shifts, default_batch_size, resolve_device, resolve_precision
+from sdseg_monai.model import SDSeg, check_num_shifts, check_seed, default_batch_size, resolve_device
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -78,11 +79,12 @@ class OneStepInferer(Inferer):
         skip_decode_radius: float = 0.0,
         num_shifts: int = 1,
     ):
-        self.organs = list(organs) if organs is not None else None
-        self.seed = int(seed)
+        # As given: predict checks them (a plain string is one organ; 2.5 steps is refused, not truncated).
+        self.organs = organs if organs is None or isinstance(organs, str) else list(organs)
+        self.seed = seed
         self.batch_size = batch_size
-        self.num_steps = int(num_steps)
-        self.num_samples = int(num_samples)
+        self.num_steps = num_steps
+        self.num_samples = num_samples
         self.precision = precision
         self.skip_decode_radius = float(skip_decode_radius)
         self.num_shifts = int(num_shifts)
@@ -146,18 +148,37 @@ def casts_to_bf16(device: torch.device) -> bool:
 
 def model_for_precision(model: SDSeg, device: torch.device, precision: str, owned: bool = False) -> SDSeg:
     """``model`` on ``device`` in eval mode, as a resolved ``precision`` runs it: with bf16 on a GPU
-    cast (:func:`casts_to_bf16`; a copy unless ``owned``, and as it is when already cast); below fp32
-    on a CPU with its weights channels-last (NHWC convolutions are what AMX runs fastest in bf16, part
-    of the 2.46x issue 19 measured; in fp32 on an AVX2 CPU they measured no faster; not on a GPU,
-    where every GroupNorm copied its NHWC input back to NCHW, a third of the profiled GPU time)."""
+    cast (:func:`casts_to_bf16`; as it is when already cast); below fp32 on a CPU with its weights
+    channels-last (NHWC convolutions are what AMX runs fastest in bf16, part of the 2.46x issue 19
+    measured; in fp32 on an AVX2 CPU they measured no faster; not on a GPU, where every GroupNorm
+    copied its NHWC input back to NCHW, a third of the profiled GPU time).
+
+    Args:
+        model: the network.
+        device: where it will run.
+        precision: a resolved precision (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+        owned: prepare ``model`` itself, in place; otherwise a copy, and ``model`` stays as it was.
+    """
+    if not owned:
+        model = copy.deepcopy(model)
     if precision == "bf16" and casts_to_bf16(device):
         if model.cast_dtype != torch.bfloat16:
-            model = (model if owned else copy.deepcopy(model)).cast_for_inference(torch.bfloat16)
+            model.cast_for_inference(torch.bfloat16)
         return model.to(device).eval()
     model = model.to(device).eval()
     if precision != "fp32" and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+IN_MEMORY_MODEL = "<in-memory SDSeg>"
+
+
+def model_description(model: SDSeg) -> str:
+    """What a segmentation records as its model when given an :class:`SDSeg` rather than a folder:
+    the folder it was loaded from when it says so (``name_or_path``), else a fixed description."""
+    name = getattr(model, "name_or_path", None)
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else IN_MEMORY_MODEL
 
 
 class VolumeSegmenter:
@@ -167,7 +188,8 @@ class VolumeSegmenter:
     (:func:`~sdseg_monai.allocator.keep_freed_memory`: about 1.2x faster; ``SDSEG3D_MALLOC=system`` opts out).
 
     Args:
-        model: an :class:`SDSeg` or a saved model folder.
+        model: an :class:`SDSeg` or a saved model folder. A given :class:`SDSeg` is copied (see
+            ``copy_model``), so the segmenter neither changes it nor follows later changes to it.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         organs: organ names to segment (default: all the model's organs).
         batch_size: (slice, organ) pairs per forward pass (default: 8 on a CPU; on a GPU by free
@@ -178,23 +200,32 @@ class VolumeSegmenter:
             other CPUs, on CUDA and for noise-predicting models; see
             :func:`~sdseg_monai.model.resolve_precision`). Below fp32, on
             a CPU the model runs under autocast with its weights channels-last; on a GPU bf16 runs the
-            network wholly in bf16 (a copy of the model, when one is given; see
-            :func:`model_for_precision`) and fp16 under autocast.
+            network wholly in bf16 (see :func:`model_for_precision`) and fp16 under autocast. A model
+            already cast below fp32 runs, and is recorded, in its dtype (see :meth:`SDSeg.effective_precision`).
         num_steps, num_samples: see :class:`OneStepInferer`.
-        postprocess: apply the model's calibrated postprocessing (its per-organ thresholds and
-            largest-component organs); False gives SDSeg's plain rounding at 0.5.
+        postprocess: apply the model's calibrated postprocessing (its per-organ thresholds, axial
+            smoothing, largest-component organs and skipped decodes); False gives SDSeg's plain
+            rounding at 0.5 (``p > 0.5``), every pair decoded.
         threshold: if set, every organ's threshold (an organ claims a voxel when its probability
-            reaches its threshold and is the highest such).
+            exceeds its threshold and is the highest such).
         skip_decode: with the postprocessing, leave undecoded the (slice, organ) pairs that the
             model's calibrated ``skip_decode_radius`` marks empty (the labels calibration measured,
             less time). Off when a threshold is at or below
             :data:`~sdseg_monai.config.SKIP_DECODE_PROBABILITY`, where that calibration no longer holds.
         num_shifts: test-time shifts averaged (1, 2 or 4): more accurate on small organs, each shift a
             whole pass (see :meth:`SDSeg.predict`).
-        compile: compile the UNet and the decoder with ``torch.compile`` (a copy of the model, when one
-            is given; see :meth:`SDSeg.compile_for_inference`), here, once, at construction: tens of
+        compile: compile the UNet and the decoder with ``torch.compile`` (see
+            :meth:`SDSeg.compile_for_inference`), here, once, at construction: tens of
             seconds, then fused kernels for every volume. Meant for GPUs: on this project's 2-core
             AVX2 CPU compiled inference ran 2.1x slower.
+        copy_model: with a given :class:`SDSeg`, run a copy of it (its memory again: about 1 GB for
+            an SD-size model; a model folder is loaded once, with no copy). False hands the model
+            over instead: the segmenter moves it to ``device``, puts it in eval mode, lays it out
+            (or casts it) for the precision and compiles it, in place, and refuses to run once it is
+            back in train mode; for a caller that has no further use for it, or only reads it.
+
+    Raises:
+        SDSegInputError: a bad setting, on one line.
     """
 
     def __init__(
@@ -212,25 +243,25 @@ class VolumeSegmenter:
         skip_decode: bool = True,
         num_shifts: int = 1,
         compile: bool = False,
+        copy_model: bool = True,
     ):
         check_num_shifts(num_shifts)
-        if not 0 <= int(seed) < 2**63:  # as the command line takes it (torch's generator: below 2**64)
-            raise SDSegInputError(f"seed must be in 0..2**63-1, got {seed}")
+        check_seed(seed)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+            raise SDSegInputError(f"batch_size must be a whole number >= 1 (None: the device's default), got {batch_size!r}")
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.model_name = str(model) if not isinstance(model, SDSeg) else getattr(model, "name_or_path", "")
         loaded = not isinstance(model, SDSeg)
         network = SDSeg.from_pretrained(model) if loaded else model
-        self.precision = resolve_precision(self.device, precision, network.config)
-        self.model = model_for_precision(network, self.device, self.precision, owned=loaded)
-        if compile and self.model is model:  # never compile the caller's model in place
-            self.model = copy.deepcopy(model)
+        self.model_name = str(model) if loaded else model_description(model)
+        self.precision = network.effective_precision(precision, self.device)
+        self.classes = network.class_indices(organs)  # refused before a copy is made
+        self.model = model_for_precision(network, self.device, self.precision, owned=loaded or not copy_model)
         self.compiled = bool(compile)
         self.config = self.model.config
-        self.classes = self.model.class_indices(organs)
         self.organs = {self.config.organ_labels[k]: self.config.organ_names[k] for k in self.classes}
-        self.batch_size = batch_size or default_batch_size(self.device, self.config)
+        self.batch_size = int(batch_size) if batch_size is not None else default_batch_size(self.device, self.config)
         self.seed = int(seed)
         post = self.config.postprocessing if postprocess else Postprocessing()
         if threshold is not None:
@@ -314,7 +345,8 @@ class VolumeSegmenter:
 
         Args:
             source: the input.
-            progress: called with the number of slices done after each chunk.
+            progress: called after each chunk with the number of axial slices in that chunk (an
+                increment: the calls add up to the volume's slices).
             canonical: ``prepare(source)``, when the caller prepared the volume already.
         """
         import time
@@ -361,6 +393,8 @@ class VolumeSegmenter:
         :class:`ProbabilityChunk` on the segmenter's device. ``options`` override the inferer's.
 
         Only the decoded pairs are resized back to native resolution: the others are exactly zero."""
+        if self.model.training:  # a model handed over (copy_model=False), then put back in train mode by its owner
+            raise SDSegInputError("the segmenter's model is in train mode, where dropout makes labels vary: call .eval() on it")
         _, size_x, size_y, depth = image.shape
         radius = float(options.get("skip_decode_radius", self.skip_decode_radius))
         measure = bool(options.get("return_distances")) or radius > 0
@@ -449,15 +483,16 @@ class VolumeSegmenter:
     def probabilities_canonical(
         self, image: torch.Tensor, progress: Callable[[int], None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-organ probabilities (K, X, Y, Z) float16 of a canonical, windowed (1, X, Y, Z) volume,
+        """Per-organ probabilities (K, X, Y, Z) float32 of a canonical, windowed (1, X, Y, Z) volume,
         organs in the order of :attr:`organs`, every pair decoded, and each (organ, slice)'s distance
-        from an empty mask (K, Z) (for calibrating the postprocessing; a whole volume in memory)."""
+        from an empty mask (K, Z) (for calibrating the postprocessing; a whole volume in memory, in
+        the precision segmenting fuses, so that calibration chooses on the same values)."""
         _, size_x, size_y, depth = image.shape
-        maps = torch.zeros((len(self.classes), size_x, size_y, depth), dtype=torch.float16)
+        maps = torch.zeros((len(self.classes), size_x, size_y, depth), dtype=torch.float32)
         distances = torch.zeros((len(self.classes), depth), dtype=torch.float32)
         for chunk in self._probability_chunks(image, progress, skip_decode_radius=0.0, return_distances=True):
             end = chunk.start + chunk.maps.shape[0]
-            maps[..., chunk.start : end] = chunk.maps.permute(1, 2, 3, 0).to(torch.float16).cpu()
+            maps[..., chunk.start : end] = chunk.maps.permute(1, 2, 3, 0).cpu()
             distances[:, chunk.start : end] = chunk.distances.T.cpu()
         return maps, distances
 

@@ -27,8 +27,35 @@ LABEL_KEY = "label"
 PAD_VALUE = -1.0
 
 
-# Axis codes name RAS+ world directions, whatever "space" a MetaTensor's meta declares.
+# Axis codes name RAS+ world directions, whatever "space" a MetaTensor's meta declares (so every
+# MONAI version reorients alike); LPS-space MetaTensors are turned to RAS first (RASSpace).
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def is_lps(image) -> bool:
+    """Whether ``image`` is a MetaTensor whose meta says its affine maps voxels to LPS world
+    coordinates (MONAI readers with ``affine_lps_to_ras=False``); no ``space`` means RAS, as in MONAI."""
+    meta = getattr(image, "meta", None) or {}
+    return str(meta.get("space", "RAS")).upper() == "LPS"
+
+
+class RASSpace:
+    """Array transform: an LPS-space MetaTensor (:func:`is_lps`) as a new MetaTensor over the same
+    voxels (not copied) with the RAS affine and ``space`` RAS; any other image as it is.
+
+    Reorientation reads the affine's axis codes as RAS (:data:`AXIS_LABELS`): an LPS affine read so
+    would mirror left and right. The input is left untouched, so ``Invertd`` still returns to its
+    array order.
+    """
+
+    def __call__(self, image):
+        if not is_lps(image):
+            return image
+        from monai.data import MetaTensor
+        from monai.data.utils import orientation_ras_lps
+
+        meta = {**image.meta, "space": "RAS", "affine": orientation_ras_lps(image.affine)}
+        return MetaTensor(image.as_tensor(), meta=meta, applied_operations=list(image.applied_operations))
 
 
 class FillNonFinite:
@@ -60,6 +87,13 @@ class _OnKeys:
         for key in self.keys:
             out[key] = self.transform(out[key])
         return out
+
+
+class RASSpaced(_OnKeys):
+    """Dictionary version of :class:`RASSpace` on ``keys``."""
+
+    def __init__(self, keys: str | Sequence[str]):
+        super().__init__(keys, RASSpace())
 
 
 class FillNonFinited(_OnKeys):
@@ -100,17 +134,20 @@ class WindowIntensityd(_OnKeys):
 
 def canonical_transforms(preprocessing: Preprocessing, keys: Sequence[str] = (IMAGE_KEY,), label_keys: Sequence[str] = ()):
     """MONAI dictionary transforms on loaded (1, X, Y, Z) ``MetaTensor``s: reorient to the canonical
-    orientation (axial slices along the last axis) and window the image keys' HU to [-1, 1], NaN/Inf
-    voxels counting as the bottom of the window.
+    orientation (axial slices along the last axis; an LPS-space MetaTensor's affine read as LPS, see
+    :class:`RASSpace`) and window the image keys' HU to [-1, 1], NaN/Inf voxels counting as the
+    bottom of the window.
 
     Invert the reorientation of an output with ``Invertd`` (see :func:`invert_to_input`).
     """
     from monai.transforms import Compose, Orientationd
 
     low, high = preprocessing.hu_window
+    spatial = list(keys) + list(label_keys)
     return Compose(
         [
-            Orientationd(list(keys) + list(label_keys), axcodes=preprocessing.orientation, labels=AXIS_LABELS),
+            RASSpaced(spatial),
+            Orientationd(spatial, axcodes=preprocessing.orientation, labels=AXIS_LABELS),
             FillNonFinited(list(keys), value=low),
             WindowIntensityd(list(keys), low, high),
         ]
@@ -142,7 +179,8 @@ def volume_transforms(
 def axial_axis(affine, orientation: str = "RAS") -> int:
     """The input axis that :func:`canonical_transforms` makes the last, the one axial slices are
     taken along, when it reorients a volume of ``affine`` to ``orientation`` (nibabel's axis codes,
-    as MONAI's ``Orientation`` picks them)."""
+    as MONAI's ``Orientation`` picks them). The same for an LPS affine of the volume: LPS only flips
+    the signs of two world axes, and this is which input axis lies along one, not its direction."""
     import nibabel as nib
 
     codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64), labels=AXIS_LABELS)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdseg_monai.calibration import SMOOTHING_GRID, THRESHOLD_GRID
 from sdseg_monai.config import Postprocessing, SDSegConfig
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.transforms import fuse_probabilities, keep_largest_component, smooth_axially
@@ -269,6 +270,60 @@ def test_search_keeps_defaults_when_nothing_helps():
     assert post == Postprocessing() and before == after == {"liver": 1.0}
 
 
+def _sparse_maps(seed: int, organs: int = 4, shape=(22, 20, 12)) -> torch.Tensor:
+    """Per-organ maps as a model gives them: a confident blob per organ, every other one in a faint
+    halo that straddles the boxes' floor (the others end sharply, so that their last confident slices
+    are the edge of what the floor keeps), quantised so that organs tie, and a stray confident voxel."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = torch.zeros((organs, *shape))
+    for k in range(organs):
+        x, y, z = (int(torch.randint(0, n - 6, (1,), generator=generator)) for n in shape)
+        if k % 2:
+            halo = maps[k, max(0, x - 3) : x + 9, max(0, y - 3) : y + 9, max(0, z - 3) : z + 7]
+            halo.copy_(torch.rand(halo.shape, generator=generator) * 0.07)
+        maps[k, x : x + 6, y : y + 6, z : z + 4] = torch.rand((6, 6, 4), generator=generator)
+    maps[1, 2, 2, 6] = 0.9
+    maps[2, 4:9, 4:9, 5] = maps[3, 4:9, 4:9, 5] = 0.6  # a tie
+    return (maps * 40).round() / 40
+
+
+def test_searching_organ_boxes_gives_the_labels_of_the_whole_maps():
+    """Calibration keeps each organ's maps in a box (CaseMaps); fused there, with every smoothing and
+    threshold the search tries and pairs emptied by the skip radius, the labels are those of
+    smoothing and fusing the whole maps, as segmenting does."""
+    from sdseg_monai.calibration import CaseMaps, _candidate_confusions, _confusion, lowest_floor
+
+    floor = lowest_floor(THRESHOLD_GRID)
+    for seed in range(3):
+        maps = _sparse_maps(seed)
+        organs, depth = maps.shape[0], maps.shape[-1]
+        skipped = torch.rand((organs, depth), generator=torch.Generator().manual_seed(seed)) < 0.2
+        whole = maps * ~skipped[:, None, None, :]
+        boxes = CaseMaps.of(maps, floor)
+        boxes.drop_pairs(skipped)
+        kept = sum(box.values.numel() for box in boxes.organs if box is not None)
+        assert kept < maps.numel() / 2 and any(box.values.shape[2] < depth for box in boxes.organs)
+        reference = torch.randint(0, organs + 1, maps.shape[1:], generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+
+        def labels(thresholds, weights):  # as segmenting computes them, from the whole maps
+            smoothed = smooth_axially(whole.permute(3, 0, 1, 2), weights)
+            return fuse_probabilities(smoothed, range(1, organs + 1), thresholds).permute(1, 2, 0)
+
+        rng = np.random.default_rng(seed)
+        for _ in range(4):
+            thresholds = [float(t) for t in rng.choice(THRESHOLD_GRID, organs)]
+            weights = [float(w) for w in rng.choice(SMOOTHING_GRID, organs)]
+            assert torch.equal(boxes.fuse(thresholds, weights)[1], labels(thresholds, weights))
+            k = int(rng.integers(organs))
+            table = _candidate_confusions(boxes, reference, k, thresholds, weights, THRESHOLD_GRID, SMOOTHING_GRID, organs + 1)
+            for i, weight in enumerate(SMOOTHING_GRID):
+                for j, value in enumerate(THRESHOLD_GRID):
+                    tried_t, tried_w = list(thresholds), list(weights)
+                    tried_t[k], tried_w[k] = value, weight
+                    assert torch.equal(table[i][j], _confusion(labels(tried_t, tried_w), reference, organs + 1))
+    assert torch.equal(maps, _sparse_maps(2))  # the maps given are not changed
+
+
 # -- calibrate on a manifest split, save, and use -------------------------------------------------------
 class UnderConfidentOracle(IntensityOracle):
     """The intensity oracle with the liver at probability 0.3 and a confident stray spleen voxel block."""
@@ -327,6 +382,31 @@ def test_calibrate_save_and_segment_with_the_calibrated_model(dataset, micro_sds
         assert scores[organ] == pytest.approx(result.after[organ], abs=0.02)
     assert report.postprocessing["largest_component"] == user.postprocessing["largest_component"]
     assert report.postprocessing["skip_decode_radius"] == pytest.approx(1.5)
+
+
+def test_calibration_reports_the_dice_the_calibrated_model_scores(dataset, micro_sdseg, tmp_path):  # noqa: F811
+    """The real (random-weight) model, no stand-in: calibration chooses and scores on the float32
+    maps segmenting fuses, so its Dice is what evaluating the saved model gives (float16 maps were
+    off by 2.5e-4 on these cases)."""
+    from sdseg_monai.calibration import calibrate, save_calibrated_model
+    from sdseg_monai.evaluation import evaluate
+    from sdseg_monai.inference import VolumeSegmenter
+
+    manifest_path, root = dataset
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"] = {"validation": ["a", "b"]}
+    manifest_path.write_text(json.dumps(manifest))
+    model_dir = micro_sdseg.save_pretrained(tmp_path / "model")
+    result = calibrate(VolumeSegmenter(model_dir, device="cpu"), manifest_path, root)
+    assert result.postprocessing.thresholds and result.postprocessing.skip_decode_radius > 0  # something to reproduce
+    calibrated = save_calibrated_model(model_dir, result, tmp_path / "calibrated")
+    report = evaluate(VolumeSegmenter(calibrated, device="cpu"), manifest_path, root, split="validation")
+    scores = {o.name: o.mean_dice for o in report.per_organ}
+    assert any(result.after[name] for name in result.organs)  # not only empty organs
+    for name in result.organs:
+        assert (scores[name] is None) == (result.after[name] is None)
+        if scores[name] is not None:
+            assert scores[name] == pytest.approx(result.after[name], abs=1e-6)  # evaluate sums in float32
 
 
 def test_calibration_refuses_the_test_split_and_its_own_model_folder(dataset, micro_sdseg, tmp_path):  # noqa: F811

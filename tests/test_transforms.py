@@ -182,3 +182,36 @@ def test_axial_depth_is_the_canonical_slice_count_for_any_axis_order(order):
     image = MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(affine))
     canonical = canonical_transforms(Preprocessing(slice_size=32))({IMAGE_KEY: image})[IMAGE_KEY]
     assert axial_depth(shape, affine) == canonical.shape[-1] == 7  # the third axis of the unpermuted volume
+
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)])
+def test_an_lps_space_metatensor_reorients_as_the_same_anatomy_in_ras(order):
+    """MONAI readers with ``affine_lps_to_ras=False`` give the affine to LPS world coordinates (meta
+    space LPS). The same voxels with the RAS affine and with the LPS one give bit-identical canonical
+    volumes, and labels inverted back land in the input's array order; the input is left as it was."""
+    from sdseg_monai.transforms import IMAGE_KEY, LABEL_KEY, axial_axis, invert_to_input
+
+    shape = tuple((9, 7, 5)[i] for i in order)
+    voxels = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(1, *shape) - 100  # no symmetry
+    ras = np.eye(4)
+    ras[:3, :3] = np.eye(3)[:, list(order)] @ np.diag([0.8, -0.9, 3.0])  # permuted, one axis flipped
+    ras[:3, 3] = [12.0, -30.0, 5.5]
+    lps = LPS_FROM_RAS @ ras
+    transforms = canonical_transforms(Preprocessing(slice_size=32), keys=(IMAGE_KEY,), label_keys=(LABEL_KEY,))
+    out = {}
+    for space, affine in (("RAS", ras), ("LPS", lps)):
+        image = MetaTensor(voxels.clone(), affine=torch.as_tensor(affine), meta={"space": space})
+        out[space] = transforms({IMAGE_KEY: image, LABEL_KEY: image.clone()})
+        if space == "LPS":
+            assert image.meta["space"] == "LPS" and torch.equal(image.affine, torch.as_tensor(lps))  # untouched
+    assert torch.equal(out["RAS"][IMAGE_KEY].as_tensor(), out["LPS"][IMAGE_KEY].as_tensor())
+    assert torch.equal(out["RAS"][LABEL_KEY].as_tensor(), out["LPS"][LABEL_KEY].as_tensor())
+    assert torch.equal(out["RAS"][IMAGE_KEY].affine, out["LPS"][IMAGE_KEY].affine)
+    for space in ("RAS", "LPS"):  # the canonical "labels" (the voxels) return to the input's array order
+        back = invert_to_input(out[space][LABEL_KEY].as_tensor(), out[space][IMAGE_KEY], transforms)
+        assert torch.equal(back, voxels)
+    # Which input axis holds the axial slices does not depend on the space.
+    assert axial_axis(lps) == axial_axis(ras) == order.index(2)

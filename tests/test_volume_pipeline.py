@@ -8,9 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from conftest import SHARED_DATA, micro_config
 from sdseg_monai.data import Volume, read_volume
+from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.inference import VolumeSegmenter
 from sdseg_monai.metrics import organ_scores
 from sdseg_monai.model import SDSeg, resolve_precision
@@ -149,8 +151,6 @@ def test_oracle_on_the_real_abdominal_ct():
 @pytest.mark.skipif(not (SHARED_DATA / "dicom_ct_3slice").is_dir(), reason="../shared/data/dicom_ct_3slice not present")
 def test_dicom_series_matches_its_nrrd_liver_mask_through_the_pipeline(tmp_path):
     import SimpleITK as sitk
-    from monai.data import MetaTensor
-
     folder = SHARED_DATA / "dicom_ct_3slice"
     volume = read_volume(folder)
     assert volume.shape == (512, 512, 3)
@@ -198,7 +198,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
     meta = json.loads(sidecar.read_text())
     assert meta == {
         "labels": {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "6": "liver"},
-        "model": "",
+        "model": "<in-memory SDSeg>",  # given as an SDSeg, not a folder
         "input": str(path),
         "seed": 0,
         "postprocessing": {
@@ -228,8 +228,6 @@ def test_same_input_same_seed_gives_bit_identical_labels(tmp_path):
 
 def test_the_files_layout_is_kept_from_read_to_written_labels_and_changes_no_label(tmp_path):
     from dataclasses import replace
-
-    from monai.data import MetaTensor
 
     labels = ellipsoid_labels((30, 28, 5), (1.5, 1.5, 3.0))
     image_path = tmp_path / "case.nii"  # uncompressed: nibabel memory-maps it
@@ -358,3 +356,134 @@ def test_the_model_sees_the_same_ras_slices_however_the_file_stores_them(tmp_pat
     windowed = torch.as_tensor(np.clip((image_from_labels(labels) - low) / (high - low) * 2 - 1, -1, 1))[None]
     own = SliceGeometry(labels.shape[:2], 32).to_model(axial_slices(windowed, range(labels.shape[2])))
     assert torch.allclose(seen["ras"], own, atol=1e-5)
+
+
+def _lps_space(image, affine):
+    """``image`` (X, Y, Z) with a voxel-to-RAS ``affine`` as MONAI readers with
+    ``affine_lps_to_ras=False`` give it: the same voxels, the affine to LPS world coordinates."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(lps), meta={"space": "LPS"})
+
+
+@pytest.mark.parametrize("kind", ["ras", "oblique", "permuted"])
+def test_an_lps_space_metatensor_is_segmented_as_the_same_anatomy_in_ras(kind):
+    """The model sees the same slices, and the labels come back in the input's array order, whether
+    the MetaTensor's affine is to RAS or (meta space LPS) to LPS world coordinates."""
+    labels = ellipsoid_labels((28, 24, 5), (1.2, 1.0, 3.0))
+    image = image_from_labels(labels)
+    affine = affine_for((1.2, 1.0, 3.0), kind)
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu")
+    volumes = {
+        "RAS": MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"}),
+        "LPS": _lps_space(image, affine),
+    }
+    seen, out = {}, {}
+    for space, metatensor in volumes.items():
+        batches = []
+        inner = segmenter.inferer
+        segmenter.inferer = lambda slices, network, **options: batches.append(slices.clone()) or inner(slices, network, **options)
+        out[space] = segmenter.segment(Volume(image=metatensor, source=space, shape=image.shape)).labels
+        segmenter.inferer = inner
+        seen[space] = torch.cat(batches)
+    assert torch.equal(seen["RAS"], seen["LPS"])
+    assert np.array_equal(out["RAS"], out["LPS"]) and out["LPS"].shape == labels.shape
+    assert out["RAS"].any()  # labels to compare
+    lps = volumes["LPS"]
+    assert lps.meta["space"] == "LPS" and torch.equal(lps.affine, torch.as_tensor(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine))  # untouched
+
+
+# -- the caller's model -----------------------------------------------------------------------------------
+def _convs_channels_last(model) -> bool:
+    return any(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_given_model_is_copied_and_never_changed(precision):
+    """VolumeSegmenter(model) leaves the caller's model as it was (mode, layout, weights), and later
+    changes to it do not reach the segmenter."""
+    model = micro_model(32).train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    slices = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model.eval()
+    own = model.predict(slices, precision="fp32")
+    model.train()
+    segmenter = VolumeSegmenter(model, device="cpu", precision=precision)
+    assert model.training and segmenter.model is not model and not segmenter.model.training
+    assert not _convs_channels_last(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    model.eval()
+    assert torch.equal(model.predict(slices, precision="fp32"), own)  # its own fp32 output, bit for bit
+
+    image = image_from_labels(ellipsoid_labels((24, 20, 4), (1.5, 1.5, 3.0)))
+    first = segmenter.segment_array(image).labels
+    model.train()  # the caller resumes training it
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.1)
+    assert np.array_equal(segmenter.segment_array(image).labels, first)
+    assert np.array_equal(segmenter.segment_array(image).labels, first)
+
+
+def test_a_model_handed_over_is_prepared_in_place_and_refused_back_in_train_mode():
+    model = micro_model(32).train()
+    segmenter = VolumeSegmenter(model, device="cpu", precision="bf16", copy_model=False)
+    assert segmenter.model is model and not model.training and _convs_channels_last(model)
+    image = image_from_labels(ellipsoid_labels((24, 20, 4), (1.5, 1.5, 3.0)))
+    segmenter.segment_array(image)
+    model.train()
+    with pytest.raises(SDSegInputError, match="in train mode") as error:
+        segmenter.segment_array(image)
+    assert "\n" not in str(error.value)
+
+
+def test_the_sidecar_records_the_precision_a_cast_model_runs_in():
+    image = image_from_labels(ellipsoid_labels((24, 20, 3), (1.5, 1.5, 3.0)))
+    cast = micro_model(32).cast_for_inference(torch.bfloat16)
+    assert VolumeSegmenter(cast, device="cpu").segment_array(image).sidecar()["precision"] == "bf16"
+    assert VolumeSegmenter(cast, device="cpu", precision="bf16").precision == "bf16"
+    assert VolumeSegmenter(micro_model(32).to(torch.bfloat16), device="cpu").precision == "bf16"
+    half = micro_model(32).cast_for_inference(torch.float16)
+    assert VolumeSegmenter(half, device="cpu").precision == "fp16"
+    for model, asked in ((cast, "fp32"), (cast, "fp16"), (half, "bf16")):
+        with pytest.raises(SDSegInputError, match=f"not precision.{{1,2}}'{asked}'") as error:
+            VolumeSegmenter(model, device="cpu", precision=asked)
+        assert "\n" not in str(error.value)
+    assert VolumeSegmenter(micro_model(32), device="cpu", precision="fp32").segment_array(image).sidecar()["precision"] == "fp32"
+
+
+def test_a_model_given_in_memory_is_recorded_by_name_or_as_in_memory(tmp_path):
+    image = image_from_labels(ellipsoid_labels((24, 20, 3), (1.5, 1.5, 3.0)))
+    model = micro_model(32)
+    result = VolumeSegmenter(model, device="cpu").segment_array(image)
+    assert result.model == result.sidecar()["model"] == "<in-memory SDSeg>"
+    model.name_or_path = str(tmp_path / "my_model")  # as from_pretrained records where it loaded from
+    assert VolumeSegmenter(model, device="cpu").model_name == str(tmp_path / "my_model")
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert VolumeSegmenter(folder, device="cpu").model_name == str(folder)
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"organs": []}, "organs is empty"),
+        ({"batch_size": -4}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": True}, "batch_size must be a whole number >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction_on_one_line(options, fragment):
+    with pytest.raises(SDSegInputError, match=fragment) as error:
+        VolumeSegmenter(micro_model(32), device="cpu", **options)
+    assert "\n" not in str(error.value)
+    assert VolumeSegmenter(micro_model(32), device="cpu", batch_size=np.int64(3)).batch_size == 3
+
+
+def test_progress_receives_each_chunks_slices():
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu", batch_size=8)
+    calls = []
+    image = image_from_labels(ellipsoid_labels((20, 18, 10), (1.5, 1.5, 3.0)))
+    volume = Volume(image=MetaTensor(torch.as_tensor(image)[None], affine=torch.eye(4)), source="<a>", shape=image.shape)
+    segmenter.segment(volume, progress=calls.append)
+    assert segmenter.chunk_slices == 4 and calls == [4, 4, 2]  # increments, not slices done so far
