@@ -203,13 +203,14 @@ def test_evaluate_writes_consistent_csv_and_report(dataset, micro_sdseg, tmp_pat
     manifest, root = dataset
     segmenter = VolumeSegmenter(micro_sdseg, device="cpu")
     segmenter.inferer = IntensityOracle(segmenter.inferer.organs)
+    loaded = segmenter.model  # the segmenter's own copy of micro_sdseg
     seen = []
     report = evaluate(
         segmenter, manifest, root, split="test", output_dir=tmp_path / "out", hd95=True,
         progress=lambda done, total, case: seen.append((done, total, case.case_id)),
     )
     assert seen == [(1, 2, "a"), (2, 2, "b")]
-    assert segmenter.model is micro_sdseg  # the one loaded model, never reloaded
+    assert segmenter.model is loaded  # the one loaded model, never reloaded
 
     rows = _read_csv(tmp_path / "out" / "per_case.csv")
     assert list(rows[0]) == ["case", "label", "organ", "dice", "hd95", "predicted_voxels", "reference_voxels"]
