@@ -105,7 +105,7 @@ class SDSegVolumeNetwork(SDSeg):
 
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise SDSegInputError(f"expected a (B, 1, X, Y, Z) volume, got shape {tuple(volume.shape)}")
-        segmenter = VolumeSegmenter(self, device=self.device, **self.options)
+        segmenter = VolumeSegmenter(self, device=self.device, copy_model=False, **self.options)  # the network itself, as MONAI loaded it
         labels = torch.stack([segmenter.segment_canonical(item) for item in volume])
         labels = labels[:, None].to(volume.device)
         if isinstance(volume, MetaTensor):
