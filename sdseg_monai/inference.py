@@ -12,7 +12,6 @@ back onto the input's exact grid.
 from __future__ import annotations
 
 import copy
-import numbers
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, check_num_shifts, check_seed, default_batch_size, resolve_device
+from sdseg_monai.model import SDSeg, _is_int, check_num_shifts, check_seed, default_batch_size, resolve_device
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -247,7 +246,7 @@ class VolumeSegmenter:
     ):
         check_num_shifts(num_shifts)
         check_seed(seed)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+        if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
             raise SDSegInputError(f"batch_size must be a whole number >= 1 (None: the device's default), got {batch_size!r}")
         self.device = resolve_device(device)
         if self.device.type == "cpu":
