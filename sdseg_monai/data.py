@@ -41,7 +41,13 @@ class Volume:
 
     @property
     def affine(self) -> np.ndarray:
-        return np.asarray(self.image.affine, dtype=np.float64)
+        """The voxel-to-RAS affine; an LPS-space MetaTensor's (meta ``space`` LPS) is turned to RAS, so
+        labels written with it lie on the same anatomy, not mirrored left to right."""
+        affine = np.asarray(self.image.affine, dtype=np.float64)
+        meta = getattr(self.image, "meta", None) or {}
+        if str(meta.get("space", "RAS")).upper() == "LPS":
+            return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        return affine
 
 
 def is_nifti(path: str | os.PathLike) -> bool:

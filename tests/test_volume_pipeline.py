@@ -392,6 +392,26 @@ def test_an_lps_space_metatensor_is_segmented_as_the_same_anatomy_in_ras(kind):
     assert lps.meta["space"] == "LPS" and torch.equal(lps.affine, torch.as_tensor(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine))  # untouched
 
 
+def test_labels_of_an_lps_space_metatensor_are_written_on_its_anatomy(tmp_path):
+    """The saved label map's affine is the RAS affine of the input's voxels (an LPS affine written as
+    RAS would mirror the labels left to right); the RAS MetaTensor's file is the negative control."""
+    labels = ellipsoid_labels((28, 24, 5), (1.2, 1.0, 3.0))
+    image = image_from_labels(labels)
+    affine = affine_for((1.2, 1.0, 3.0), "oblique")
+    segmenter = VolumeSegmenter(micro_model(32), device="cpu")
+    ras = MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
+    written = {}
+    for space, metatensor in (("RAS", ras), ("LPS", _lps_space(image, affine))):
+        volume = Volume(image=metatensor, source=space, shape=image.shape)
+        np.testing.assert_allclose(volume.affine, affine, atol=1e-12)
+        path, _ = segmenter.segment(volume).save(tmp_path / f"{space}.nii.gz")
+        written[space] = nib.load(str(path))
+    for nifti in written.values():
+        np.testing.assert_allclose(nifti.affine, affine, atol=1e-5)
+        assert nifti.header.get_sform(coded=True)[1] == 1
+    assert np.array_equal(written["RAS"].get_fdata(), written["LPS"].get_fdata())
+
+
 # -- the caller's model -----------------------------------------------------------------------------------
 def _convs_channels_last(model) -> bool:
     return any(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
