@@ -5,7 +5,7 @@ layout; its code is this installed package, so it has no ``scripts/`` and runs f
 
     LICENSE
     configs/metadata.json            MONAI metadata schema 20240725
-    configs/inference.json           LoadImaged -> Orientationd -> window -> network -> Invertd -> SaveImaged
+    configs/inference.json           LoadImaged -> RASSpaced -> Orientationd -> window -> network -> Invertd -> SaveImaged
     configs/multi_gpu_inference.json overlay for torchrun (one process per GPU, gloo without GPUs)
     configs/logging.conf
     models/model.pt                  a plain dict of tensors (torch.load(weights_only=True))
@@ -129,6 +129,8 @@ def inference_config(config: SDSegConfig) -> dict[str, Any]:
     low, high = config.preprocessing.hu_window
     preprocessing = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True, "ensure_channel_first": True},
+        # A reader set to LPS (affine_lps_to_ras=False) would otherwise be reoriented mirrored.
+        {"_target_": "sdseg_monai.transforms.RASSpaced", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": config.preprocessing.orientation, "labels": [list(a) for a in AXIS_LABELS]},
         {"_target_": "sdseg_monai.transforms.FillNonFinited", "keys": "image", "value": low},
         {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high, "b_min": -1.0, "b_max": 1.0, "clip": True},

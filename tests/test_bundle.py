@@ -170,6 +170,48 @@ def test_infer_workflow_properties_runs_and_an_empty_dataset_folder(bundle, data
         nifti_inputs(tmp_path / "missing")
 
 
+class LPSSpaced:
+    """What a reader set to LPS (ITKReader(affine_lps_to_ras=False)) hands over: the same voxels, the
+    affine to LPS world coordinates, meta space LPS."""
+
+    def __init__(self, keys: str):
+        self.key = keys
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+
+        image = data[self.key]
+        lps = torch.as_tensor(np.diag([-1.0, -1.0, 1.0, 1.0]), dtype=image.affine.dtype) @ image.affine
+        meta = {**image.meta, "space": "LPS", "affine": lps}
+        return {**data, self.key: MetaTensor(image.as_tensor(), meta=meta, applied_operations=list(image.applied_operations))}
+
+
+def test_an_lps_space_image_gives_the_same_masks(bundle, model_dir, dataset, tmp_path):
+    """An LPS-space image (a reader set to LPS) is read as RAS by RASSpaced, so the masks are sdseg3d
+    segment's. Without RASSpaced (negative control) the network sees it mirrored: other masks."""
+    from monai.bundle import ConfigWorkflow
+
+    reference = _segment_reference(model_dir, dataset, tmp_path)
+    shipped = json.loads((bundle / "configs" / "inference.json").read_text())["preprocessing"]["transforms"]
+    assert shipped[1]["_target_"] == "sdseg_monai.transforms.RASSpaced"
+    as_lps = {"_target_": f"{__name__}.LPSSpaced", "keys": "image"}
+
+    def run(out, transforms):
+        flow = ConfigWorkflow(
+            config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+            logging_file=str(bundle / "configs" / "logging.conf"), workflow_type="infer", bundle_root=str(bundle),
+            dataset_dir=str(dataset), output_dir=str(out), **{"preprocessing#transforms": transforms},
+        )
+        flow.initialize()
+        flow.run()
+
+    run(tmp_path / "lps", [shipped[0], as_lps, *shipped[1:]])
+    _assert_same_masks(tmp_path / "lps", reference)
+    run(tmp_path / "mirrored", [shipped[0], as_lps, *shipped[2:]])
+    with pytest.raises(AssertionError):
+        _assert_same_masks(tmp_path / "mirrored", reference)
+
+
 def test_bundle_run_from_another_directory_equals_sdseg3d_segment(bundle, model_dir, dataset, tmp_path):
     reference = _segment_reference(model_dir, dataset, tmp_path)
     elsewhere = tmp_path / "elsewhere"
