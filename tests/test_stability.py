@@ -162,16 +162,19 @@ def test_different_seeds_match_a_direct_monai_call_on_the_same_maps(model_dir, t
     geometry = SliceGeometry(tuple(canonical.shape[1:3]), SIZE)
     slices = geometry.to_model(axial_slices(canonical.as_tensor(), range(depth), segmenter.config.preprocessing.channels))
     names = list(segmenter.organs.values())
-    maps = [segmenter.model.predict(slices, names, seed=s, precision="fp32").permute(1, 0, 2, 3) for s in range(3)]
+    # Forwards of 2 pairs, as the segmenter's: oneDNN may pick other fp32 kernels for other batch shapes
+    # (it does with AMX), and the metrics would then differ by float rounding.
+    maps = [segmenter.model.predict(slices, names, seed=s, precision="fp32", batch_size=2).permute(1, 0, 2, 3) for s in range(3)]
     expected = _expected(maps, report.settings)
+    close = 1e-5
     for organ, want in zip(report.organs, expected):
         assert organ.compared == len(want["ssim"]) > 0
-        assert organ.ssim == pytest.approx(np.mean(want["ssim"]), rel=1e-5) and organ.ssim < 0.999
-        assert organ.ms_ssim == pytest.approx(np.mean(want["ms_ssim"]), rel=1e-5) and organ.ms_ssim < 0.999
-        assert organ.psnr_db == pytest.approx(np.mean(want["psnr"]), rel=1e-5)
+        assert organ.ssim == pytest.approx(np.mean(want["ssim"]), rel=close) and organ.ssim < 0.999
+        assert organ.ms_ssim == pytest.approx(np.mean(want["ms_ssim"]), rel=close) and organ.ms_ssim < 0.999
+        assert organ.psnr_db == pytest.approx(np.mean(want["psnr"]), rel=close)
     assert report.settings.to_dict()["ms_ssim"]["scales"] == 2  # 32x32 maps: two scales fit
     pooled = [v for want in expected for v in want["ssim"]]
-    assert report.overall.ssim == pytest.approx(np.mean(pooled), rel=1e-5)
+    assert report.overall.ssim == pytest.approx(np.mean(pooled), rel=close)
 
 
 def test_empty_predictions_are_skipped_and_counted(model_dir, scans):
