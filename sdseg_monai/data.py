@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -333,9 +334,11 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     on failure removed.
 
     Each temporary is fsynced before its rename and each folder after: after a power loss a file
-    written later (a done-record) never survives while one written before it is empty.
+    written later (a done-record) never survives while one written before it is empty. The renames
+    are all or nothing: when one fails, the targets renamed before it get back what they held (or
+    are removed where there was none), so a label map never stands beside another run's sidecar.
     """
-    temps = []
+    temps, backups = [], {}
     for target in targets:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix="".join(target.suffixes[-2:]) or ".tmp", dir=target.parent)
         os.close(fd)
@@ -346,14 +349,56 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
         for tmp in temps:
             os.chmod(tmp, mode)
             _fsync_path(tmp)
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
+        for target in targets[:-1]:  # the last rename is the last step: nothing after it to undo
+            backups[target] = _backup(target)
+        done = []
+        try:
+            for tmp, target in zip(temps, targets):
+                os.replace(tmp, target)
+                done.append(target)
+        except BaseException:
+            _restore(done, backups)
+            raise
         for folder in dict.fromkeys(target.parent for target in targets):
             _fsync_path(folder, directory=True)
     finally:
-        for tmp in temps:
-            if tmp.exists():
-                tmp.unlink()
+        for leftover in [*temps, *filter(None, backups.values())]:
+            if leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
+
+
+def _backup(target: Path) -> Path | None:
+    """A second name for ``target``'s present file (a hard link: no copy, the target stays in place),
+    or None where there is none. A copy where the file system has no hard links."""
+    if not target.is_symlink() and not target.is_file():
+        return None  # none, or a folder: a file's rename onto a folder fails, and needs no undoing
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent)
+    os.close(fd)
+    backup = Path(name)
+    backup.unlink()
+    try:
+        os.link(target, backup, follow_symlinks=False)  # a symlink is kept as the link it is
+    except OSError:
+        try:
+            shutil.copy2(target, backup, follow_symlinks=False)
+        except BaseException:
+            backup.unlink(missing_ok=True)
+            raise
+    return backup
+
+
+def _restore(done: list[Path], backups: dict[Path, Path | None]) -> None:
+    """Undo the renames onto ``done``: each gets its backup back, or is removed where it was new.
+    Best effort: a failure here must not hide the error that caused it."""
+    for target in reversed(done):
+        try:
+            backup = backups.get(target)
+            if backup is None:
+                target.unlink()
+            else:
+                os.replace(backup, target)
+        except OSError:
+            pass
 
 
 def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:

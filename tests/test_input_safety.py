@@ -551,3 +551,47 @@ def test_an_internal_error_exits_1_in_one_line_and_debug_raises_it(monkeypatch, 
 
     monkeypatch.setattr(sdseg_monai.labels, "dataset_preset", interrupted)
     assert main(["organs"]) == 130 and capfd.readouterr().err.strip() == "sdseg3d: interrupted"
+
+
+# -- outputs never land on, in or over an input ---------------------------------------------------------
+def test_a_failed_rename_in_a_multi_file_write_restores_the_files_renamed_before_it(tmp_path, monkeypatch):
+    """label map and sidecar are all or nothing: the label map renamed, the sidecar's rename failing,
+    left a new label map beside the old sidecar (or a label map alone)."""
+    from sdseg_monai.data import atomic_paths
+
+    real_replace = os.replace
+
+    def second_fails(calls):
+        def replace(src, dst):
+            calls.append(Path(dst))
+            if len(calls) == 2:
+                raise OSError("disk full")
+            return real_replace(src, dst)
+        return replace
+
+    (tmp_path / "elsewhere.txt").write_text("the link's target")
+    layouts = {"existing": {"a.nii.gz": "old a", "a.json": "old json"}, "new": {}, "symlink": {"a.nii.gz": ("link", "elsewhere.txt")}}
+    for name, layout in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, content in layout.items():
+            if isinstance(content, tuple):
+                (folder / file).symlink_to(tmp_path / content[1])
+            else:
+                (folder / file).write_text(content)
+        before = _snapshot(folder)
+        calls = []
+        monkeypatch.setattr(os, "replace", second_fails(calls))
+        with pytest.raises(OSError, match="disk full"):
+            with atomic_paths(folder / "a.nii.gz", folder / "a.json") as (image, side):
+                image.write_text("new a")
+                side.write_text("new json")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert calls[:2] == [folder / "a.nii.gz", folder / "a.json"]  # then the undoing
+        assert _snapshot(folder) == before, name  # restored (or removed), no temporary nor backup left
+    assert (tmp_path / "elsewhere.txt").read_text() == "the link's target"
+    # Control: without a failure both are replaced, and nothing else is left.
+    with atomic_paths(tmp_path / "existing" / "a.nii.gz", tmp_path / "existing" / "a.json") as (image, side):
+        image.write_text("new a")
+        side.write_text("new json")
+    assert _snapshot(tmp_path / "existing") == {"a.json": b"new json", "a.nii.gz": b"new a"}
