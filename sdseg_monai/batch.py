@@ -266,7 +266,7 @@ class BatchRunner:
 
     def _plan(self, input_dir) -> tuple[list[BatchCase], str]:
         """(this shard's cases, the run's id: see :meth:`run_id`)."""
-        from sdseg_monai.data import _check_output_spares_inputs
+        from sdseg_monai.data import check_spares_inputs
         from sdseg_monai.dicom import index_tree
 
         input_dir = Path(input_dir)
@@ -274,7 +274,7 @@ class BatchRunner:
             raise SDSegInputError("no such file or folder", input_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise SDSegInputError("the output must be a folder", self.output_dir)
-        _check_output_spares_inputs(self.output_dir / SUMMARY_CSV, [input_dir])
+        check_spares_inputs([self.output_dir / SUMMARY_CSV], [input_dir])
         if input_dir.is_dir() and self.output_dir.resolve() in input_dir.resolve().parents:
             raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
         index = index_tree(input_dir, include_derived=self.include_derived)

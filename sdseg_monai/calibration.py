@@ -409,15 +409,20 @@ def check_calibration_split(split: str | None) -> None:
         raise SDSegInputError("refusing to calibrate on the test split: choose thresholds on validation cases")
 
 
-def check_calibration_output(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Fail early when the calibrated copy of ``model_dir`` cannot go to ``output_dir`` (``inputs``:
-    the manifest and data root, never replaced either)."""
+def check_calibration_output(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+) -> Path:
+    """Fail early when the calibrated copy of ``model_dir`` cannot go to ``output_dir``: the manifest
+    is never replaced either, nor the data root (the output may lie inside it)."""
     from sdseg_monai.model import check_output_folder
 
     output_dir, model = Path(output_dir), Path(model_dir).resolve()
     if output_dir.resolve() == model or model in output_dir.resolve().parents:
         raise SDSegInputError("the calibrated model must go to a new folder; the input model is never modified", output_dir)
-    return check_output_folder(output_dir, model_dir, *inputs)
+    return check_output_folder(output_dir, model_dir, manifest, roots=[data_root])
 
 
 def calibrate(

@@ -631,7 +631,7 @@ def train_autoencoder(
         if data_root is None:
             raise SDSegInputError("--manifest needs --data-root")
         cases += [(i, l) for _, i, l in check_data_root(load_manifest(manifest), data_root, "train")]
-    check_output_folder(output, manifest, data_root, *(path for pair in cases for path in pair))
+    check_output_folder(output, manifest, *(path for pair in cases for path in pair), roots=[data_root])
     cases += [phantom_volumes(phantom_seed + k) for k in range(phantoms)]
     config = model_preset("tiny")
     size = config.preprocessing.slice_size

@@ -213,27 +213,34 @@ def check_case_grids(cases) -> None:
 
 
 def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Fail early (before any compute) when ``output`` cannot be written, or would overwrite one of
-    ``inputs`` (see :func:`_check_output_spares_inputs`)."""
+    """Fail early (before any compute) when ``output`` or its JSON sidecar cannot be written, or
+    would harm one of ``inputs`` (see :func:`check_spares_inputs`)."""
     output = Path(output)
     if output.is_dir():
         raise SDSegInputError("output path is a folder; give a file name such as mask.nii.gz", output)
     if not is_nifti(output):
         raise SDSegInputError("output must end in .nii or .nii.gz", output)
+    side = sidecar_path(output)
+    if side.is_dir():  # the rename would fail only after all the compute
+        raise SDSegInputError(f"the label names of {output.name} go to this path, and it is a folder; give another output name", side)
     _check_folder_writable(output, "output")
-    _check_output_spares_inputs(output, inputs)
+    check_spares_inputs([output, side], inputs)
     return output
 
 
-def check_report_path(path: str | os.PathLike | None, what: str = "the report") -> Path | None:
-    """Refuse, before any compute, a report path (``what`` names it in the message) that is a folder
-    or whose folder is missing or read-only. None passes (no report asked for)."""
+def check_report_path(
+    path: str | os.PathLike | None, what: str = "the report", inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path | None:
+    """Refuse, before any compute, a report path (``what`` names it in the message) that is a folder,
+    whose folder is missing or read-only, or that would harm one of ``inputs`` (see
+    :func:`check_spares_inputs`). None passes (no report asked for)."""
     if path is None:
         return None
     path = Path(path)
     if path.is_dir():
         raise SDSegInputError(f"{what} must name a file, and this is a folder", path)
     _check_folder_writable(path, what)
+    check_spares_inputs([path], inputs)
     return path
 
 
@@ -245,21 +252,45 @@ def _check_folder_writable(path: Path, what: str) -> None:
         raise SDSegInputError(f"cannot write {what}: permission denied on its folder", path)
 
 
-def _check_output_spares_inputs(output: Path, inputs) -> None:
-    """Refuse an output (or its JSON sidecar) that is an input file, resolves to one (a symlink,
-    ``./``, a hard link), or lies inside an input folder (a DICOM series)."""
-    targets = [output, sidecar_path(output)]
-    for source in map(Path, filter(None, inputs)):
+def check_spares_inputs(
+    targets: Iterable[str | os.PathLike | None],
+    inputs: Iterable[str | os.PathLike | None],
+    roots: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Refuse, before any compute, output paths that would harm an input: the one rule of every writer.
+
+    A target (a file or a folder about to be written) may not be an input nor resolve to one (``./``,
+    a symlink, a hard link), nor lie inside an input folder (a DICOM series, a model folder), nor hold
+    an input at any depth (writing into the folder could replace it). A root (a data root) may hold
+    outputs, but a target may not be one nor hold one.
+
+    Args:
+        targets: the files and folders about to be written.
+        inputs: the files and folders read. None, empty and missing paths are skipped: nothing there to harm.
+        roots: folders the inputs lie in.
+
+    Raises:
+        SDSegInputError: one line naming the target and the input.
+    """
+    targets = [Path(t) for t in targets if t]
+    sources = [(Path(s), False) for s in inputs if s] + [(Path(r), True) for r in roots if r]  # "" would be the working folder
+    for source, is_root in sources:
         if not source.exists():
             continue
         resolved = source.resolve()
+        # Where its folder entry lies: a folder holding a symlink may be written through it.
+        entry = Path(os.path.abspath(source))
+        entry = entry.parent.resolve() / entry.name
+        folder = source.is_dir()
         for target in targets:
             place = target.resolve()
-            if source.is_dir():
-                if place == resolved or resolved in place.parents:
-                    raise SDSegInputError(f"output lies inside the input folder {source}; write it elsewhere", target)
-            elif place == resolved or (target.exists() and os.path.samefile(target, source)):
+            same = place == resolved or (target.exists() and os.path.samefile(target, source))
+            if same and not folder:
                 raise SDSegInputError(f"output would overwrite the input {source}; give another file name", target)
+            if same or place in resolved.parents or place in entry.parents:
+                raise SDSegInputError(f"output folder would replace the input {source}; choose a new folder", target)
+            if folder and not is_root and resolved in place.parents:
+                raise SDSegInputError(f"output lies inside the input folder {source}; write it elsewhere", target)
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sdseg_monai import _offline  # noqa: F401  (before diffusers)
 from sdseg_monai import diffusion
 from sdseg_monai.config import MAX_SEED, SDSegConfig
-from sdseg_monai.data import current_umask
+from sdseg_monai.data import check_spares_inputs, current_umask
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.layers import drop_unit_output_scale, fuse_upsample_convs
 
@@ -776,18 +776,18 @@ def default_model_path() -> Path | None:
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file() else None
 
 
-def check_output_folder(target: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+def check_output_folder(
+    target: str | os.PathLike, *inputs: str | os.PathLike | None, roots: Iterable[str | os.PathLike | None] = ()
+) -> Path:
     """Refuse, before any compute, an output folder that :func:`replace_dir` must not replace: a file,
-    an input (model, data root, volume) or a folder above one, or an existing folder that is not
-    empty and holds no saved model, autoencoder or bundle (a run folder, a data root, a home)."""
+    an input (model, manifest, volume) or a folder above one, a folder inside an input folder, one
+    that is or holds a data root (``roots``; see :func:`~sdseg_monai.data.check_spares_inputs`), or an
+    existing folder that is not empty and holds no saved model, autoencoder or bundle (a run folder,
+    a data root, a home)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise SDSegInputError("output must be a folder, and a file of that name exists", target)
-    place = target.resolve()
-    for source in map(Path, filter(None, inputs)):
-        resolved = source.resolve()
-        if place == resolved or place in resolved.parents:
-            raise SDSegInputError(f"output folder would replace the input {source}; choose a new folder", target)
+    check_spares_inputs([target], inputs, roots)
     if target.is_dir() and any(target.iterdir()) and not any((target / marker).is_file() for marker in REPLACEABLE_MARKERS):
         raise SDSegInputError("output folder exists and holds no saved model; refusing to replace it (choose a new or empty folder)", target)
     return target

@@ -247,6 +247,11 @@ def _case_batch_size_zero(tmp):
     return ["scan.nii.gz", "-o", "out.nii.gz", "-b", "0"], ["segment: Invalid value for '--batch-size'"]
 
 
+def _case_sidecar_is_a_folder(tmp):
+    (tmp / "mask.json").mkdir()
+    return ["scan.nii.gz", "-o", "mask.nii.gz"], ["mask.json", "is a folder"]
+
+
 BAD_INPUTS = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
 
 
@@ -595,3 +600,12 @@ def test_a_failed_rename_in_a_multi_file_write_restores_the_files_renamed_before
         image.write_text("new a")
         side.write_text("new json")
     assert _snapshot(tmp_path / "existing") == {"a.json": b"new json", "a.nii.gz": b"new a"}
+
+
+def test_a_sidecar_path_that_is_a_folder_is_refused_up_front(tmp_path):
+    from sdseg_monai.data import check_writable
+
+    (tmp_path / "mask.json").mkdir()
+    with pytest.raises(SDSegInputError, match=r"mask\.json: the label names of mask\.nii\.gz go to this path, and it is a folder"):
+        check_writable(tmp_path / "mask.nii.gz")
+    assert check_writable(tmp_path / "other.nii.gz") == tmp_path / "other.nii.gz"  # control
