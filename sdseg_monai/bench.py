@@ -327,10 +327,24 @@ def _finite(value):
     return value
 
 
-def write_report(report: BenchReport, json_path: str | os.PathLike | None = None, markdown_path: str | os.PathLike | None = None) -> list[Path]:
-    """Write the report as JSON and/or markdown, each atomically (a temporary file renamed into place)."""
-    from sdseg_monai.data import atomic_write_text
+def bench_sources(options: BenchOptions | dict) -> list[Path]:
+    """What a bench run reads, which its reports must never overwrite nor lie inside: the real CT and
+    the saved model folders (the packaged default for ``tiny``). ``options``: a :class:`BenchOptions`
+    or a report's ``options``. Refuses an unknown network or a missing real CT, as the run would."""
+    get = options.get if isinstance(options, dict) else lambda name: getattr(options, name)
+    models = [Path(spec["path"]) for spec in map(resolve_network, get("networks") or ()) if spec["path"] is not None]
+    real_ct = _real_ct(get("real_ct"))
+    return models + ([real_ct] if real_ct is not None else [])
 
+
+def write_report(report: BenchReport, json_path: str | os.PathLike | None = None, markdown_path: str | os.PathLike | None = None) -> list[Path]:
+    """Write the report as JSON and/or markdown, each atomically (a temporary file renamed into place),
+    never over what the run read (:func:`bench_sources`)."""
+    from sdseg_monai.data import atomic_write_text, check_report_path
+
+    sources = bench_sources(report.options) if json_path is not None or markdown_path is not None else []
+    check_report_path(json_path, "--json", sources)
+    check_report_path(markdown_path, "--markdown", sources)
     written = []
     for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2) + "\n"), (markdown_path, report.to_markdown)):
         if path is not None:

@@ -689,15 +689,14 @@ def stability(
 ):
     """Stability across seeds (the paper's Table 5): SSIM, MS-SSIM, PSNR of each seed's maps against seed 0's, and the Dice spread."""
     from sdseg_monai.data import check_report_path
-    from sdseg_monai.stability import check_seeds, stability_cases
+    from sdseg_monai.stability import check_seeds, stability_cases, stability_sources
     from sdseg_monai.stability import stability as run_stability
 
     # Every input is checked before the model is loaded, so mistakes fail in a second.
     check_seeds(seeds)
-    if json_path is not None:
-        check_report_path(json_path, "--json")
-    _, dataset = stability_cases(input_path, manifest, data_root, split)
+    cases, dataset = stability_cases(input_path, manifest, data_root, split)
     model_dir = _resolve_model(model)
+    check_report_path(json_path, "--json", stability_sources(cases, input_path, dataset, model_dir))
 
     def progress(case: int, cases_total: int, case_id: str, seed: int, seeds_total: int, seconds: float) -> None:
         typer.echo(f"[case {case}/{cases_total}, seed {seed}/{seeds_total}] {case_id} ({seconds:.1f} s)", err=True)
@@ -744,11 +743,9 @@ def bench(
     """Speed on this machine, every ratio from one run: one step (tiny, paper, sd-v1; 1 and 13 organs; fp32 and auto) with
     stage times and peak RSS, DDIM 10/50 x 1/5 samples, SwinUNETR, FLOP/s against a matmul, skipped decodes, an overlapped
     batch of volumes, targets."""
-    from sdseg_monai.bench import BenchOptions, run_bench, write_report
+    from sdseg_monai.bench import BenchOptions, bench_sources, run_bench, write_report
     from sdseg_monai.data import check_report_path
 
-    check_report_path(json_path, "--json")
-    check_report_path(markdown, "--markdown")
     overrides: dict = {"device": device, "precision": precision, "shape": tuple(shape), "batch_size": batch_size, "peer": not no_peer,
                        "isolate": not no_isolate}
     if networks is not None:
@@ -762,6 +759,10 @@ def bench(
     elif real_ct is not None:
         overrides["real_ct"] = str(real_ct)
     options = BenchOptions.quick_defaults(**overrides) if quick else BenchOptions(**overrides)
+    if json_path is not None or markdown is not None:  # never over the real CT nor into a model folder
+        sources = bench_sources(options)
+        check_report_path(json_path, "--json", sources)
+        check_report_path(markdown, "--markdown", sources)
     report = run_bench(
         options,
         progress=None if quiet else (lambda line: typer.echo(line, err=True)),

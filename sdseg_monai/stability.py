@@ -292,7 +292,8 @@ class OrganStability:
 
 @dataclass
 class StabilityReport:
-    """What :func:`stability` measured (see the module's conventions)."""
+    """What :func:`stability` measured (see the module's conventions). ``sources``: what it read
+    (:func:`stability_sources`), which :meth:`write_json` never overwrites; not in the report."""
 
     model: str
     precision: str
@@ -309,6 +310,7 @@ class StabilityReport:
     lpips_reason: str = ""
     postprocessing: dict = field(default_factory=dict)
     seconds: float = 0.0
+    sources: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         """Strict JSON content: undefined and infinite values are null."""
@@ -380,8 +382,9 @@ class StabilityReport:
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` to ``path`` atomically (a temporary file renamed into place)."""
-        path = check_report_path(path, "--json")
+        """Write :meth:`to_dict` to ``path`` atomically (a temporary file renamed into place); never
+        over one of the report's ``sources`` nor into an input folder."""
+        path = check_report_path(path, "--json", self.sources)
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
@@ -486,6 +489,16 @@ def stability_cases(
     if not cases:
         raise SDSegInputError("nothing to measure: no input volume")
     return cases, None
+
+
+def stability_sources(cases: Sequence[StabilityCase], inputs=None, manifest=None, model=None) -> list:
+    """What a stability run reads, which its report must never overwrite nor lie inside: each case's
+    volume and label map, the inputs as given (a folder of NIfTI files, a DICOM series folder), the
+    manifest (a :class:`~sdseg_monai.data.Manifest` or its path) and the model (its folder; a
+    description of an in-memory model names nothing on disk and is skipped)."""
+    given = [] if inputs is None else [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    manifest_path = getattr(manifest, "path", manifest)
+    return [*given, manifest_path, model, *(path for case in cases for path in (case.image, case.label))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -770,4 +783,5 @@ def stability(
         lpips_reason=lpips_reason,
         postprocessing=dict(getattr(segmenter, "postprocessing", {})),
         seconds=time.perf_counter() - start_time,
+        sources=stability_sources(cases, inputs, manifest, segmenter.model_name),
     )

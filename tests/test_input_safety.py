@@ -559,6 +559,78 @@ def test_an_internal_error_exits_1_in_one_line_and_debug_raises_it(monkeypatch, 
 
 
 # -- outputs never land on, in or over an input ---------------------------------------------------------
+def _scan_and_labels(folder: Path) -> tuple[Path, Path]:
+    image, labels, affine = labelled_scan()
+    return _save(folder / "scan.nii.gz", image.astype(np.int16), affine), _save(folder / "ref.nii.gz", labels, affine)
+
+
+def _refused(capfd, argv: list[str], *fragments: str) -> None:
+    """``sdseg3d argv`` exits 2 with one line holding every fragment."""
+    capfd.readouterr()
+    code = main(argv)
+    err = capfd.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("sdseg3d: error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def _toy_manifest(path: Path, image: str, label: str) -> Path:
+    path.write_text(json.dumps({
+        "schema_version": 1, "name": "toy", "labels": {"1": "spleen", "6": "liver"},
+        "splits": {"train": ["b"], "test": ["a"]}, "cases": {case: {"image": image, "label": label} for case in "ab"},
+    }), encoding="utf-8")
+    return path
+
+
+def test_a_report_path_never_overwrites_an_input_nor_lies_in_an_input_folder(model_dir, tmp_path, monkeypatch, capfd):
+    """stability --json and bench --json/--markdown wrote over the scan, the manifest or a label map
+    (after all the compute); now refused first, as segment's -o is, and by the API writers too."""
+    from sdseg_monai.bench import BenchReport, write_report
+    from sdseg_monai.stability import MetricSettings, OrganStability, StabilityReport
+
+    scan, ref = _scan_and_labels(tmp_path)
+    _dicom_folder(tmp_path / "series")
+    manifest = _toy_manifest(tmp_path / "m.json", "scan.nii.gz", "ref.nii.gz")
+    shutil.copytree(model_dir, tmp_path / "model")
+    (tmp_path / "link.nii.gz").symlink_to(scan)
+    os.link(scan, tmp_path / "hard.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    stability = ["stability", "-m", "model", "--seeds", "2", "-d", "cpu", "-q"]
+    for argv, fragments in [
+        (["scan.nii.gz", "--json", "scan.nii.gz"], ["scan.nii.gz: output would overwrite the input scan.nii.gz"]),
+        (["scan.nii.gz", "--json", "./sub/../scan.nii.gz"], ["would overwrite the input scan.nii.gz"]),
+        (["scan.nii.gz", "--json", "link.nii.gz"], ["link.nii.gz", "would overwrite the input"]),
+        (["scan.nii.gz", "--json", "hard.nii.gz"], ["hard.nii.gz", "would overwrite the input"]),
+        (["series", "--json", "series/report.json"], ["series/report.json", "inside the input folder series"]),
+        (["scan.nii.gz", "--json", "model/report.json"], ["model/report.json", "inside the input folder model"]),
+        (["--manifest", "m.json", "--data-root", ".", "--json", "m.json"], ["would overwrite the input m.json"]),
+        (["--manifest", "m.json", "--data-root", ".", "--json", "ref.nii.gz"], ["would overwrite the input ref.nii.gz"]),
+    ]:
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        _refused(capfd, [*stability, *argv], *fragments)
+    bench = ["bench", "--quick", "-d", "cpu", "-q", "--networks", "model"]
+    _refused(capfd, [*bench, "--real-ct", "scan.nii.gz", "--json", "scan.nii.gz"], "would overwrite the input scan.nii.gz")
+    _refused(capfd, [*bench, "--markdown", "model/bench.md"], "model/bench.md", "inside the input folder model")
+    (tmp_path / "sub").rmdir()
+    assert _snapshot(tmp_path) == before
+
+    # The API writers hold the same rule: each report knows what its run read.
+    settings = MetricSettings.for_size(32)
+    report = StabilityReport(model="model", precision="fp32", seeds=[0, 1], inputs={}, cases=[], settings=settings, empty_below=0.5,
+                             organs=[], overall=OrganStability("all organs", None), sources=[scan, "model"])
+    with pytest.raises(SDSegInputError, match="would overwrite the input"):
+        report.write_json(tmp_path / "link.nii.gz")
+    bench_report = BenchReport(options={"networks": ["model"], "real_ct": str(scan)}, machine={}, versions={}, matmul={})
+    with pytest.raises(SDSegInputError, match="inside the input folder model"):
+        write_report(bench_report, tmp_path / "model" / "bench.json")
+    assert _snapshot(tmp_path) == before
+    # Control: a report beside the inputs, or in the data root, is written.
+    assert report.write_json(tmp_path / "stability.json").is_file()
+    assert write_report(bench_report, tmp_path / "bench.json") == [tmp_path / "bench.json"]
+
+
 def test_a_failed_rename_in_a_multi_file_write_restores_the_files_renamed_before_it(tmp_path, monkeypatch):
     """label map and sidecar are all or nothing: the label map renamed, the sidecar's rename failing,
     left a new label map beside the old sidecar (or a label map alone)."""
