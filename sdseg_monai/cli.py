@@ -194,8 +194,8 @@ def segment(
     from sdseg_monai.inference import VolumeSegmenter
     from sdseg_monai.transforms import axial_depth
 
-    check_writable(output, input_path, label)
     model_dir = _resolve_model(model)
+    check_writable(output, input_path, label, model_dir)  # never into the model folder: mask.json over its config.json
     volume, reference = read_case(input_path, label) if label is not None else (read_volume(input_path), None)
     _announce_compiling(compile_, quiet)
     segmenter = VolumeSegmenter(

@@ -496,11 +496,16 @@ def label_nifti(labels: np.ndarray, volume: Volume):
     return image
 
 
-def write_label_volume(labels: np.ndarray, volume: Volume, output: str | os.PathLike, sidecar: dict) -> tuple[Path, Path]:
-    """Write the label map and its JSON sidecar atomically; returns both paths."""
+def write_label_volume(
+    labels: np.ndarray, volume: Volume, output: str | os.PathLike, sidecar: dict, inputs: Iterable[str | os.PathLike | None] = ()
+) -> tuple[Path, Path]:
+    """Write the label map and its JSON sidecar atomically; returns both paths.
+
+    Neither may harm the volume's source nor ``inputs`` (e.g. the model folder; see :func:`check_writable`).
+    """
     import nibabel as nib
 
-    output = check_writable(output, volume.source)  # the Python API is guarded as the CLI is
+    output = check_writable(output, volume.source, *inputs)  # the Python API is guarded as the CLI is
     side = sidecar_path(output)
     image = label_nifti(labels, volume)
     with atomic_paths(output, side) as (tmp_image, tmp_side):

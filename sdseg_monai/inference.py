@@ -134,7 +134,7 @@ class Segmentation:
 
     def save(self, output: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``output`` (uint8 NIfTI on the input grid) and its ``.json`` sidecar, atomically."""
-        return write_label_volume(self.labels, self.volume, output, self.sidecar())
+        return write_label_volume(self.labels, self.volume, output, self.sidecar(), inputs=[self.model])  # the model's folder, if it is one
 
 
 def casts_to_bf16(device: torch.device) -> bool:
@@ -536,8 +536,9 @@ def segment_file(
     model: SDSeg | str | os.PathLike,
     **options,
 ) -> tuple[Segmentation, Path, Path]:
-    """One-shot convenience: segment ``input_path`` and write ``output`` and its sidecar."""
-    check_writable(output, input_path)
+    """One-shot convenience: segment ``input_path`` and write ``output`` and its sidecar (never over
+    the input, nor into the model's folder)."""
+    check_writable(output, input_path, model_description(model) if isinstance(model, SDSeg) else model)
     segmenter = VolumeSegmenter(model, **options)
     result = segmenter.segment(input_path)
     image_path, sidecar_path = result.save(output)

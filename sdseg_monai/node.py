@@ -130,7 +130,8 @@ class DicomNode:
 
     Args:
         model: a saved model folder or bundle (loaded once).
-        store: the node's folder (``incoming/``, ``results/``, ``outbox/``).
+        store: the node's folder (``incoming/``, ``results/``, ``outbox/``): not the model folder, nor
+            one inside or above it.
         ae_title: this node's AE title.
         port: the port to listen on (0: any free port, see :attr:`port` after :meth:`start`).
         host: the address to listen on ("" for every interface).
@@ -148,6 +149,7 @@ class DicomNode:
                  quiet_seconds: float = 5.0, seg_type: str = "binary", retry_seconds: float = 5.0,
                  max_retry_seconds: float = 300.0, **segmenter_options):
         from sdseg_monai.batch import BatchRunner, dicom_seg_available
+        from sdseg_monai.data import check_spares_inputs
 
         quiet_seconds = _seconds(quiet_seconds, "--quiet-seconds")
         retry_seconds = _seconds(retry_seconds, "--retry-seconds")
@@ -161,6 +163,7 @@ class DicomNode:
         self.store = Path(store)
         if self.store.exists() and not self.store.is_dir():
             raise SDSegInputError("--store must be a folder", self.store)
+        check_spares_inputs([self.store], [model])  # its incoming/ and results/ never go into the model folder
         self.incoming, self.results, self.outbox = (self.store / name for name in (INCOMING, RESULTS, OUTBOX))
         for folder in (self.incoming, self.results, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)

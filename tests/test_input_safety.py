@@ -631,6 +631,39 @@ def test_a_report_path_never_overwrites_an_input_nor_lies_in_an_input_folder(mod
     assert write_report(bench_report, tmp_path / "bench.json") == [tmp_path / "bench.json"]
 
 
+def test_segment_never_writes_into_the_model_folder(model_dir, tmp_path, monkeypatch, capfd):
+    """-o MODEL/config.nii.gz wrote its sidecar, config.json, over the model's own after segmenting.
+    Refused first, by the command and by segment_file."""
+    from sdseg_monai.inference import segment_file
+
+    scan, _ = _scan_and_labels(tmp_path)
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    _refused(capfd, ["segment", "scan.nii.gz", "-o", "model/config.nii.gz", "-m", "model", "-d", "cpu", "-q"],
+             "model/config.nii.gz: output lies inside the input folder model")
+    with pytest.raises(SDSegInputError, match="inside the input folder"):
+        segment_file(scan, model / "mask.nii.gz", model, device="cpu")
+    assert _snapshot(tmp_path) == before
+    # Control: beside the model folder is fine.
+    assert main(["segment", "scan.nii.gz", "-o", "mask.nii.gz", "-m", "model", "-d", "cpu", "-q"]) == 0
+    assert (tmp_path / "mask.json").is_file() and _snapshot(model) == _snapshot(Path(model_dir))
+
+
+def test_a_store_folder_never_is_nor_holds_nor_lies_in_the_model_folder(model_dir, tmp_path):
+    from sdseg_monai.node import DicomNode
+
+    model = shutil.copytree(model_dir, tmp_path / "site" / "model")
+    before = _snapshot(tmp_path)
+    for store, fragment in [(model, "would replace the input"), (tmp_path / "site", "would replace the input"),
+                            (model / "node", "inside the input folder")]:
+        with pytest.raises(SDSegInputError, match=fragment):
+            DicomNode(model, store, port=0, device="cpu")
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    node = DicomNode(model, tmp_path / "store", port=0, device="cpu")  # control
+    assert node.incoming.is_dir()
+
+
 def test_a_failed_rename_in_a_multi_file_write_restores_the_files_renamed_before_it(tmp_path, monkeypatch):
     """label map and sidecar are all or nothing: the label map renamed, the sidecar's rename failing,
     left a new label map beside the old sidecar (or a label map alone)."""
