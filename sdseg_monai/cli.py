@@ -317,13 +317,13 @@ def evaluate(
     """Score a model on a manifest split: per-organ Dice (and HD95), per-case CSV and JSON report."""
     from sdseg_monai.data import check_data_root, load_manifest
     from sdseg_monai.evaluation import evaluate as run_evaluation
-    from sdseg_monai.evaluation import prepare_output_dir
+    from sdseg_monai.evaluation import evaluation_sources, prepare_output_dir
 
     model_dir = _resolve_model(model)
     # Every input is checked before the model is loaded, so mistakes fail in a second.
     dataset = load_manifest(manifest)
-    check_data_root(dataset, data_root, split)
-    prepare_output_dir(output)
+    files = check_data_root(dataset, data_root, split)
+    prepare_output_dir(output, evaluation_sources(manifest, files, model_dir), roots=[data_root])
     from sdseg_monai.inference import VolumeSegmenter
 
     segmenter = VolumeSegmenter(
@@ -475,7 +475,7 @@ def train(
     from sdseg_monai.config import SDSegConfig
     from sdseg_monai.data import LabelledCase, check_data_root, load_manifest, manifest_organ_values
     from sdseg_monai.model import SDSeg
-    from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, train_sdseg
+    from sdseg_monai.training import CHECKPOINT_NAME, TrainSettings, check_run_folder, train_sdseg
     from sdseg_monai.weights import sdseg_from_pretrained_parts, with_training_changes
 
     spec, manifest_files = None, {}
@@ -494,6 +494,10 @@ def train(
                 raise SDSegInputError("no such file or folder", path)
     if not train_cases and not manifest_files.get("train"):
         raise SDSegInputError("no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL")
+    # The run folder gets model/ and last_model/: never over an input (--init-from RUN/model), a data root or a volume.
+    read = [manifest] + ([] if resume else [init_from, autoencoder, stable_diffusion, unet])
+    manifest_pairs = [(i, l) for files in manifest_files.values() for _, i, l in files]
+    check_run_folder(output, manifest_pairs + train_cases + validation_cases, read, roots=[data_root])
     checkpoint = output / CHECKPOINT_NAME
     if resume:
         if any(v is not None for v in (mask_loss_weight, condition_channels, slice_size)):

@@ -22,12 +22,14 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
 from sdseg_monai import __version__
-from sdseg_monai.data import Manifest, Volume, atomic_paths, check_data_root, check_label_grid, load_manifest, match_organs, read_volume
+from sdseg_monai.data import (
+    Manifest, Volume, atomic_paths, check_data_root, check_label_grid, check_spares_inputs, load_manifest, match_organs, read_volume,
+)
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
 
@@ -195,15 +197,26 @@ def _text(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
+def prepare_output_dir(
+    output_dir: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    roots: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Create ``output_dir`` if needed and check it is writable, before any compute.
 
+    Args:
+        output_dir: the report folder.
+        inputs: what the evaluation reads (manifest, images, label maps, model folder): the folder may
+            not be one, hold one nor lie inside an input folder (see :func:`evaluation_sources`).
+        roots: the data root: the folder may lie inside it, not be it nor hold it.
+
     Raises:
-        SDSegInputError: the path is a file, cannot be created, or is not writable.
+        SDSegInputError: the path is a file, would harm an input, cannot be created, or is not writable.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SDSegInputError("report output must be a folder, but a file of that name exists", output_dir)
+    check_spares_inputs([output_dir], inputs, roots)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -211,6 +224,13 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
     if not os.access(output_dir, os.W_OK):
         raise SDSegInputError("cannot write the report: permission denied on the folder", output_dir)
     return output_dir
+
+
+def evaluation_sources(manifest: str | os.PathLike, files, model: str | os.PathLike | None = None) -> list:
+    """What an evaluation reads, for :func:`prepare_output_dir`: the manifest, each case's image and
+    label map (``files``: ``(case id, image, label)``) and the model (its folder; a description of an
+    in-memory model names nothing on disk and is skipped)."""
+    return [manifest, model, *(path for _, image, label in files for path in (image, label))]
 
 
 def scored_organs(segmenter, manifest: Manifest) -> tuple[list[tuple[int, int, str]], list[str]]:
@@ -319,9 +339,10 @@ def evaluate(
         manifest = load_manifest(manifest)
     files = check_data_root(manifest, data_root, split)
     organs, unscored = scored_organs(segmenter, manifest)
-    if output_dir is not None:
-        output_dir = prepare_output_dir(output_dir)
     root = Path(data_root)
+    if output_dir is not None:
+        sources = evaluation_sources(manifest.path, files, getattr(segmenter, "model_name", None))
+        output_dir = prepare_output_dir(output_dir, sources, roots=[root])
 
     results: list[CaseResult] = []
     for done, (case_id, image_path, label_path) in enumerate(files, start=1):
@@ -367,8 +388,11 @@ def evaluate(
 
 
 def write_report(report: EvaluationReport, output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``per_case.csv`` and ``report.json`` into ``output_dir``, both atomically; returns their paths."""
-    output_dir = prepare_output_dir(output_dir)
+    """Write ``per_case.csv`` and ``report.json`` into ``output_dir``, both atomically; returns their
+    paths. The folder may not harm the report's inputs (see :func:`prepare_output_dir`)."""
+    root = Path(report.data_root)
+    files = [(case.case_id, root / case.image, root / case.label) for case in report.cases]
+    output_dir = prepare_output_dir(output_dir, evaluation_sources(report.manifest, files, report.model), roots=[root])
     csv_path, json_path = output_dir / CSV_NAME, output_dir / REPORT_NAME
     # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers.
     text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"

@@ -647,6 +647,33 @@ def check_resume_settings(saved: dict, settings: TrainSettings, checkpoint_path)
         raise SDSegInputError(f"--resume continues the run with its own settings, but these differ: {'; '.join(changed)}", checkpoint_path)
 
 
+def check_run_folder(output_dir, cases=(), inputs=(), roots=()):
+    """Refuse, before any compute, a run folder that would harm an input. Training writes into it and
+    replaces its ``model/`` and ``last_model/``, so it may not be, hold or lie inside a training or
+    validation volume or label map, nor one of ``inputs`` (the manifest, a model or autoencoder it
+    starts from), nor be or hold a data root (``roots``; see :func:`~sdseg_monai.data.check_spares_inputs`).
+
+    Args:
+        output_dir: the run folder.
+        cases: :class:`~sdseg_monai.data.LabelledCase` or ``(image, label)`` pairs (paths or volumes).
+        inputs: other files and folders read.
+        roots: the data roots.
+
+    Returns:
+        the run folder, as a :class:`~pathlib.Path`.
+    """
+    from pathlib import Path
+
+    from sdseg_monai.data import Volume, check_spares_inputs, labelled_case
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SDSegInputError("the run folder must be a folder, and a file of that name exists", output_dir)
+    files = [p.source if isinstance(p, Volume) else p for case in map(labelled_case, cases) for p in (case.image, case.label)]
+    check_spares_inputs([output_dir], [*files, *inputs], roots)
+    return output_dir
+
+
 def train_sdseg(
     model: SDSeg,
     train_cases,
@@ -685,9 +712,9 @@ def train_sdseg(
         a summary: steps done, last losses, best validation Dice and where the models are.
     """
     import json
-    from pathlib import Path
 
     from sdseg_monai.data import DeviceSliceBatches, SliceDataset, check_case_grids, derived_seed, flip_axes, slice_augmentation
+    from sdseg_monai.inference import model_description
     from sdseg_monai.model import resolve_device
 
     settings = settings or TrainSettings()
@@ -697,12 +724,14 @@ def train_sdseg(
         raise SDSegInputError("organ-first sampling and several organs per slice need batches built on the device")
     if settings.batch_size % settings.organs_per_slice:
         raise SDSegInputError(f"batch size {settings.batch_size} is not a multiple of organs per slice ({settings.organs_per_slice})")
+    train_cases, validation_cases = list(train_cases), list(validation_cases)
+    origin = [] if resume else [model_description(model)]  # the folder it was loaded from (a resume loads the checkpoint)
+    output_dir = check_run_folder(output_dir, [*train_cases, *validation_cases], origin)
     rank, world, local_rank = _distributed()
     if world > 1:
         backend, target = _init_process_group(local_rank)
     else:
         target = resolve_device(device)
-    output_dir = Path(output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = output_dir / CHECKPOINT_NAME

@@ -650,6 +650,51 @@ def test_segment_never_writes_into_the_model_folder(model_dir, tmp_path, monkeyp
     assert (tmp_path / "mask.json").is_file() and _snapshot(model) == _snapshot(Path(model_dir))
 
 
+def test_report_and_run_folders_never_hold_an_input(model_dir, tmp_path, monkeypatch, capfd, micro_model):
+    """evaluate -o and train -o wrote into a folder holding the manifest (report.json over it) or the
+    model trained from (--init-from RUN/model: RUN/model replaced by the new weights)."""
+    from sdseg_monai.model import check_output_folder
+    from sdseg_monai.training import TrainSettings, train_sdseg
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    scan, ref = _scan_and_labels(data / "img")
+    manifest = _toy_manifest(tmp_path / "m.json", "img/scan.nii.gz", "img/ref.nii.gz")
+    (tmp_path / "out").mkdir()
+    shutil.copy(manifest, tmp_path / "out" / "report.json")  # a manifest where evaluate writes report.json
+    shutil.copytree(model_dir, tmp_path / "run" / "model")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    evaluate = ["evaluate", "-m", "run/model", "--data-root", "data", "--split", "test", "-d", "cpu", "-q"]
+    _refused(capfd, [*evaluate, "--manifest", "out/report.json", "-o", "out"], "out: output folder would replace the input out/report.json")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "data"], "data: output folder would replace the input data")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "data/img"], "would replace the input data/img/scan.nii.gz")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "."], "would replace the input")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "run/model"], "would replace the input run/model")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "run/model/eval"], "inside the input folder run/model")
+    train = ["train", "--steps", "1", "--validate-every", "0", "-d", "cpu", "-q"]
+    _refused(capfd, [*train, "-o", "run", "--init-from", "run/model", "--manifest", "m.json", "--data-root", "data"],
+             "run: output folder would replace the input run/model")
+    _refused(capfd, [*train, "-o", "data", "--manifest", "m.json", "--data-root", "data"], "would replace the input data")
+    _refused(capfd, [*train, "-o", "data/img", "--volume", "data/img/scan.nii.gz:data/img/ref.nii.gz"], "would replace the input data/img/scan.nii.gz")
+    _refused(capfd, [*train, "-o", "run/model/sub", "--init-from", "run/model", "--volume", "data/img/scan.nii.gz:data/img/ref.nii.gz"],
+             "inside the input folder run/model")
+    _refused(capfd, ["train-autoencoder", "-o", "data", "--manifest", "m.json", "--data-root", "data"], "would replace the input data")
+    with pytest.raises(SDSegInputError, match="would replace the input"):
+        train_sdseg(micro_model, [(scan, ref)], data / "img", TrainSettings(steps=1), device="cpu")  # the API too
+    with pytest.raises(SDSegInputError, match="inside the input folder"):
+        check_output_folder(tmp_path / "run" / "model" / "calibrated", tmp_path / "run" / "model")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "run" / "model" / "eval").exists()
+    # Control: a new folder beside the inputs, or one inside the data root, is accepted.
+    from sdseg_monai.evaluation import evaluation_sources, prepare_output_dir
+    from sdseg_monai.training import check_run_folder
+
+    files = [("a", scan, ref)]
+    assert prepare_output_dir(data / "reports", evaluation_sources(manifest, files, "run/model"), roots=[data]) == data / "reports"
+    assert check_run_folder(tmp_path / "run2", [(scan, ref)], [manifest, "run/model"], roots=[data]) == tmp_path / "run2"
+    assert check_output_folder(data / "ae", manifest, scan, ref, roots=[data]) == data / "ae"
+
+
 def test_a_store_folder_never_is_nor_holds_nor_lies_in_the_model_folder(model_dir, tmp_path):
     from sdseg_monai.node import DicomNode
 
