@@ -208,7 +208,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
             "axial_smoothing": {},
             "num_shifts": 1,
         },
-        "precision": resolve_precision(torch.device("cpu")),  # what "auto" ran on this CPU
+        "precision": resolve_precision(torch.device("cpu"), "auto", segmenter.config),  # what "auto" ran on this CPU for this model
         "compiled": False,
         "batch_size": 8,  # the CPU's default
         "nonfinite_input_voxels": 0,
