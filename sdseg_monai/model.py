@@ -725,6 +725,7 @@ class SDSeg(nn.Module):
         except (TypeError, ValueError, KeyError, IndexError) as e:  # diffusers refuses the network's shape
             raise SDSegInputError(f"invalid network in the model config ({type(e).__name__}: {e})", config_path) from None
         load_state_into(model, read_state_dict(weights_path), weights_path, what="SDSeg model")
+        model.name_or_path = os.fspath(path)  # where it came from: sidecars record it, writers keep out of it
         return model.to(target).eval()
 
     def describe(self) -> dict:

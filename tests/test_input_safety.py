@@ -23,6 +23,8 @@ import pytest
 from conftest import labelled_scan
 from sdseg_monai.cli import main
 from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.inference import VolumeSegmenter
+from sdseg_monai.model import SDSeg
 
 HU_WINDOW = (-175, 250)
 
@@ -644,6 +646,12 @@ def test_segment_never_writes_into_the_model_folder(model_dir, tmp_path, monkeyp
              "model/config.nii.gz: output lies inside the input folder model")
     with pytest.raises(SDSegInputError, match="inside the input folder"):
         segment_file(scan, model / "mask.nii.gz", model, device="cpu")
+    loaded = SDSeg.from_pretrained(model)  # a loaded model knows its folder
+    assert loaded.name_or_path == str(model)
+    with pytest.raises(SDSegInputError, match="inside the input folder"):
+        segment_file(scan, model / "mask.nii.gz", loaded, device="cpu")
+    with pytest.raises(SDSegInputError, match="inside the input folder"):
+        VolumeSegmenter(loaded, device="cpu").segment(scan).save(model / "mask.nii.gz")
     assert _snapshot(tmp_path) == before
     # Control: beside the model folder is fine.
     assert main(["segment", "scan.nii.gz", "-o", "mask.nii.gz", "-m", "model", "-d", "cpu", "-q"]) == 0
