@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from sdseg_monai._signals import sigterm_interrupts
 from sdseg_monai._version import __version__
 from sdseg_monai.data import atomic_write_text, nifti_stem, remove_stale_temporaries
 from sdseg_monai.errors import SDSegInputError
@@ -356,7 +357,7 @@ class BatchRunner:
 
         In the main thread, SIGTERM (torchrun's stop for the other ranks when one fails) raises
         KeyboardInterrupt meanwhile, so that no temporary file is left behind."""
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             return self._run(input_dir, progress)
 
     def _run(self, input_dir, progress) -> BatchReport:
@@ -733,26 +734,6 @@ def _read_part(part: Path) -> tuple[str | None, list[dict]]:
 
 def merge_summaries(output_dir) -> Path:
     """Combine every rank's summary part into ``summary.csv`` / ``summary.jsonl``."""
-    with _sigterm_interrupts():
+    with sigterm_interrupts():
         return write_summary(Path(output_dir), read_summary_parts(output_dir))
 
-
-@contextmanager
-def _sigterm_interrupts():
-    """While the block runs, SIGTERM raises KeyboardInterrupt: Python's default action for it ends the
-    process at once, running no ``finally`` (temporary files stay, SEG processes are not waited for).
-    Only in the main thread (the only one that can set a handler), and only over the default action."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -835,9 +835,16 @@ def _usage_line(error) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdseg3d`` console script; returns the exit code."""
+    from sdseg_monai._signals import sigterm_interrupts
     from sdseg_monai.allocator import keep_freed_memory
 
     keep_freed_memory()  # this command owns its process: its CPU work reuses freed memory (about 1.2x faster)
+    with sigterm_interrupts():  # SIGTERM (kill, a scheduler's time limit) ends a command as Ctrl-C does
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    """The command, its refusals and interruptions told in one line; returns the exit code."""
     try:
         # Not standalone: usage errors come here, to be told in one line like every other refusal.
         code = app(args=argv, prog_name="sdseg3d", standalone_mode=False)

@@ -590,6 +590,8 @@ def serve(node: DicomNode) -> None:
     import signal
     import sys
 
+    from sdseg_monai._signals import handling
+
     stop = threading.Event()
 
     def on_signal(*_) -> None:
@@ -600,8 +602,8 @@ def serve(node: DicomNode) -> None:
             os._exit(130)  # at once: the threads in flight (segmenting, sending) are not waited for
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:  # the handlers go back whatever happens, a node that cannot start too (a busy port)
+    # The handlers go back whatever happens, a node that cannot start too (a busy port).
+    with handling((signal.SIGINT, signal.SIGTERM), on_signal):
         node.start()
         try:
             while not stop.wait(0.5):
@@ -609,7 +611,4 @@ def serve(node: DicomNode) -> None:
         finally:
             log.info("stopping: the series in flight finishes first (a second Ctrl-C or SIGTERM ends it at once)")
             node.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
