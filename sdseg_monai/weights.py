@@ -114,7 +114,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path), device="cpu")
         else:
             state = _load_checkpoint(path)
-    except Exception as e:  # noqa: BLE001  (any reader failure is a bad-file message)
+    except Exception as e:  # noqa: BLE001  (any reader failure is a bad-file message; Ctrl-C, SIGTERM, exit are no Exception)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "holds pickled objects besides tensors and training data; refused. Convert it to .safetensors"

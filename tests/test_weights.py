@@ -550,3 +550,52 @@ def test_a_crafted_lightning_checkpoint_cannot_change_torch_by_build(tmp_path):
     with pytest.raises(WeightsError):
         read_state_dict(path)
     assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_while_reading_weights_is_not_a_bad_file(suffix, stop, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (raised as KeyboardInterrupt) while the weights are read stays an interruption,
+    never 'cannot read weights'; a reader's own failure (the control) is a bad-file message."""
+    import safetensors.torch
+
+    import sdseg_monai.weights as weights
+
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file({"a": torch.zeros(2)}, str(path))
+    else:
+        torch.save({"a": torch.zeros(2)}, path)
+    assert list(weights.read_state_dict(path)) == ["a"]
+
+    def reader(error):
+        def read(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(safetensors.torch, "load_file", read)
+        monkeypatch.setattr(weights.torch, "load", read)
+
+    reader(stop())
+    with pytest.raises(stop):
+        weights.read_state_dict(path)
+    reader(ValueError("bad header"))
+    assert "cannot read weights: bad header" in raises_one_line(path, weights.read_state_dict, path)
+
+
+def test_ctrl_c_while_segment_loads_the_model_is_an_interruption(model_dir, tmp_path, monkeypatch, capfd):
+    import nibabel as nib
+    import numpy as np
+    import safetensors.torch
+
+    from sdseg_monai.cli import main
+
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), dtype=np.float32), np.eye(4)), str(scan))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "load_file", interrupted)
+    assert main(["segment", str(scan), "-o", str(tmp_path / "mask.nii.gz"), "-m", str(model_dir), "-d", "cpu", "-q"]) == 130
+    assert capfd.readouterr().err.strip() == "sdseg3d: interrupted"
+    assert not list(tmp_path.glob("mask*")) and not list(tmp_path.glob(".mask*"))
