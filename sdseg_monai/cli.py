@@ -15,7 +15,7 @@ import typer
 
 from sdseg_monai import __version__
 from sdseg_monai.bench import QUICK_HELP
-from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.errors import SDSegInputError, check_number
 
 app = typer.Typer(
     name="sdseg3d",
@@ -33,6 +33,21 @@ DECODE_ALL_OPTION = typer.Option(False, "--decode-all", help="Decode every (slic
 SHIFTS_OPTION = typer.Option(1, "--shifts", help="Test-time shifts averaged: 1, 2 or 4 (small organs gain; each shift is a whole pass).")
 MAX_SEED = 2**63 - 1  # torch's generators take any seed below 2**64; phantoms' numpy ones below 2**128
 COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the network with torch.compile once at start (tens of seconds; for GPUs, slower on a CPU).")
+
+
+def _finite(low: float | None = None, high: float | None = None, *, positive: bool = False):
+    """A float option's callback: NaN, an infinity or a value out of range is a usage error (one line,
+    exit 2). A callback rather than ``min``/``max``: a range lets NaN through in some typer releases."""
+
+    def check(value):
+        if value is not None:
+            try:
+                check_number(value, "", low, high, positive=positive)
+            except SDSegInputError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return check
 
 
 def _print_version(value: bool):
@@ -434,9 +449,9 @@ def train(
     steps: int = typer.Option(10000, "--steps", min=1),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimiser step."),
-    base_lr: Optional[float] = typer.Option(None, "--base-lr", min=0.0, help="Per-sample learning rate (x batch x accum x GPUs). Default: 1e-5 (paper), 2.5e-5 for tiny."),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", callback=_finite(0.0), help="Per-sample learning rate, >= 0 (x batch x accum x GPUs). Default: 1e-5 (paper), 2.5e-5 for tiny."),
     warmup: int = typer.Option(500, "--warmup", min=0),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", callback=_finite(0.0, 1.0), help="Decay of the weights' moving average, 0 to 1."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
     validate_every: int = typer.Option(1000, "--validate-every", min=0),
     augment: str = typer.Option(
@@ -452,7 +467,7 @@ def train(
         1, "--organs-per-slice", min=1, help="Samples per drawn slice, each a different organ, sharing one image encoding (faster steps)."
     ),
     mask_loss_weight: Optional[float] = typer.Option(
-        None, "--mask-loss-weight", min=0.0, help="Weight of an extra BCE + Dice loss on the decoded mask (default: the model's; 0 is the paper)."
+        None, "--mask-loss-weight", callback=_finite(0.0), help="Weight (>= 0) of an extra BCE + Dice loss on the decoded mask (default: the model's; 0 is the paper)."
     ),
     condition_channels: Optional[int] = typer.Option(
         None, "--condition-channels", min=1, help="Widen the image latent to this many channels, starting from what the model computes (default: as is; the paper: 4)."
@@ -463,7 +478,7 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0, help="Stop (validate, checkpoint, save) after this much wall time; --resume continues."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", callback=_finite(0.0), help="Stop (validate, checkpoint, save) after this much wall time; --resume continues."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly where the run in OUTPUT stopped."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -612,10 +627,10 @@ def train_autoencoder(
     phantoms: int = typer.Option(0, "--phantoms", min=0, help="In-memory phantoms adding organ masks."),
     phantom_seed: int = typer.Option(100000, "--phantom-seed", min=0, max=MAX_SEED, help="Seed of the first phantom."),
     random_masks: int = typer.Option(8000, "--random-masks", min=0, help="Random organ-shaped masks in the pool."),
-    real_fraction: float = typer.Option(0.25, "--real-fraction", min=0.0, max=1.0, help="Share of each batch from volume/phantom masks."),
+    real_fraction: float = typer.Option(0.25, "--real-fraction", callback=_finite(0.0, 1.0), help="Share of each batch from volume/phantom masks, 0 to 1."),
     steps: int = typer.Option(2400, "--steps", min=1),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr", callback=_finite(0.0), help="Peak learning rate, >= 0."),
     seed: int = typer.Option(0, "--seed", "-s", min=0, max=MAX_SEED),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -786,9 +801,9 @@ def serve_dicom(
     port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     host: str = typer.Option("", "--host", help="Address to listen on (default: every interface)."),
     allow: Optional[str] = typer.Option(None, "--allow", help="Comma-separated calling AE titles accepted, each as AE or AE@HOST (default: any)."),
-    quiet_seconds: float = typer.Option(5.0, "--quiet-seconds", help="A series is complete once no instance of it arrived for this long."),
+    quiet_seconds: float = typer.Option(5.0, "--quiet-seconds", callback=_finite(positive=True), help="A series is complete once no instance of it arrived for this long."),
     seg_type: str = typer.Option("binary", "--seg-type", help="binary or labelmap (sent as binary where the peer refuses labelmap)."),
-    retry_seconds: float = typer.Option(5.0, "--retry-seconds", help="First wait before resending a SEG that failed; it doubles, up to 5 minutes."),
+    retry_seconds: float = typer.Option(5.0, "--retry-seconds", callback=_finite(positive=True), help="First wait before resending a SEG that failed; it doubles, up to 5 minutes."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Saved SDSeg model folder or bundle."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="(slice, organ) pairs per forward."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -16,3 +17,31 @@ class SDSegInputError(Exception):
 
 class WeightsError(SDSegInputError):
     """Weights that are missing, unreadable or do not fit the model they are loaded into."""
+
+
+def check_number(value, name: str = "", low: float | None = None, high: float | None = None, *, positive: bool = False) -> float:
+    """``value`` as a float, refused unless finite and in range: NaN passes every ``<`` check, and
+    an infinite rate, decay or time limit runs without meaning.
+
+    Args:
+        value: the setting.
+        name: what it is, starting the message (e.g. ``"--base-lr"``); empty: the message starts at "must".
+        low, high: inclusive bounds (None: none).
+        positive: ``low`` is exclusive (0 when not given): a value must lie above it.
+
+    Raises:
+        SDSegInputError: not a finite number, or out of range.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if positive:  # an exclusive lower bound
+        low = 0.0 if low is None else low
+    wanted = " and ".join(part for part in (
+        "" if low is None else f"{'>' if positive else '>='} {low:g}", "" if high is None else f"<= {high:g}") if part)
+    if (isinstance(value, bool) or not math.isfinite(number) or (low is not None and (number <= low if positive else number < low))
+            or (high is not None and number > high)):
+        message = f"must be a finite number{' ' + wanted if wanted else ''}, got {value!r}"
+        raise SDSegInputError(f"{name} {message}" if name else message)
+    return number

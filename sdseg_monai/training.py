@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sdseg_monai.config import Postprocessing
-from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.errors import SDSegInputError, check_number
 from sdseg_monai.model import SDSeg, decoded_to_probabilities, soft_dice_loss
 
 logger = logging.getLogger(__name__)
@@ -211,9 +211,16 @@ def train_mask_autoencoder(
     Returns:
         The history: dicts with ``step`` (1-based), ``lr``, ``seconds`` since the start, and the mean
         ``loss``, ``bce``, ``dice``, ``kl`` and ``crisp`` over the steps since the previous record.
+
+    Raises:
+        ValueError: a count below 1, or masks not (N, H, W).
+        SDSegInputError: a rate, weight or fraction that is NaN, infinite or negative (a fraction above 1).
     """
     if steps < 1 or batch_size < 1 or log_every < 1:
         raise ValueError("steps, batch_size and log_every must be >= 1")
+    for name, value, high in (("lr", lr, None), ("weight_decay", weight_decay, None), ("min_lr_fraction", min_lr_fraction, 1.0),
+                              ("kl_weight", kl_weight, None), ("crisp_weight", crisp_weight, None), ("boundary_weight", boundary_weight, None)):
+        check_number(value, name, 0.0, high)
     if masks.ndim != 3 or masks.shape[0] == 0:
         raise ValueError(f"expected masks of shape (N, H, W) with N >= 1, got {tuple(masks.shape)}")
     generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -418,6 +425,10 @@ class TrainSettings:
             slice showing it: small organs as often as large ones). Needs batches on the device.
         organs_per_slice: samples drawn from each slice, each a different organ, sharing one vision
             encoder pass (``batch_size`` must be a multiple). Above 1 needs batches on the device.
+
+    Raises:
+        SDSegInputError: ``base_lr``, ``ema_decay``, ``absent_fraction`` or ``max_seconds`` NaN,
+            infinite or out of range (negative; a decay or fraction above 1).
     """
 
     steps: int = 10000
@@ -440,6 +451,14 @@ class TrainSettings:
     max_seconds: float | None = None
     organ_sampling: str = "slice"
     organs_per_slice: int = 1
+
+    def __post_init__(self):
+        """Refuses a rate, decay, fraction or time limit that is not a finite number in range."""
+        # (field, low, high, None allowed): base_lr None is the paper's rate, max_seconds None no limit.
+        for name, low, high, optional in (("base_lr", 0.0, None, True), ("ema_decay", 0.0, 1.0, False),
+                                          ("absent_fraction", 0.0, 1.0, False), ("max_seconds", 0.0, None, True)):
+            if not (optional and getattr(self, name) is None):
+                check_number(getattr(self, name), f"TrainSettings.{name}", low, high)
 
     def learning_rate(self, world_size: int) -> float:
         base = self.base_lr if self.base_lr is not None else 1e-5

@@ -101,3 +101,31 @@ def test_demo_without_a_default_model_says_it_is_untrained(tmp_path, capsys, mon
     assert main(["demo", "-o", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "untrained" in out and "meaningless" in out and "liver" in out
+
+
+@pytest.mark.parametrize(
+    "command, option, value",
+    [
+        ("train", "--base-lr", "nan"), ("train", "--base-lr", "inf"), ("train", "--ema-decay", "nan"),
+        ("train", "--max-minutes", "inf"), ("train", "--max-minutes", "nan"), ("train", "--mask-loss-weight", "nan"),
+        ("train-autoencoder", "--lr", "nan"), ("train-autoencoder", "--lr", "-inf"), ("train-autoencoder", "--real-fraction", "nan"),
+        ("serve-dicom", "--quiet-seconds", "inf"), ("serve-dicom", "--retry-seconds", "nan"),
+    ],
+)
+def test_float_options_refuse_nan_and_infinity(command, option, value, tmp_path, capfd):
+    """NaN passed ``min=``/``max=`` ranges (and --lr had none): train-autoencoder --lr nan ended in an
+    internal error, --max-minutes inf and --lr inf ran. Now a usage error, before anything is read or made."""
+    target = ["--store" if command == "serve-dicom" else "-o", str(tmp_path / "out")]
+    capfd.readouterr()
+    assert main([command, *target, option, value]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err and "must be a finite number" in err and value in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_finite_float_option_passes_to_the_command(tmp_path, capfd):
+    """The control: the same options with finite values pass the parse; the command's own check speaks."""
+    for option, value in (("--base-lr", "1e-5"), ("--ema-decay", "0.5"), ("--max-minutes", "0"), ("--mask-loss-weight", "0")):
+        capfd.readouterr()
+        assert main(["train", "-o", str(tmp_path / "out"), option, value]) == 2
+        assert capfd.readouterr().err.strip() == "sdseg3d: error: no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL"

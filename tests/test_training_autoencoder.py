@@ -246,3 +246,22 @@ def test_tiny_autoencoder_learns_masks():
     train_mask_autoencoder(ae, masks, steps=150, batch_size=8, lr=1e-3, seed=0)
     dice = mask_reconstruction_dice(ae, random_organ_masks(32, seed=99))
     assert torch.nanmean(dice) > 0.6
+
+
+@pytest.mark.parametrize("name, value", [("lr", float("nan")), ("lr", float("inf")), ("weight_decay", -1.0), ("min_lr_fraction", 2.0),
+                                         ("kl_weight", float("nan"))])
+def test_train_mask_autoencoder_refuses_a_rate_that_is_not_finite(name, value):
+    """Before, lr=nan reached AdamW ("Invalid learning rate"), lr=inf trained to NaN; now refused up front."""
+    from diffusers import AutoencoderKL
+
+    from sdseg_monai.errors import SDSegInputError
+
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL.from_config(SMALL_AUTOENCODER)
+    masks = random_organ_masks(4, size=32, seed=0)
+    before = {k: v.clone() for k, v in autoencoder.state_dict().items()}
+    with pytest.raises(SDSegInputError, match=f"^{name} must be a finite number"):
+        train_mask_autoencoder(autoencoder, masks, steps=1, batch_size=2, **{name: value})
+    assert all(torch.equal(v, before[k]) for k, v in autoencoder.state_dict().items())  # nothing trained
+    train_mask_autoencoder(autoencoder, masks, steps=1, batch_size=2, lr=1e-3)  # the control: a finite rate trains
+    assert not all(torch.equal(v, before[k]) for k, v in autoencoder.state_dict().items())
