@@ -12,7 +12,8 @@ Reading and preprocessing the next series (reader threads) and writing the last 
 overlap with inference on the current one; bounded queues keep memory flat. Under
 ``torchrun`` or with ``shard=(i, n)`` a case belongs to the rank where sha256(key) mod n equals it;
 each rank writes its summary part and the last to finish merges them. Only that rank's exit code
-speaks for the run (torchrun stops every rank when one exits non-zero); the others exit 0. A part
+speaks for the run (torchrun stops every rank when one exits non-zero); the others exit 0. A tree
+with nothing to segment is refused by every rank alike (exit 2), before anything is written. A part
 carries its run's id (the tree's cases, the model, the options, the shard count): parts of another
 run are never merged.
 """
@@ -90,9 +91,11 @@ class BatchCase:
 
 @dataclass
 class BatchReport:
-    """``rows``: this run's cases, or every shard's once this run merged the summary parts.
-    ``exit_code``: see :func:`exit_code`; 0 for a shard that left the merging to another.
-    ``summary``: the summary written, or None while parts await other shards.
+    """``rows``: this run's cases, or every shard's once this run merged the summary parts, or every
+    case of the tree when it has nothing to segment.
+    ``exit_code``: see :func:`exit_code`; 0 for a shard that left the merging to another; 2 from every
+    shard when the tree has nothing to segment (then nothing is written: no summary, part nor folder).
+    ``summary``: the summary written, or None while parts await other shards (or nothing was written).
     ``ignored_parts``: summary parts found of another run (not merged)."""
 
     rows: list[dict]
@@ -265,8 +268,8 @@ class BatchRunner:
         """This shard's cases of the tree, NIfTI files hashed (see :meth:`done_key`)."""
         return self._plan(input_dir)[0]
 
-    def _plan(self, input_dir) -> tuple[list[BatchCase], str]:
-        """(this shard's cases, the run's id: see :meth:`run_id`)."""
+    def _plan(self, input_dir) -> tuple[list[BatchCase], str, list[BatchCase]]:
+        """(this shard's cases, the run's id: see :meth:`run_id`, every case of the tree)."""
         from sdseg_monai.data import check_spares_inputs
         from sdseg_monai.dicom import index_tree
 
@@ -290,7 +293,7 @@ class BatchRunner:
                 except Exception as e:  # noqa: BLE001  (reported in the case's row)
                     case.row.update(status="failed", reason="read_error", message=str(_read_failure(e)))
                     case.out_dir = None
-        return mine, run
+        return mine, run, cases
 
     def run_id(self, cases: list[BatchCase]) -> str:
         """What every shard of one run computes alike, from every case of the tree (before sharding)
@@ -348,7 +351,9 @@ class BatchRunner:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, input_dir, progress: Callable[[int, int, dict], None] | None = None) -> BatchReport:
-        """Segment every case of this shard; write outputs, done-records and the summary.
+        """Segment every case of this shard; write outputs, done-records and the summary. A tree with
+        nothing to segment (no case, or every one skipped) is reported with exit code 2, and nothing
+        is written.
 
         Three stages overlap: reader threads read and prepare the next cases, this thread segments,
         and a writer thread writes the last case's files (handing DICOM SEG objects to
@@ -364,7 +369,9 @@ class BatchRunner:
         count = self.shard[1]
         if count > 1:  # a part left by an earlier run must not complete another rank's merge before ours is in
             self._part_path().unlink(missing_ok=True)
-        cases, run = self._plan(input_dir)
+        cases, run, tree = self._plan(input_dir)
+        if exit_code([c.row for c in tree]) == 2:  # the whole tree: every shard knows it, and none writes a thing
+            return BatchReport([c.row for c in tree], 2, None)
         todo = []
         for case in cases:
             if case.segmentable:

@@ -261,6 +261,8 @@ def batch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no closing line."),
 ):
     """Segment every CT series (and NIfTI file) in a tree: labels, DICOM SEG and a summary, resumable."""
+    from collections import Counter
+
     from sdseg_monai.batch import BatchRunner, merge_summaries, parse_shard
 
     if merge is not None:
@@ -284,15 +286,16 @@ def batch(
     runner = BatchRunner(model_dir, output, device=device, batch_size=batch_size, organs=_split_names(organs_),
                          seed=seed, precision=precision, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,
                          include_derived=include_derived, shard=part, compile=compile_)
-    bar = None
-    if not quiet:
-        from monai.utils import optional_import
-
-        tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
-        if has_tqdm:
-            bar = tqdm(unit="series", desc="batch", file=sys.stderr, leave=False)
+    bar, started = None, False
 
     def progress(done: int, total: int, row: dict) -> None:
+        nonlocal bar, started
+        if not started and not quiet:  # the bar starts with the run's cases: a tree with nothing to segment shows none
+            from monai.utils import optional_import
+
+            tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+            bar = tqdm(unit="series", desc="batch", file=sys.stderr, leave=False) if has_tqdm else None
+        started = True
         if bar is not None:
             bar.total = total
             bar.n = done
@@ -303,13 +306,15 @@ def batch(
     finally:
         if bar is not None:
             bar.close()
+    if report.exit_code == 2:  # nothing written: the one line says why
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(r["reason"] for r in report.rows).items()))
+        raise SDSegInputError(f"nothing to segment (no CT series passed QC, no NIfTI file{'; skipped: ' + skipped if skipped else ''})",
+                              input_dir)
     if not quiet:
         statuses = [r["status"] for r in report.rows]
         typer.echo(f"{statuses.count('ok')} ok, {statuses.count('skipped')} skipped, {statuses.count('failed')} failed"
                    + (f"; summary {report.summary}" if report.summary else "; summary parts await the other shards"))
     if report.exit_code:
-        if report.exit_code == 2:
-            typer.echo(f"sdseg3d: error: {input_dir}: nothing to segment (no CT series passed QC, no NIfTI file)", err=True)
         raise typer.Exit(report.exit_code)
 
 

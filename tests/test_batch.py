@@ -163,7 +163,7 @@ def test_shards_are_disjoint_and_merge(tree, model_dir, tmp_path, capsys):
 
 def test_an_empty_share_is_not_an_error_and_the_merging_shard_speaks_for_the_tree(tree, model_dir, tmp_path, capsys):
     """More shards than work: a shard with nothing to do writes its empty part and exits 0, quietly.
-    Exit 2 ("nothing to segment") only when the whole tree has nothing, from the merging shard."""
+    Exit 2 ("nothing to segment") only when the whole tree has nothing, from every shard, none writing."""
     out = tmp_path / "out"
     base = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "-q", "--no-dicom-seg"]
     assert not [case for case in EXPECTED if shard_of(case, 3) == 0]  # shard 0 of 3 has no case
@@ -175,8 +175,9 @@ def test_an_empty_share_is_not_an_error_and_the_merging_shard_speaks_for_the_tre
     write(ct_slices(IMAGE, modality="MR"), tmp_path / "mr")
     mr = ["batch", str(tmp_path / "mr"), "-o", str(tmp_path / "mr_out"), "-m", str(model_dir), "-q"]
     capsys.readouterr()
-    assert main([*mr, "--shard", "0/2"]) == 0 and "nothing to segment" not in capsys.readouterr().err
-    assert main([*mr, "--shard", "1/2"]) == 2 and "nothing to segment" in capsys.readouterr().err
+    for shard in ("0/2", "1/2"):
+        assert main([*mr, "--shard", shard]) == 2 and "nothing to segment" in capsys.readouterr().err
+    assert not (tmp_path / "mr_out").exists()
 
 
 def test_torchrun_processes_share_the_tree(tree, model_dir, tmp_path):
@@ -280,6 +281,38 @@ def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, t
     thread.join(timeout=300)
     assert not thread.is_alive() and outcome == ["the caller's own bug"]
     assert len(segmented) == 2  # of 3 segmentable cases (all 3 before)
+
+
+@pytest.mark.parametrize("content", ["empty", "junk", "mr"])
+def test_a_tree_with_nothing_to_segment_writes_nothing_from_any_shard(content, model_dir, tmp_path, capfd):
+    """No case, or every series skipped: exit 2 and one line from every shard, and no summary, part
+    or folder. Before, the run wrote a summary (unsharded) or its part and exited 0 (shards that
+    did not merge), created the output folder, and printed a progress bar and a count line first."""
+    tree = tmp_path / "in"
+    tree.mkdir()
+    if content == "junk":
+        (tree / "notes.txt").write_text("junk")
+    elif content == "mr":
+        write(ct_slices(IMAGE, modality="MR"), tree / "mr")
+    existing = tmp_path / "existing"
+    (existing / "kept").mkdir(parents=True)
+    for out in (tmp_path / "out", existing):
+        for shard in (None, "0/1", "0/2", "1/2", "0/3", "1/3", "2/3"):
+            capfd.readouterr()
+            args = ["batch", str(tree), "-o", str(out), "-m", str(model_dir), "--no-dicom-seg", *(["--shard", shard] if shard else [])]
+            assert main(args) == 2, shard
+            err = capfd.readouterr().err.strip()
+            skipped = "; skipped: 1 not_ct" if content == "mr" else ""
+            assert err == f"sdseg3d: error: {tree}: nothing to segment (no CT series passed QC, no NIfTI file{skipped})", err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in existing.rglob("*")] == ["kept"]
+
+
+def test_a_tree_with_one_case_writes_its_summary(model_dir, tmp_path, capfd):
+    """The control: one NIfTI file is something to segment; the run writes its summary and exits 0."""
+    _nifti(tmp_path / "in" / "scan.nii.gz")
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(model_dir), "--no-dicom-seg"]) == 0
+    assert "1 ok, 0 skipped, 0 failed" in capfd.readouterr().out and (tmp_path / "out" / "summary.csv").is_file()
 
 
 def test_nothing_to_segment_and_bad_arguments(model_dir, tmp_path, capsys):
