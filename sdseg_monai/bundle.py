@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +48,7 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "meta_schema_20240725.json"
 LICENSE_FILE = Path(__file__).resolve().parent / "LICENSE"  # the project's Apache-2.0 licence, whole
 BUNDLE_VERSION = "0.1.0"
+SEMVER = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")  # MAJOR.MINOR.PATCH, no leading zeros
 PAPER = ("Lin T, Chen Z, Yan Z, Yu W, Zheng F. Stable Diffusion Segmentation for Biomedical Images with "
          "Single-step Reverse Process. MICCAI 2024. arXiv:2406.18361")
 TOTALSEGMENTATOR = ("Wasserthal J, et al. TotalSegmentator: Robust Segmentation of 104 Anatomic Structures in "
@@ -361,6 +363,19 @@ loop over slices and organs, which `torch.jit.script` does not support. For the 
 {card}"""
 
 
+def check_bundle_version(version) -> str:
+    """``version`` if it is MAJOR.MINOR.PATCH (semantic versioning without pre-release or build
+    parts, as the MONAI model zoo's bundles have), e.g. ``0.1.0``.
+
+    Raises:
+        SDSegInputError: any other version.
+    """
+    if not isinstance(version, str) or not SEMVER.fullmatch(version):
+        raise SDSegInputError(f"bundle version must be MAJOR.MINOR.PATCH (semantic versioning, as the MONAI model zoo "
+                              f"requires), e.g. {BUNDLE_VERSION}; got {version!r}")
+    return version
+
+
 def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_metrics: dict[str, Any] | None = None,
                   version: str = BUNDLE_VERSION) -> Path:
     """Write the MONAI bundle of saved model ``model_dir`` (a model folder or a bundle) to folder
@@ -371,10 +386,15 @@ def export_bundle(model_dir: str | os.PathLike, output: str | os.PathLike, eval_
         output: the bundle folder.
         eval_metrics: the metadata's ``eval_metrics`` (default: the model folder's ``evaluation.json``
             ``metrics`` if present, else empty).
-        version: the bundle version.
+        version: the bundle version, MAJOR.MINOR.PATCH (see :func:`check_bundle_version`).
+
+    Raises:
+        SDSegInputError: a version that is not MAJOR.MINOR.PATCH, a bad model folder or output (before
+            anything is written).
     """
     from sdseg_monai.weights import read_state_dict
 
+    check_bundle_version(version)
     model_dir, output = Path(model_dir), Path(output)
     config_path, weights_path = model_files(model_dir)
     config = SDSegConfig.from_json_file(config_path)

@@ -400,11 +400,21 @@ def calibrate(
         typer.echo(f"wrote {saved} ({result.seconds:.1f} s)")
 
 
+def _bundle_version(value: str) -> str:
+    """``--version``'s callback: refused up front, before the model is read."""
+    from sdseg_monai.bundle import check_bundle_version
+
+    try:
+        return check_bundle_version(value)
+    except SDSegInputError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command("export-bundle")
 def export_bundle(
     model: Optional[Path] = typer.Argument(None, metavar="MODEL", help="Saved SDSeg model folder (default: the built-in model)."),
     output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write (replaced whole if it exists)."),
-    version: str = typer.Option("0.1.0", "--version", help="Bundle version recorded in configs/metadata.json."),
+    version: str = typer.Option("0.1.0", "--version", callback=_bundle_version, help="Bundle version recorded in configs/metadata.json: MAJOR.MINOR.PATCH."),
 ):
     """Write a saved model as a MONAI bundle (configs, models/model.pt, docs) that runs offline."""
     from sdseg_monai.bundle import export_bundle as write_bundle

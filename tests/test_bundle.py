@@ -323,3 +323,27 @@ def test_model_zoo_verify_bundle_full_mode(tmp_path):
     (root / "LICENSE").unlink()
     result = _zoo_verify(models, "sdseg_btcv", "sdseg_btcv")
     assert result.returncode != 0 and "necessary file LICENSE is not existing" in result.stderr
+
+
+@pytest.mark.parametrize("version", ["banana", "1.0", "1", "01.2.3", "1.2.3-rc.1", "1.2.3+build", " 1.2.3", "v1.2.3", "", 1])
+def test_a_version_that_is_not_major_minor_patch_is_refused_up_front(version, model_dir, tmp_path, monkeypatch, capfd):
+    """The model zoo's bundles are versioned MAJOR.MINOR.PATCH; before, any text went into metadata.json.
+    Refused before the model is read, by the API and by the CLI (one line, exit 2), nothing written."""
+    import sdseg_monai.bundle as bundle
+
+    read = []
+    monkeypatch.setattr(bundle, "model_files", lambda *a: read.append(a) or pytest.fail("the model was read first"))
+    with pytest.raises(SDSegInputError, match="bundle version must be MAJOR.MINOR.PATCH"):
+        export_bundle(model_dir, tmp_path / "b", version=version)
+    if isinstance(version, str):
+        assert main(["export-bundle", str(model_dir), "-o", str(tmp_path / "b"), "--version", version]) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "'--version'" in err and "MAJOR.MINOR.PATCH" in err, err
+    assert not read and not list(tmp_path.iterdir())
+
+
+def test_a_major_minor_patch_version_is_written(model_dir, tmp_path, capfd):
+    """The control: 10.0.3 is taken, as the metadata's version and its changelog's key."""
+    assert main(["export-bundle", str(model_dir), "-o", str(tmp_path / "b"), "--version", "10.0.3"]) == 0
+    meta = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "10.0.3" and list(meta["changelog"]) == ["10.0.3"]
