@@ -8,6 +8,7 @@ build ships no default model, an untrained ``tiny`` network stands in and the ou
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -115,6 +116,16 @@ def overlay_png(
     return path
 
 
+def write_phantom_label_names(label_path: Path, seed: int) -> Path:
+    """The phantom label map's sidecar (``phantom_<seed>_label.json`` beside it), as every label map
+    written has one: ``{"labels": {"1": "spleen", ...}}`` (BTCV's table, which phantoms carry)."""
+    from sdseg_monai.data import atomic_write_text, sidecar_path
+    from sdseg_monai.labels import BTCV
+
+    record = {"labels": {str(o.label): o.name for o in BTCV.organs}, "source": f"sdseg3d phantom, seed {seed}"}
+    return atomic_write_text(sidecar_path(label_path), json.dumps(record, indent=2) + "\n")
+
+
 def run_demo(
     out_dir: str | Path = "sdseg3d_demo",
     *,
@@ -125,7 +136,9 @@ def run_demo(
     batch_size: int | None = None,
     pictures: int = 3,
 ) -> DemoResult:
-    """Generate a phantom, segment it, score it, and write NIfTI, JSON and PNG files to ``out_dir``.
+    """Generate a phantom, segment it, score it, and write NIfTI, JSON and PNG files to ``out_dir``:
+    the phantom's image, its label map with the label names (``.json``), the prediction with its
+    sidecar, and the overlays.
 
     Args:
         out_dir: output folder (created).
@@ -156,13 +169,14 @@ def run_demo(
     segmenter = VolumeSegmenter(model, device=device, batch_size=batch_size, seed=0)  # a bad device: refused before writing
     out.mkdir(parents=True, exist_ok=True)
     ((image_path, label_path),) = write_phantoms(out, n=1, seed=seed, shape=shape)
+    label_names = write_phantom_label_names(label_path, seed)
     result = segmenter.segment(image_path)
     result.model = name
     mask_path, sidecar = result.save(out / "prediction.nii.gz")
     reference = np.asarray(nib.load(str(label_path)).dataobj).astype(np.uint8)
     scores = organ_scores(result.labels, reference, result.organs)
     image_hu = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float32)
-    files = [image_path, label_path, mask_path, sidecar]
+    files = [image_path, label_path, label_names, mask_path, sidecar]
     present = np.nonzero(reference.any(axis=(0, 1)))[0]
     if len(present) and pictures > 0:
         for k, z in enumerate(np.linspace(present[0], present[-1], pictures + 2)[1:-1].round().astype(int)):

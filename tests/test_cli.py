@@ -129,3 +129,29 @@ def test_a_finite_float_option_passes_to_the_command(tmp_path, capfd):
         capfd.readouterr()
         assert main(["train", "-o", str(tmp_path / "out"), option, value]) == 2
         assert capfd.readouterr().err.strip() == "sdseg3d: error: no training data: give --manifest/--data-root and/or --volume IMAGE:LABEL"
+
+
+def test_demo_label_maps_each_carry_their_label_names(tmp_path):
+    """Label names travel with every label map: the phantom's reference had none (only the prediction's
+    .json). Each .nii.gz label map has its .json; the phantom's names every value in it."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from conftest import micro_config
+    from sdseg_monai.demo import run_demo
+    from sdseg_monai.labels import BTCV
+    from sdseg_monai.model import SDSeg
+
+    torch.manual_seed(0)
+    model = SDSeg(micro_config(organs=("spleen", "liver"), preprocessing={"hu_window": (-175, 250), "slice_size": 32}))
+    result = run_demo(tmp_path / "demo", model=model, seed=5, shape=(40, 40, 8), pictures=0)
+    label_map = tmp_path / "demo" / "phantom_5_label.nii.gz"
+    names = json.loads((tmp_path / "demo" / "phantom_5_label.json").read_text())["labels"]
+    assert names == {str(o.label): o.name for o in BTCV.organs}
+    values = {int(v) for v in np.unique(np.asarray(nib.load(str(label_map)).dataobj))} - {0}
+    assert values and {str(v) for v in values} <= set(names)
+    # The prediction's sidecar names the model's organs only: each file names its own map.
+    assert json.loads((tmp_path / "demo" / "prediction.json").read_text())["labels"] == {"1": "spleen", "6": "liver"}
+    assert tmp_path / "demo" / "phantom_5_label.json" in result.files
+    assert not [p.name for p in (tmp_path / "demo").iterdir() if p.name.startswith(".")]  # no temporaries
