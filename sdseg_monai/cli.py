@@ -1,6 +1,7 @@
 """``sdseg3d``: a thin command line over the Python API.
 
-Exit codes: 0 ok; 2 bad input or usage (one line naming the file and the problem); 1 internal error.
+Exit codes: 0 ok; 2 bad input or usage (one line naming the file and the problem); 1 internal error; 130 interrupted
+(Ctrl-C or SIGTERM, temporaries removed).
 """
 
 from __future__ import annotations
