@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdseg_monai._quiet import quiet_dicom
-from sdseg_monai.errors import SDSegInputError
+from sdseg_monai.errors import SDSegInputError, check_number
 
 log = logging.getLogger("sdseg3d.node")
 
@@ -110,13 +109,7 @@ def parse_allow(text: str | None) -> list[tuple[str, str | None]]:
 def _seconds(value, what: str) -> float:
     """A positive, finite number of seconds. NaN passes a ``<= 0`` check and would leave every series
     waiting for good, as infinity would."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise SDSegInputError(f"{what} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
+    return check_number(value, what, positive=True)
 
 
 def _valid_uids(*values) -> bool:

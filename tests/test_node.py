@@ -366,7 +366,7 @@ def test_seconds_that_are_not_positive_and_finite_are_refused(model_dir, tmp_pat
 
     store = tmp_path / "store"
     for name in ("quiet_seconds", "retry_seconds", "max_retry_seconds"):
-        with pytest.raises(SDSegInputError, match="must be a positive, finite number of seconds") as error:
+        with pytest.raises(SDSegInputError, match="must be a finite number > 0") as error:
             DicomNode(model_dir, store, port=0, **{name: float(value)})
         assert "\n" not in str(error.value)
     for option in ("--quiet-seconds", "--retry-seconds"):
