@@ -224,6 +224,34 @@ def test_overlapped_run_equals_case_by_case(tree, model_dir, tmp_path):
     assert sorted(c[2] for c in calls[1:]) == sorted(rows)  # each segmentable case reported once
 
 
+def test_on_a_cpu_cases_are_read_in_the_segmenting_thread_unless_readers_are_asked_for(tree, model_dir, tmp_path, monkeypatch):
+    """A reader thread beside a CPU's inference slowed it (its torch threads wait for the core the
+    reader takes): on a CPU each case is read when its turn comes, in the thread that segments it.
+    Asked for, readers read ahead in their own threads (the control)."""
+    import threading
+
+    from sdseg_monai.batch import BatchRunner
+
+    threads = []
+    original = BatchRunner._read
+
+    def recording(self, case):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return original(self, case)
+
+    monkeypatch.setattr(BatchRunner, "_read", recording)
+    runner = BatchRunner(model_dir, tmp_path / "cpu", dicom_seg=False, device="cpu")
+    assert runner.readers == 0
+    in_turn = runner.run(tree)
+    assert len(threads) >= 3 and all(threads)
+    reads, threads[:] = len(threads), []
+    ahead = BatchRunner(model_dir, tmp_path / "readers", dicom_seg=False, device="cpu", readers=2).run(tree)
+    assert len(threads) == reads and not any(threads)
+    assert [(r["case"], r["status"]) for r in in_turn.rows] == [(r["case"], r["status"]) for r in ahead.rows]
+    a, b = _labels(tmp_path / "cpu"), _labels(tmp_path / "readers")
+    assert sorted(a) == sorted(b) and len(a) == 3 and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_a_failed_write_lands_in_its_row_and_the_run_goes_on(tree, model_dir, tmp_path, monkeypatch):
     from sdseg_monai.batch import BatchRunner
 
