@@ -369,7 +369,7 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     are all or nothing: when one fails, the targets renamed before it get back what they held (or
     are removed where there was none), so a label map never stands beside another run's sidecar.
     """
-    temps, backups = [], {}
+    temps, backups, existed = [], {}, {}
     for target in targets:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix="".join(target.suffixes[-2:]) or ".tmp", dir=target.parent)
         os.close(fd)
@@ -380,15 +380,17 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
         for tmp in temps:
             os.chmod(tmp, mode)
             _fsync_path(tmp)
-        for target in targets[:-1]:  # the last rename is the last step: nothing after it to undo
+        for target in targets[:-1]:  # once the last rename is done, the write is whole: nothing to undo
+            existed[target] = target.is_symlink() or target.exists()
             backups[target] = _backup(target)
-        done = []
         try:
             for tmp, target in zip(temps, targets):
                 os.replace(tmp, target)
-                done.append(target)
         except BaseException:
-            _restore(done, backups)
+            # Which renames happened, from the temporaries gone: a signal can interrupt right after one.
+            renamed = [target for tmp, target in zip(temps, targets) if not (tmp.exists() or tmp.is_symlink())]
+            if len(renamed) < len(targets):
+                _restore(renamed, backups, existed)
             raise
         for folder in dict.fromkeys(target.parent for target in targets):
             _fsync_path(folder, directory=True)
@@ -399,8 +401,9 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
 
 
 def _backup(target: Path) -> Path | None:
-    """A second name for ``target``'s present file (a hard link: no copy, the target stays in place),
-    or None where there is none. A copy where the file system has no hard links."""
+    """A second name for ``target``'s present file (a hard link: no copy, the target stays in place;
+    a copy where there are no hard links), or None where there is no file or none could be made (a
+    file of another user, unreadable: replacing it needs only the folder, and is not refused for that)."""
     if not target.is_symlink() and not target.is_file():
         return None  # none, or a folder: a file's rename onto a folder fails, and needs no undoing
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent)
@@ -412,22 +415,26 @@ def _backup(target: Path) -> Path | None:
     except OSError:
         try:
             shutil.copy2(target, backup, follow_symlinks=False)
+        except OSError:
+            backup.unlink(missing_ok=True)
+            return None
         except BaseException:
             backup.unlink(missing_ok=True)
             raise
     return backup
 
 
-def _restore(done: list[Path], backups: dict[Path, Path | None]) -> None:
-    """Undo the renames onto ``done``: each gets its backup back, or is removed where it was new.
-    Best effort: a failure here must not hide the error that caused it."""
-    for target in reversed(done):
+def _restore(renamed: list[Path], backups: dict[Path, Path | None], existed: dict[Path, bool]) -> None:
+    """Undo the renames onto ``renamed``: each gets its backup back, or is removed where it was new
+    (one that existed without a backup keeps the new file). Best effort: a failure here must not hide
+    the error that caused it."""
+    for target in reversed(renamed):
         try:
             backup = backups.get(target)
-            if backup is None:
-                target.unlink()
-            else:
+            if backup is not None:
                 os.replace(backup, target)
+            elif not existed.get(target, True):
+                target.unlink()
         except OSError:
             pass
 

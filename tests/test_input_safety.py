@@ -760,6 +760,52 @@ def test_a_failed_rename_in_a_multi_file_write_restores_the_files_renamed_before
     assert _snapshot(tmp_path / "existing") == {"a.json": b"new json", "a.nii.gz": b"new a"}
 
 
+@pytest.mark.parametrize("interrupted_after", [1, 2])
+def test_an_interrupt_right_after_a_rename_leaves_the_old_pair_or_the_new_pair(tmp_path, monkeypatch, interrupted_after):
+    """SIGTERM (KeyboardInterrupt) arriving as a rename returns: after the first, the pair is put back
+    as it was; after the last, the write is whole. Never one file new and the other old."""
+    from sdseg_monai.data import atomic_paths
+
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == interrupted_after:
+            raise KeyboardInterrupt
+
+    (tmp_path / "a.nii.gz").write_text("old a")
+    (tmp_path / "a.json").write_text("old json")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_paths(tmp_path / "a.nii.gz", tmp_path / "a.json") as (image, side):
+            image.write_text("new a")
+            side.write_text("new json")
+    monkeypatch.setattr(os, "replace", real_replace)
+    expected = {"a.nii.gz": b"old a", "a.json": b"old json"} if interrupted_after == 1 else {"a.nii.gz": b"new a", "a.json": b"new json"}
+    assert _snapshot(tmp_path) == expected
+
+
+def test_a_file_that_cannot_be_backed_up_is_still_replaced(tmp_path, monkeypatch):
+    """Another user's unreadable output in a shared folder: replacing it needs only the folder, as
+    before the all-or-nothing backup; neither a hard link nor a copy of it can be made."""
+    import shutil as shutil_module
+
+    from sdseg_monai.data import atomic_paths
+
+    def refused(*args, **kwargs):
+        raise PermissionError("permission denied")
+
+    (tmp_path / "a.nii.gz").write_text("old a")
+    monkeypatch.setattr(os, "link", refused)
+    monkeypatch.setattr(shutil_module, "copy2", refused)
+    with atomic_paths(tmp_path / "a.nii.gz", tmp_path / "a.json") as (image, side):
+        image.write_text("new a")
+        side.write_text("new json")
+    assert _snapshot(tmp_path) == {"a.nii.gz": b"new a", "a.json": b"new json"}
+
+
 def test_a_sidecar_path_that_is_a_folder_is_refused_up_front(tmp_path):
     from sdseg_monai.data import check_writable
 
