@@ -206,9 +206,10 @@ def prepare_output_dir(
 
     Args:
         output_dir: the report folder.
-        inputs: what the evaluation reads (manifest, images, label maps, model folder): the folder may
-            not be one, hold one nor lie inside an input folder (see :func:`evaluation_sources`).
-        roots: the data root: the folder may lie inside it, not be it nor hold it.
+        inputs: what the evaluation reads (manifest, images, label maps, model folder): the report's
+            files may not be one nor lie inside an input folder (see :func:`evaluation_sources`); the
+            folder may hold inputs, as ``.`` does.
+        roots: the data root, which may hold the report.
 
     Raises:
         SDSegInputError: the path is a file, would harm an input, cannot be created, or is not writable.
@@ -216,7 +217,8 @@ def prepare_output_dir(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SDSegInputError("report output must be a folder, but a file of that name exists", output_dir)
-    check_spares_inputs([output_dir], inputs, roots)
+    # Its two files, not the folder: they are written into it, the folder is never replaced.
+    check_spares_inputs([output_dir / CSV_NAME, output_dir / REPORT_NAME], inputs, roots)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -674,11 +674,9 @@ def test_report_and_run_folders_never_hold_an_input(model_dir, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     before = _snapshot(tmp_path)
     evaluate = ["evaluate", "-m", "run/model", "--data-root", "data", "--split", "test", "-d", "cpu", "-q"]
-    _refused(capfd, [*evaluate, "--manifest", "out/report.json", "-o", "out"], "out: output folder would replace the input out/report.json")
-    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "data"], "data: output folder would replace the input data")
-    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "data/img"], "would replace the input data/img/scan.nii.gz")
-    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "."], "would replace the input")
-    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "run/model"], "would replace the input run/model")
+    # evaluate writes two files into its folder: they may not be an input nor go into the model folder.
+    _refused(capfd, [*evaluate, "--manifest", "out/report.json", "-o", "out"], "out/report.json: output would overwrite the input out/report.json")
+    _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "run/model"], "inside the input folder run/model")
     _refused(capfd, [*evaluate, "--manifest", "m.json", "-o", "run/model/eval"], "inside the input folder run/model")
     train = ["train", "--steps", "1", "--validate-every", "0", "-d", "cpu", "-q"]
     _refused(capfd, [*train, "-o", "run", "--init-from", "run/model", "--manifest", "m.json", "--data-root", "data"],
@@ -698,7 +696,11 @@ def test_report_and_run_folders_never_hold_an_input(model_dir, tmp_path, monkeyp
     from sdseg_monai.training import check_run_folder
 
     files = [("a", scan, ref)]
-    assert prepare_output_dir(data / "reports", evaluation_sources(manifest, files, "run/model"), roots=[data]) == data / "reports"
+    sources = evaluation_sources(manifest, files, "run/model")
+    assert prepare_output_dir(data / "reports", sources, roots=[data]) == data / "reports"
+    # A report folder holding inputs is fine: its two files are new names there (the working folder, the run folder).
+    for folder in (tmp_path, tmp_path / "run", data, data / "img"):
+        assert prepare_output_dir(folder, sources, roots=[data]) == folder
     assert check_run_folder(tmp_path / "run2", [(scan, ref)], [manifest, "run/model"], roots=[data]) == tmp_path / "run2"
     assert check_output_folder(data / "ae", manifest, scan, ref, roots=[data]) == data / "ae"
 
