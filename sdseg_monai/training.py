@@ -746,6 +746,7 @@ def train_sdseg(
     train_cases, validation_cases = list(train_cases), list(validation_cases)
     origin = [] if resume else [model_description(model)]  # the folder it was loaded from (a resume loads the checkpoint)
     output_dir = check_run_folder(output_dir, [*train_cases, *validation_cases], origin)
+    model.name_or_path = None  # trained in place: no longer what its folder holds, so sidecars must not name it
     rank, world, local_rank = _distributed()
     if world > 1:
         backend, target = _init_process_group(local_rank)

@@ -644,6 +644,8 @@ def with_training_changes(
         model.config.autoencoder["sample_size"] = int(slice_size)
     if condition_channels is not None:
         model = with_condition_channels(model, condition_channels)
+    if (mask_loss_weight, condition_channels, slice_size) != (None, None, None):
+        model.name_or_path = None  # no longer what its folder holds: sidecars must not name it
     return model
 
 

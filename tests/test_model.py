@@ -323,8 +323,11 @@ def test_a_wider_image_latent_starts_from_what_the_model_computes_and_round_trip
 def test_a_model_retargeted_to_larger_slices_segments_them(micro_model):
     from sdseg_monai.weights import with_training_changes
 
+    micro_model.name_or_path = "a/model/folder"  # as from_pretrained records it
+    assert with_training_changes(micro_model).name_or_path == "a/model/folder"  # nothing changed
     model = with_training_changes(micro_model, slice_size=64)
     assert model.config.preprocessing.slice_size == 64 and model.config.latent_size == 8
+    assert model.name_or_path is None  # not that folder's model any more
     assert model.initial_noise(0).shape == (1, 4, 8, 8)
     assert model.predict(torch.zeros(2, 3, 64, 64), seed=0).shape == (2, 3, 64, 64)
     # 40 is a multiple of the autoencoder's 8, not of the 16 that its UNet's halving needs too.

@@ -112,8 +112,10 @@ def test_slice_dataset_refuses_a_label_map_off_its_image_grid(tmp_path):
 def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
     cases = write_cases(tmp_path / "data", 2)
     model = micro()
+    model.name_or_path = str(tmp_path / "loaded_from")  # as from_pretrained records it
     settings = quick_settings(steps=40, log_every=10, validate_every=20)
     summary = train_sdseg(model, cases, tmp_path / "run", settings, validation_cases=cases[:1], device="cpu", progress=False)
+    assert model.name_or_path is None  # trained in place: sidecars no longer name the folder it came from
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
