@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 
@@ -32,9 +33,9 @@ def check_number(value, name: str = "", low: float | None = None, high: float | 
     Raises:
         SDSegInputError: not a finite number, or out of range.
     """
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+    try:  # a number, not text that reads as one: "0.1" * 8 would be text repeated, not a rate
+        number = float(value) if isinstance(value, numbers.Real) else math.nan
+    except (TypeError, ValueError, OverflowError):  # an int beyond float's range
         number = math.nan
     if positive:  # an exclusive lower bound
         low = 0.0 if low is None else low

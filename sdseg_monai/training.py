@@ -458,7 +458,7 @@ class TrainSettings:
         for name, low, high, optional in (("base_lr", 0.0, None, True), ("ema_decay", 0.0, 1.0, False),
                                           ("absent_fraction", 0.0, 1.0, False), ("max_seconds", 0.0, None, True)):
             if not (optional and getattr(self, name) is None):
-                check_number(getattr(self, name), f"TrainSettings.{name}", low, high)
+                setattr(self, name, check_number(getattr(self, name), f"TrainSettings.{name}", low, high))
 
     def learning_rate(self, world_size: int) -> float:
         base = self.base_lr if self.base_lr is not None else 1e-5

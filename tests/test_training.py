@@ -602,7 +602,7 @@ def test_both_strong_paths_draw_the_same_spread_of_spatial_parameters(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("base_lr", float("nan")), ("base_lr", float("inf")), ("base_lr", -1e-5), ("ema_decay", float("nan")),
                                           ("ema_decay", 1.5), ("absent_fraction", float("nan")), ("max_seconds", float("inf")),
-                                          ("max_seconds", float("nan")), ("ema_decay", None)])
+                                          ("max_seconds", float("nan")), ("ema_decay", None), ("base_lr", "0.1"), ("max_seconds", 10**400)])
 def test_train_settings_refuse_numbers_that_are_not_finite_or_in_range(field, value):
     """The API refuses what the CLI refuses: a NaN rate trained NaN weights, an infinite time limit meant none."""
     from sdseg_monai.errors import SDSegInputError
@@ -612,3 +612,4 @@ def test_train_settings_refuse_numbers_that_are_not_finite_or_in_range(field, va
     # The control: None where it has a meaning, the bounds themselves and the defaults are taken.
     assert TrainSettings(base_lr=None, max_seconds=None, ema_decay=1.0, absent_fraction=0.0).max_seconds is None
     assert TrainSettings(base_lr=0.0, max_seconds=0.0).learning_rate(1) == 0.0
+    assert TrainSettings(base_lr=1).learning_rate(1) == pytest.approx(TrainSettings().batch_size)  # an int rate, kept as a float
