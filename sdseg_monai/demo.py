@@ -8,7 +8,6 @@ build ships no default model, an untrained ``tiny`` network stands in and the ou
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -116,16 +115,6 @@ def overlay_png(
     return path
 
 
-def write_phantom_label_names(label_path: Path, seed: int) -> Path:
-    """The phantom label map's sidecar (``phantom_<seed>_label.json`` beside it), as every label map
-    written has one: ``{"labels": {"1": "spleen", ...}}`` (BTCV's table, which phantoms carry)."""
-    from sdseg_monai.data import atomic_write_text, sidecar_path
-    from sdseg_monai.labels import BTCV
-
-    record = {"labels": {str(o.label): o.name for o in BTCV.organs}, "source": f"sdseg3d phantom, seed {seed}"}
-    return atomic_write_text(sidecar_path(label_path), json.dumps(record, indent=2) + "\n")
-
-
 def run_demo(
     out_dir: str | Path = "sdseg3d_demo",
     *,
@@ -151,6 +140,7 @@ def run_demo(
     """
     import nibabel as nib
 
+    from sdseg_monai.data import sidecar_path
     from sdseg_monai.inference import VolumeSegmenter
     from sdseg_monai.phantoms import write_phantoms
 
@@ -169,7 +159,7 @@ def run_demo(
     segmenter = VolumeSegmenter(model, device=device, batch_size=batch_size, seed=0)  # a bad device: refused before writing
     out.mkdir(parents=True, exist_ok=True)
     ((image_path, label_path),) = write_phantoms(out, n=1, seed=seed, shape=shape)
-    label_names = write_phantom_label_names(label_path, seed)
+    label_names = sidecar_path(label_path)  # written with the phantom
     result = segmenter.segment(image_path)
     result.model = name
     mask_path, sidecar = result.save(out / "prediction.nii.gz")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -294,9 +295,10 @@ def write_phantoms(
 
     Each phantom ``s`` becomes ``phantom_<s>_image.nii.gz`` (int16 HU) and
     ``phantom_<s>_label.nii.gz`` (uint8 BTCV labels) in ``out_dir`` (created if missing), both with
-    the RAS affine of :func:`abdominal_phantom` as qform and sform (code 1, scanner). Each pair is
-    written to temporary files beside the targets and renamed into place, so a reader never sees a
-    half-written phantom.
+    the RAS affine of :func:`abdominal_phantom` as qform and sform (code 1, scanner), and the label
+    map's names beside it, ``phantom_<s>_label.json`` (``{"labels": {"1": "spleen", ...}}``), as every
+    label map written has. Each phantom's files are written to temporary files beside the targets and
+    renamed into place, so a reader never sees a half-written phantom.
 
     Args:
         out_dir: output folder.
@@ -315,7 +317,8 @@ def write_phantoms(
     """
     import nibabel as nib
 
-    from sdseg_monai.data import atomic_paths
+    from sdseg_monai.data import atomic_paths, sidecar_path
+    from sdseg_monai.labels import BTCV
 
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -339,9 +342,11 @@ def write_phantoms(
     for s in range(int(seed), int(seed) + int(n)):
         image, label, affine = abdominal_phantom(s, shape, spacing)
         targets = (out / f"phantom_{s}_image.nii.gz", out / f"phantom_{s}_label.nii.gz")
-        with atomic_paths(*targets) as (tmp_image, tmp_label):
+        names = {"labels": {str(o.label): o.name for o in BTCV.organs}, "source": f"sdseg3d phantom, seed {s}"}
+        with atomic_paths(*targets, sidecar_path(targets[1])) as (tmp_image, tmp_label, tmp_names):
             nib.save(nifti(np.rint(image).astype(np.int16), affine, "image"), str(tmp_image))
             nib.save(nifti(label, affine, "label"), str(tmp_label))
+            tmp_names.write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
         written.append(targets)
     return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +135,11 @@ def test_cli_writes_image_and_label_files(tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     expected = [out / f"phantom_{s}_{kind}.nii.gz" for s in (3, 4) for kind in ("image", "label")]
     assert printed == [str(p) for p in expected] + [str(out / "manifest.json")]
-    # No temporary files left.
-    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in expected] + ["manifest.json"])
+    # No temporary files left; each label map has its names beside it.
+    names = [f"phantom_{s}_label.json" for s in (3, 4)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in expected] + names + ["manifest.json"])
+    labels = json.loads((out / names[1]).read_text())["labels"]
+    assert labels["1"] == "spleen" and len(labels) == 13
     image, label, affine = abdominal_phantom(4, (32, 32, 16), (12.0, 12.0, 12.0))
     img_nii, lab_nii = nib.load(str(expected[2])), nib.load(str(expected[3]))
     assert img_nii.get_data_dtype() == np.int16 and lab_nii.get_data_dtype() == np.uint8
@@ -184,4 +188,5 @@ def test_cli_refuses_a_bad_manifest_before_writing_phantoms(tmp_path, capsys, te
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"] and manifest.read_text() == text  # nothing written, input kept
     # Control: the same call in a folder without a manifest writes the phantom and a manifest.
     assert main(["phantom", "-o", str(tmp_path / "fresh"), "--n", "1", *grid]) == 0
-    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["manifest.json", "phantom_0_image.nii.gz", "phantom_0_label.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [
+        "manifest.json", "phantom_0_image.nii.gz", "phantom_0_label.json", "phantom_0_label.nii.gz"]

@@ -70,7 +70,7 @@ def test_sigterm_without_the_handler_kills_and_leaves_temporaries(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == -signal.SIGTERM and "interrupted" not in err
-    assert len(_temporaries(out)) == 2
+    assert len(_temporaries(out)) == 3  # image, label map and its names
 
 
 def test_sigterm_during_segment_is_an_interrupt_and_leaves_no_temporary(model_dir, tmp_path):
