@@ -13,6 +13,10 @@ import warnings
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r"NvImgCodecPydicomReader", category=UserWarning)
 
+# torch.compile traces diffusers' upsamplers through an lru_cache-wrapped version check (a constant):
+# dynamo's several-line warning about the cache wrapper tells our users nothing.
+warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function", category=UserWarning)
+
 # nibabel logs each header problem it meets through its own stderr handler on this logger: those it
 # fixes in memory (a zero pixdim) need no word, those it cannot fix (level 40 and up) raise, and the
 # caller reports the error in one line. Its problem levels stop at 45.
