@@ -445,7 +445,7 @@ def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     removed = []
     for name in names:
         for stale in folder.glob(glob_escape(_temp_prefix(Path(name))) + "*"):
-            if stale.is_file() and not stale.is_symlink():
+            if stale.is_symlink() or stale.is_file():  # a link (a symlink's backup) goes, never its target
                 stale.unlink(missing_ok=True)
                 removed.append(stale)
     return removed

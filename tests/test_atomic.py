@@ -100,6 +100,11 @@ def test_remove_stale_temporaries_removes_only_its_own_naming(tmp_path):
     others = [".label.nii.gz", "label.nii.gz", ".label.nii.gzz", ".done.jsonx.json", ".other.json.a.json", ".weird.json.q.json"]
     for name in ours + others:
         (tmp_path / name).write_text("x")
+    target = tmp_path.parent / f"{tmp_path.name}_link_target.nii.gz"
+    target.write_text("kept")
+    (tmp_path / ".label.nii.gz.zz.old").symlink_to(target)  # atomic_paths' backup of a symlinked output
+    ours.append(".label.nii.gz.zz.old")
     removed = remove_stale_temporaries(tmp_path, ["label.nii.gz", "done.json", "we[ird].json"])
     assert sorted(p.name for p in removed) == sorted(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+    assert target.read_text() == "kept"  # the link went, not what it points to
