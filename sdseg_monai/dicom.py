@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,9 +262,7 @@ def _multi_frame(header, path: Path) -> list[Frame] | None:
 def _read_header(path: Path):
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True)
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 @quiet_dicom()  # a header's values are checked where first used: in this loop, not in dcmread
@@ -523,10 +520,8 @@ def _decode_error(path: Path, error: Exception) -> str:
 def _pixels(path: Path) -> np.ndarray:
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(path)
-        return np.asarray(ds.pixel_array)
+    ds = pydicom.dcmread(path)
+    return np.asarray(ds.pixel_array)
 
 
 def read_frame_pixels(frame: Frame, cache: dict | None = None) -> np.ndarray:
