@@ -60,6 +60,34 @@ def test_planes_read_on_the_source_grid_in_hu(tmp_path, plane, row_dir, col_dir)
     assert volume[0].numpy().flags.f_contiguous  # slice-major, as a NIfTI reads: an axial slice contiguous
 
 
+def test_reading_leaves_the_process_wide_warning_filters_alone(tmp_path, monkeypatch):
+    """catch_warnings swaps the process's one filter list: reader threads (4 on a GPU) each swapping
+    it could leave every warning ignored for good, or pydicom's, quoting header text, shown. Reading
+    an uncompressed and a compressed series never swaps it."""
+    import warnings
+
+    write(ct_slices(IMAGE), tmp_path / "plain" / "s")
+    compressed = ct_slices(IMAGE, series=uid(1, 2))
+    for ds in compressed:
+        ds.compress(pydicom.uid.RLELossless)
+    write(compressed, tmp_path / "rle" / "s")
+
+    import sys
+
+    callers = []
+
+    class Recorded(warnings.catch_warnings):
+        def __init__(self, *args, **kwargs):
+            callers.append(sys._getframe(1).f_code.co_filename)
+            super().__init__(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(warnings, "catch_warnings", Recorded)
+        read = {tree: read_stack(index_tree(tmp_path / tree).stacks[0])[0].numpy() for tree in ("plain", "rle")}
+    assert all(np.array_equal(v, IMAGE.astype(np.float32)) for v in read.values())
+    assert not [f for f in callers if "sdseg_monai" in f], callers
+
+
 def test_slice_order_comes_from_positions_not_instance_numbers(tmp_path):
     datasets = ct_slices(IMAGE)
     for ds, number in zip(datasets, [5, 1, 8, 2, 7, 3, 6, 4]):
