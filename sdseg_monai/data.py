@@ -44,10 +44,13 @@ class Volume:
     def affine(self) -> np.ndarray:
         """The voxel-to-RAS affine; an LPS-space MetaTensor's (meta ``space`` LPS) is turned to RAS, so
         labels written with it lie on the same anatomy, not mirrored left to right."""
+        from sdseg_monai.transforms import is_lps
+
         affine = np.asarray(self.image.affine, dtype=np.float64)
-        meta = getattr(self.image, "meta", None) or {}
-        if str(meta.get("space", "RAS")).upper() == "LPS":
-            return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        if is_lps(self.image):
+            from monai.data.utils import orientation_ras_lps
+
+            return orientation_ras_lps(affine)
         return affine
 
 
