@@ -36,19 +36,31 @@ MAX_SEED = 2**63 - 1  # torch's generators take any seed below 2**64; phantoms' 
 COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the network with torch.compile once at start (tens of seconds; for GPUs, slower on a CPU).")
 
 
-def _finite(low: float | None = None, high: float | None = None, *, positive: bool = False):
-    """A float option's callback: NaN, an infinity or a value out of range is a usage error (one line,
-    exit 2). A callback rather than ``min``/``max``: a range lets NaN through in some typer releases."""
+def _option_check(check):
+    """An option's callback running ``check`` (an API check): its refusal is a usage error (one line,
+    exit 2) at parse time; None (not given) passes."""
 
-    def check(value):
+    def callback(value):
         if value is not None:
             try:
-                check_number(value, "", low, high, positive=positive)
+                check(value)
             except SDSegInputError as e:
                 raise typer.BadParameter(str(e)) from None
         return value
 
-    return check
+    return callback
+
+
+def _finite(low: float | None = None, high: float | None = None, *, positive: bool = False):
+    """A float option's callback: NaN, an infinity or a value out of range is a usage error. A callback
+    rather than ``min``/``max``: a range lets NaN through in some typer releases."""
+    return _option_check(lambda value: check_number(value, "", low, high, positive=positive))
+
+
+def _check_bundle_version(value: str) -> str:
+    from sdseg_monai.bundle import check_bundle_version  # on use: the bundle module loads MONAI's
+
+    return check_bundle_version(value)
 
 
 def _print_version(value: bool):
@@ -401,21 +413,11 @@ def calibrate(
         typer.echo(f"wrote {saved} ({result.seconds:.1f} s)")
 
 
-def _bundle_version(value: str) -> str:
-    """``--version``'s callback: refused up front, before the model is read."""
-    from sdseg_monai.bundle import check_bundle_version
-
-    try:
-        return check_bundle_version(value)
-    except SDSegInputError as e:
-        raise typer.BadParameter(str(e)) from None
-
-
 @app.command("export-bundle")
 def export_bundle(
     model: Optional[Path] = typer.Argument(None, metavar="MODEL", help="Saved SDSeg model folder (default: the built-in model)."),
     output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write (replaced whole if it exists)."),
-    version: str = typer.Option("0.1.0", "--version", callback=_bundle_version, help="Bundle version recorded in configs/metadata.json: MAJOR.MINOR.PATCH."),
+    version: str = typer.Option("0.1.0", "--version", callback=_option_check(_check_bundle_version), help="Bundle version recorded in configs/metadata.json: MAJOR.MINOR.PATCH."),
 ):
     """Write a saved model as a MONAI bundle (configs, models/model.pt, docs) that runs offline."""
     from sdseg_monai.bundle import export_bundle as write_bundle
