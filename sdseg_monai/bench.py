@@ -1070,7 +1070,7 @@ def run_bench(
             case = {"kind": "multistep", "network": spec, "volume": volumes[main_volume]["path"], "slices": multistep_slices,
                     "precision": resolved, "protocols": [list(p) for p in options.protocols]}
             result = measure(case, f"multi-step {spec['name']}, {multistep_slices} slice(s)")
-            report.multistep.append(_multistep_row(spec, result))
+            report.multistep.append(_multistep_row(spec, result, part_flops(network_config(spec))))
 
         if peer:
             peer_volumes = [main_volume] + (["real CT"] if real_ct is not None else [])
@@ -1193,14 +1193,25 @@ def _pipeline_row(spec, volume: str, result, one_step) -> dict:
     return row
 
 
-def _multistep_row(spec, result) -> dict:
+def _multistep_row(spec, result, flops: dict) -> dict:
+    """A network's multi-step runs with their ratios to one step: in measured seconds, and in FLOPs
+    (``flops``: :func:`part_flops`), the ratio the split of work between the UNet, which a chain
+    repeats, and the encoder and decoder, which run once, allows at equal efficiency."""
     row = {"network": spec["name"], "weights": spec["weights"]}
     if "error" in result:
         return {**row, "error": result["error"]}
     row.update(result)
+    row["flops_per_item"] = flops
     base = next(r for r in result["runs"] if (r["steps"], r["samples"], r["decode"]) == (1, 1, "all"))
+    pairs = result["slices"] * result["organs"]
+
+    def run_flops(steps: int, samples: int) -> float:
+        return flops["encoder"] * result["slices"] + samples * (steps * flops["unet"] + flops["decoder"]) * pairs
+
     for run in result["runs"]:
         run["ratio_to_one_step"] = run["seconds"] / base["seconds"]
+        # A skipped decode's share is not known here: no FLOP ratio for it.
+        run["flop_ratio_to_one_step"] = run_flops(run["steps"], run["samples"]) / run_flops(1, 1) if run["decode"] == "all" else None
     return row
 
 
@@ -1260,8 +1271,10 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
         runs = {(r["steps"], r["samples"], r["decode"]): r for r in multistep["runs"]}
         ddim = runs.get((50, 1, "all"))
         if ddim is not None:
+            flop_ratio = ddim.get("flop_ratio_to_one_step")
             add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, every pair decoded in both)", ">= 10",
-                ddim["ratio_to_one_step"], ddim["ratio_to_one_step"] >= 10, f"measured on {multistep['slices']} slice(s)")
+                ddim["ratio_to_one_step"], ddim["ratio_to_one_step"] >= 10, f"measured on {multistep['slices']} slice(s)"
+                + (f"; {_fmt(flop_ratio)}x in FLOPs" if flop_ratio is not None else ""))
     peer = next((p for p in report.peer if not p.get("error") and p["volume"] == main_volume), None)
     if default is not None and peer is not None and peer.get("seconds_per_volume"):
         ratio = peer["seconds_per_volume"] / default["seconds_per_volume"]
@@ -1314,7 +1327,8 @@ def _notes(report: BenchReport, options: BenchOptions, device, large_slab) -> li
                      "decode more pairs, so seconds per volume extrapolated from them overstate a whole volume's")
     if report.multistep:
         notes.append("multi-step: SDSeg.predict on the central slice(s), every organ, every pair decoded in all protocols "
-                     "(the ratios measure the reverse process alone); seconds per slice, not per volume")
+                     "(the ratios measure the reverse process alone); seconds per slice, not per volume; the FLOP ratio is what the "
+                     "split of work allows at equal efficiency: a chain repeats the UNet, the encoder and decoder run once")
     if report.peer:
         notes.append("SwinUNETR: random weights (speed only), read with the same reader and written with the same writer as SDSeg")
     notes.append("peak RSS: each configuration ran in a fresh Python process and read its own high-water mark right after "
@@ -1422,16 +1436,16 @@ def _markdown(report: BenchReport) -> str:
                    f"{_fmt(r['speed_up'])}x", _fmt(r.get("peak_rss_gb"))],
     )
     if report.multistep:
-        lines += ["", "## Multi-step, multi-sample (the same network)", "", "| network | slices x organs | protocol | decodes | s/slice | x one step |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Multi-step, multi-sample (the same network)", "", "| network | slices x organs | protocol | decodes | s/slice | x one step | x one step (FLOPs) |", "|---|---|---|---|---|---|---|"]
         for row in report.multistep:
             if row.get("error"):
-                lines.append(f"| {row['network']} | failed: {row['error']} |||||")
+                lines.append(f"| {row['network']} | failed: {row['error']} ||||||")
                 continue
             for run in row["runs"]:
                 protocol = "one step" if run["steps"] == 1 else f"DDIM {run['steps']}"
                 protocol += f", {run['samples']} sample{'s' if run['samples'] > 1 else ''}"
                 lines.append(f"| {row['network']} | {row['slices']} x {row['organs']} | {protocol} | {run['decode']} | "
-                             f"{_fmt(run['seconds_per_slice'])} | {_fmt(run['ratio_to_one_step'])} |")
+                             f"{_fmt(run['seconds_per_slice'])} | {_fmt(run['ratio_to_one_step'])} | {_fmt(run.get('flop_ratio_to_one_step'))} |")
     if report.peer:
         lines += ["", "## Conventional 3D peer: SwinUNETR (bundle settings, random weights)", "",
                   "| volume | mode | windows | s/window | s/volume | basis | peak RSS GB | TFLOP/s (of matmul) |", "|---|---|---|---|---|---|---|---|"]

@@ -101,6 +101,18 @@ def test_skip_decode_and_multistep_ratios_come_from_the_measured_seconds(report)
         assert run["ratio_to_one_step"] == pytest.approx(run["seconds"] / one)
     ddim = next(t for t in report.targets if "DDIM-50" in t["target"])
     assert ddim["value"] == runs[(50, 1, "all")]["ratio_to_one_step"] and ddim["passed"] == (ddim["value"] >= 10)
+    # FLOP ratios from the counted parts: S slices through the encoder once, S x K pairs through the UNet
+    # steps x samples times and the decoder samples times.
+    flops = multistep["flops_per_item"]
+    assert flops == report.one_step[0]["flops_per_item"]  # the same network
+    slices, pairs = multistep["slices"], multistep["slices"] * multistep["organs"]
+    work = lambda steps, samples: flops["encoder"] * slices + samples * (steps * flops["unet"] + flops["decoder"]) * pairs  # noqa: E731
+    assert runs[(1, 1, "all")]["flop_ratio_to_one_step"] == 1.0
+    assert runs[(50, 1, "all")]["flop_ratio_to_one_step"] == pytest.approx(work(50, 1) / work(1, 1))
+    assert runs[(2, 2, "all")]["flop_ratio_to_one_step"] == pytest.approx(work(2, 2) / work(1, 1))
+    assert runs[(1, 1, "calibrated skip")]["flop_ratio_to_one_step"] is None
+    assert 1 < runs[(2, 2, "all")]["flop_ratio_to_one_step"] < 4 < runs[(50, 1, "all")]["flop_ratio_to_one_step"] < 50
+    assert "in FLOPs" in ddim["basis"]
 
 
 def test_peer_and_targets(report):

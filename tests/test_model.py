@@ -7,7 +7,7 @@ import torch
 
 from conftest import blob_masks, micro_config
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg
+from sdseg_monai.model import SDSeg, cpu_decoder_calls
 
 
 def test_three_organ_model_returns_one_map_per_organ_from_one_batched_call(micro_model, slices):
@@ -28,6 +28,27 @@ def test_vision_encoder_runs_once_per_slice_not_per_organ(micro_model, slices):
     micro_model.predict(slices, seed=0, batch_size=64)
     hook.remove()
     assert sum(calls) == slices.shape[0]
+
+
+@pytest.mark.parametrize("count, calls", [(1, [1]), (2, [2]), (3, [3]), (4, [2, 2]), (7, [2, 2, 3]), (8, [2, 2, 2, 2])])
+def test_a_cpu_decodes_two_pairs_a_call_and_never_one_alone_after_others(count, calls):
+    assert cpu_decoder_calls(count) == calls
+
+
+def test_cpu_decoding_in_small_calls_gives_what_each_call_alone_gives(micro_model):
+    config = micro_model.config
+    latents = torch.randn(7, config.latent_channels, config.latent_size, config.latent_size, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    hook = micro_model.autoencoder.decoder.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        probs = micro_model.decode_probabilities(latents)
+        hook.remove()
+        assert sizes == [2, 2, 3]
+        alone = torch.cat([micro_model.decode_probabilities(part) for part in latents.split([2, 2, 3])])
+        whole = micro_model._decode_call(latents)  # one call, as a GPU or a compiled model runs it
+    size = config.preprocessing.slice_size
+    assert probs.shape == (7, size, size) and torch.equal(probs, alone)
+    torch.testing.assert_close(probs, whole, atol=1e-5, rtol=0)
 
 
 def test_same_input_same_seed_is_bit_identical(micro_model, slices):
