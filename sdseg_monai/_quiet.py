@@ -28,6 +28,12 @@ logging.getLogger("nibabel.global").setLevel(logging.CRITICAL)
 # list, which threads (the node's associations) can leave in any state. Only pydicom.charset's warnings.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.charset$")
 
+# highdicom warns, quoting the source's patient name, when that name has a single component (a SEG
+# copies it as it is): header text in a log. Import-time for the same reason as above (SEGs are
+# written on the batch's writer thread and the node's association threads).
+warnings.filterwarnings("ignore", message=r"(?s)The string .* is unlikely to represent the intended person name",
+                        category=UserWarning, module=r"highdicom\.")
+
 # pydicom's value checks are process-wide settings, not per thread, and its own
 # disable_value_validation() saves and restores per call: two threads interleaving (the batch writes
 # SEGs on a thread while the next series is read; the node serves each association on its own) could

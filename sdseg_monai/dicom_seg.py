@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -312,30 +311,27 @@ def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike
         parameters={"model_sha256": model_hash} if model_hash else None,
     )
     try:
-        with warnings.catch_warnings():
-            # highdicom warns about single-component patient names, quoting them: no header text in logs.
-            warnings.filterwarnings("ignore", message=r"(?s).*unlikely to represent the intended person name", category=UserWarning)
-            seg = hd.seg.Segmentation(
-                source_images=_conformant(list(sources)),
-                pixel_array=planes,
-                segmentation_type=segmentation_type,
-                segment_descriptions=_segment_descriptions(hd, organs, numbers, dataset, algorithm),
-                series_instance_uid=hd.UID(),
-                series_number=int(series_number),
-                sop_instance_uid=hd.UID(),
-                instance_number=1,
-                manufacturer=MANUFACTURER,
-                manufacturer_model_name=ALGORITHM_NAME,
-                software_versions=[f"sdseg3d {__version__}", f"highdicom {hd.__version__}"],  # a tuple warns in pydicom
-                device_serial_number=model_hash[:16] or "0",
-                transfer_syntax_uid=syntax,
-                plane_positions=plane_positions,
-                omit_empty_frames=not empty,  # True would log a warning and keep the plane anyway
-                content_label=CONTENT_LABEL,
-                content_description="automatic segmentation by sdseg3d",
-                series_description=SERIES_DESCRIPTION,
-                specific_character_set=_character_set(sources[0]),
-            )
+        seg = hd.seg.Segmentation(
+            source_images=_conformant(list(sources)),
+            pixel_array=planes,
+            segmentation_type=segmentation_type,
+            segment_descriptions=_segment_descriptions(hd, organs, numbers, dataset, algorithm),
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=ALGORITHM_NAME,
+            software_versions=[f"sdseg3d {__version__}", f"highdicom {hd.__version__}"],  # a tuple warns in pydicom
+            device_serial_number=model_hash[:16] or "0",
+            transfer_syntax_uid=syntax,
+            plane_positions=plane_positions,
+            omit_empty_frames=not empty,  # True would log a warning and keep the plane anyway
+            content_label=CONTENT_LABEL,
+            content_description="automatic segmentation by sdseg3d",
+            series_description=SERIES_DESCRIPTION,
+            specific_character_set=_character_set(sources[0]),
+        )
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         # highdicom refuses sources it cannot place (no geometry, mixed series): one line, no header text.
         raise SDSegInputError(f"cannot build a DICOM SEG of these source images ({type(e).__name__}: "

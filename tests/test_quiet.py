@@ -82,6 +82,23 @@ def test_reading_hostile_headers_and_writing_their_seg_says_nothing(tmp_path):
     assert "FAKE LOG LINE" in control.stderr and "escape_study" in control.stderr and "exceeds" in control.stderr
 
 
+def test_writing_the_seg_of_a_single_component_patient_name_says_nothing(tmp_path):
+    # highdicom warns of such a name, quoting it, from whichever thread writes the SEG: the filter is
+    # process-wide (no catch_warnings, which swaps the filter list under other threads).
+    pytest.importorskip("highdicom")
+    write(ct_slices(IMAGE, series=uid(6, 1), patient_name="ZORRO"), tmp_path / "tree" / "z")
+    threaded = "import threading\nworker = threading.Thread(target=lambda: exec(BODY))\nworker.start()\nworker.join()\n"
+    script = f"BODY = {READ_AND_WRITE_SEG!r}\n" + threaded
+    run = _run("-c", script, str(tmp_path / "tree"), str(tmp_path / "seg.dcm"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[0] == f"{uid(6, 1)} ok" and run.stderr == ""
+    assert (tmp_path / "seg.dcm").is_file()
+    # Control: with the filters reset after our import, the same write quotes the name.
+    control = _run("-c", "import warnings, sdseg_monai._quiet\nwarnings.resetwarnings()\n" + READ_AND_WRITE_SEG,
+                   str(tmp_path / "tree"), str(tmp_path / "control.dcm"), cwd=tmp_path)
+    assert control.returncode == 0 and "ZORRO" in control.stderr and "unlikely to represent" in control.stderr
+
+
 def test_the_commands_say_nothing_of_hostile_headers(tmp_path, model_dir):
     pytest.importorskip("highdicom")
     root = _hostile_tree(tmp_path / "tree")
