@@ -1012,9 +1012,11 @@ def run_bench(
         compile_pipeline = options.compile_pipeline if options.compile_pipeline is not None else device.type == "cuda"
         compare_allocator = (options.compare_allocator and options.isolate and device.type == "cpu"
                              and allocator.supported() and not allocator.opted_out())
+        flops_per_network = []  # counted once per network: the multi-step rows below reuse them
         for index, spec in enumerate(specs):
             config = network_config(spec)
             flops = part_flops(config)
+            flops_per_network.append(flops)
             large = spec["preset"] in ("paper", "sd-v1") and large_slab is not None
             volume = phantom(min(large_slab, options.slab or large_slab)) if large else main_volume
             # Most organs first: the headline rows are measured before a time limit can cut the run short.
@@ -1064,13 +1066,13 @@ def run_bench(
 
         report.skip_decode = _skip_rows(report.one_step, labels)
 
-        for spec in specs:
+        for spec, flops in zip(specs, flops_per_network):
             if spec["name"] not in multistep_names:
                 continue
             case = {"kind": "multistep", "network": spec, "volume": volumes[main_volume]["path"], "slices": multistep_slices,
                     "precision": resolved, "protocols": [list(p) for p in options.protocols]}
             result = measure(case, f"multi-step {spec['name']}, {multistep_slices} slice(s)")
-            report.multistep.append(_multistep_row(spec, result, part_flops(network_config(spec))))
+            report.multistep.append(_multistep_row(spec, result, flops))
 
         if peer:
             peer_volumes = [main_volume] + (["real CT"] if real_ct is not None else [])
