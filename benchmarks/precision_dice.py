@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with abdomen_ct_3mm(_labels_btcv).nii.gz (none: skip it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="bf16", help="compared against fp32")
-    parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: the device's, 8 on a CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(slice, organ) pairs per forward (default: the device's, 64 on a CPU)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
 

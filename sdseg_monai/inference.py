@@ -32,7 +32,15 @@ from sdseg_monai.data import (
     write_label_volume,
 )
 from sdseg_monai.errors import SDSegInputError
-from sdseg_monai.model import SDSeg, _is_int, check_num_shifts, check_seed, default_batch_size, resolve_device
+from sdseg_monai.model import (
+    CPU_SLICES_PER_CALL,
+    SDSeg,
+    _is_int,
+    check_num_shifts,
+    check_seed,
+    default_batch_size,
+    resolve_device,
+)
 from sdseg_monai.transforms import (
     IMAGE_KEY,
     SliceGeometry,
@@ -191,7 +199,7 @@ class VolumeSegmenter:
             ``copy_model``), so the segmenter neither changes it nor follows later changes to it.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         organs: organ names to segment (default: all the model's organs).
-        batch_size: (slice, organ) pairs per forward pass (default: 8 on a CPU; on a GPU by free
+        batch_size: (slice, organ) pairs per forward pass (default: 64 on a CPU; on a GPU by free
             memory, recorded in the sidecar).
         seed: seed of the diffusion noise; the same input, model, seed, precision and batch size give
             bit-identical output (kernels may round differently at another batch size).
@@ -319,8 +327,10 @@ class VolumeSegmenter:
     def chunk_slices(self) -> int:
         """Axial slices per chunk: as many as one batch of (slice, organ) pairs holds, at least 4 (a
         GPU's 1,024 pairs and 13 organs: 78 slices, one forward, where 79 took a second one for 3
-        pairs). Memory holds K native-resolution maps for one chunk only, never for the volume."""
-        return max(4, self.batch_size // len(self.classes))
+        pairs), at most :data:`~sdseg_monai.model.CPU_SLICES_PER_CALL` on a CPU. Memory holds K
+        native-resolution maps for one chunk only, never for the volume."""
+        slices = max(4, self.batch_size // len(self.classes))
+        return slices if self.device.type == "cuda" else min(slices, CPU_SLICES_PER_CALL)
 
     def prepare(self, volume: Volume):
         """The model's preprocessing of ``volume``: its canonical, windowed image (a MetaTensor that

@@ -634,7 +634,8 @@ class SDSeg(nn.Module):
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
         # A model cast by cast_for_inference runs in its dtype; autocast would put its GroupNorms back in fp32.
         with autocast(device, precision) if self.cast_dtype is None else contextlib.nullcontext():
-            cond = torch.cat([self.encode_images(images[i : i + batch].to(device)) for i in range(0, n_slices, batch)])
+            slices = batch if device.type == "cuda" else min(batch, CPU_SLICES_PER_CALL)
+            cond = torch.cat([self.encode_images(images[i : i + slices].to(device)) for i in range(0, n_slices, slices)])
             for start in range(0, n_slices * n_organs, batch):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
                 slice_idx, organ_idx = pairs // n_organs, pairs % n_organs
@@ -871,15 +872,27 @@ def decoder_bytes_per_pair(config: SDSegConfig) -> int:
     return 6 * 4 * largest
 
 
+# (slice, organ) pairs per UNet call on a CPU. The UNet's maps are small (32x32 latents), so a larger
+# batch feeds oneDNN more work per layer: 10.6 ms/pair at 64 against 12.3 at 8 in bf16, 16 against 19.4
+# in fp32, flat from 32 up; the 512x512x100 phantom, 13 organs, bf16: 50.5 -> 48.6 s (2 EPYC cores,
+# benchmarks/cpu_batch.py). The decoder and the vision encoder, whose maps are full-size, run in small calls anyway.
+CPU_BATCH_SIZE = 64
+
+# Slices per vision-encoder call (and per chunk of a volume) on a CPU: the encoder's ms/slice is flat
+# from 8 slices up (bf16, 2 EPYC cores), and full-size maps grow with the slices (64 slices: about
+# 0.4 GB a map in the encoder, and one organ segmented 1.1x slower with 1.37 GB peak RSS, not 1.01).
+CPU_SLICES_PER_CALL = 8
+
+
 def default_batch_size(device: torch.device, config: SDSegConfig | None = None) -> int:
-    """(slice, organ) pairs per forward when the caller gives none: 8 on a CPU (larger batches do not
-    run faster there); on a GPU, as many as half its free memory holds (by
-    :func:`decoder_bytes_per_pair`), 4 to :data:`MAX_CUDA_BATCH`."""
+    """(slice, organ) pairs per forward when the caller gives none: :data:`CPU_BATCH_SIZE` on a CPU; on
+    a GPU, as many as half its free memory holds (by :func:`decoder_bytes_per_pair`), 4 to
+    :data:`MAX_CUDA_BATCH`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         per_pair = decoder_bytes_per_pair(config) if config is not None else 1 << 30
         return int(max(4, min(MAX_CUDA_BATCH, free // 2 // per_pair)))
-    return 8
+    return CPU_BATCH_SIZE
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -30,6 +30,19 @@ def test_vision_encoder_runs_once_per_slice_not_per_organ(micro_model, slices):
     assert sum(calls) == slices.shape[0]
 
 
+def test_a_cpu_runs_the_unet_on_whole_batches_and_the_encoder_on_eight_slices_a_call(micro_model):
+    slices = torch.rand((30, 3, 32, 32), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    encoder, unet = [], []
+    hooks = [
+        micro_model.vision_encoder.register_forward_hook(lambda m, i, o: encoder.append(i[0].shape[0])),
+        micro_model.unet.register_forward_pre_hook(lambda m, args: unet.append(args[0].shape[0])),
+    ]
+    probs = micro_model.predict(slices, seed=0)  # the CPU's default batch: 64 pairs
+    [hook.remove() for hook in hooks]
+    assert encoder == [8, 8, 8, 6] and unet == [64, 26]  # 30 slices x 3 organs = 90 pairs
+    assert torch.equal(probs, micro_model.predict(slices, seed=0, batch_size=64))
+
+
 @pytest.mark.parametrize("count, calls", [(1, [1]), (2, [2]), (3, [3]), (4, [2, 2]), (7, [2, 2, 3]), (8, [2, 2, 2, 2])])
 def test_a_cpu_decodes_two_pairs_a_call_and_never_one_alone_after_others(count, calls):
     assert cpu_decoder_calls(count) == calls
@@ -364,7 +377,7 @@ def test_cuda_batch_size_follows_the_decoder_memory_of_the_model():
     assert decoder_bytes_per_pair(config) == 6 * 4 * max(8 * 32**2, 16 * 16**2, 16 * 8**2, 16 * 4**2)
     wider = micro_config(preprocessing={"hu_window": (-175, 250), "slice_size": 64})
     assert decoder_bytes_per_pair(wider) == 4 * decoder_bytes_per_pair(config)
-    assert default_batch_size(torch.device("cpu"), config) == 8
+    assert default_batch_size(torch.device("cpu"), config) == 64
 
 
 def test_presets_build_with_a_wider_image_latent():

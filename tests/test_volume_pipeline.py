@@ -210,7 +210,7 @@ def test_output_keeps_shape_affine_qform_and_sform(tmp_path):
         },
         "precision": resolve_precision(torch.device("cpu"), "auto", segmenter.config),  # what "auto" ran on this CPU for this model
         "compiled": False,
-        "batch_size": 8,  # the CPU's default
+        "batch_size": 64,  # the CPU's default
         "nonfinite_input_voxels": 0,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json", "mask.nii.gz", "scan.nii.gz"]
@@ -314,6 +314,14 @@ def test_only_one_chunk_of_native_maps_is_held(tmp_path):
     batched.segment(image_path)
     hook.remove()
     assert batched.chunk_slices == 5 and forwards == [20, 20, 20, 20, 12]
+    # On a CPU a chunk holds at most 8 slices (full-size maps grow with slices): the default 64 pairs
+    # with 4 organs make chunks of 8 slices, 32 pairs a forward.
+    default = VolumeSegmenter(micro_model(32), device="cpu")
+    forwards.clear()
+    hook = default.model.unet.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape[0]))
+    default.segment(image_path)
+    hook.remove()
+    assert default.batch_size == 64 and default.chunk_slices == 8 and forwards == [32, 32, 28]
 
 
 def test_segment_array_and_organ_subset():
