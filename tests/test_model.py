@@ -38,7 +38,8 @@ def test_a_cpu_runs_the_unet_on_whole_batches_and_the_encoder_on_eight_slices_a_
         micro_model.unet.register_forward_pre_hook(lambda m, args: unet.append(args[0].shape[0])),
     ]
     probs = micro_model.predict(slices, seed=0)  # the CPU's default batch: 64 pairs
-    [hook.remove() for hook in hooks]
+    for hook in hooks:
+        hook.remove()
     assert encoder == [8, 8, 8, 6] and unet == [64, 26]  # 30 slices x 3 organs = 90 pairs
     assert torch.equal(probs, micro_model.predict(slices, seed=0, batch_size=64))
 
