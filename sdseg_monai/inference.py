@@ -33,13 +33,13 @@ from sdseg_monai.data import (
 )
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.model import (
-    CPU_SLICES_PER_CALL,
     SDSeg,
     _is_int,
     check_num_shifts,
     check_seed,
     default_batch_size,
     resolve_device,
+    slices_per_call,
 )
 from sdseg_monai.transforms import (
     IMAGE_KEY,
@@ -329,8 +329,7 @@ class VolumeSegmenter:
         GPU's 1,024 pairs and 13 organs: 78 slices, one forward, where 79 took a second one for 3
         pairs), at most :data:`~sdseg_monai.model.CPU_SLICES_PER_CALL` on a CPU. Memory holds K
         native-resolution maps for one chunk only, never for the volume."""
-        slices = max(4, self.batch_size // len(self.classes))
-        return slices if self.device.type == "cuda" else min(slices, CPU_SLICES_PER_CALL)
+        return slices_per_call(self.device, max(4, self.batch_size // len(self.classes)))
 
     def prepare(self, volume: Volume):
         """The model's preprocessing of ``volume``: its canonical, windowed image (a MetaTensor that

@@ -634,7 +634,7 @@ class SDSeg(nn.Module):
         class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
         # A model cast by cast_for_inference runs in its dtype; autocast would put its GroupNorms back in fp32.
         with autocast(device, precision) if self.cast_dtype is None else contextlib.nullcontext():
-            slices = batch if device.type == "cuda" else min(batch, CPU_SLICES_PER_CALL)
+            slices = slices_per_call(device, batch)
             cond = torch.cat([self.encode_images(images[i : i + slices].to(device)) for i in range(0, n_slices, slices)])
             for start in range(0, n_slices * n_organs, batch):
                 pairs = torch.arange(start, min(start + batch, n_slices * n_organs), device=device)
@@ -882,6 +882,12 @@ CPU_BATCH_SIZE = 64
 # from 8 slices up (bf16, 2 EPYC cores), and full-size maps grow with the slices (64 slices: about
 # 0.4 GB a map in the encoder, and one organ segmented 1.1x slower with 1.37 GB peak RSS, not 1.01).
 CPU_SLICES_PER_CALL = 8
+
+
+def slices_per_call(device: torch.device, slices: int) -> int:
+    """How many of ``slices`` one vision-encoder call (or one chunk of a volume) takes on ``device``:
+    at most :data:`CPU_SLICES_PER_CALL` on a CPU, all of them on a GPU."""
+    return slices if device.type == "cuda" else min(slices, CPU_SLICES_PER_CALL)
 
 
 def default_batch_size(device: torch.device, config: SDSegConfig | None = None) -> int:
