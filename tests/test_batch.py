@@ -272,7 +272,9 @@ def test_a_failed_write_lands_in_its_row_and_the_run_goes_on(tree, model_dir, tm
 
 def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, tmp_path, monkeypatch):
     """The writer thread fails on the first finished case: the segmenting thread stops at the next
-    case instead of segmenting every remaining one only for it to be thrown away."""
+    case instead of segmenting every remaining one only for it to be thrown away. The second case is
+    segmented or not, by which thread comes first (the failure may be seen before it starts); the
+    third never is."""
     import threading
 
     from sdseg_monai.batch import BatchRunner
@@ -308,7 +310,7 @@ def test_an_error_in_the_progress_callback_is_raised_not_hung(tree, model_dir, t
     thread.start()
     thread.join(timeout=300)
     assert not thread.is_alive() and outcome == ["the caller's own bug"]
-    assert len(segmented) == 2  # of 3 segmentable cases (all 3 before)
+    assert len(segmented) in (1, 2)  # of 3 segmentable cases (all 3 before)
 
 
 @pytest.mark.parametrize("content", ["empty", "junk", "mr"])

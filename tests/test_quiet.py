@@ -186,17 +186,30 @@ def test_an_image_nibabel_fixes_gives_only_the_one_line_error(tmp_path, model_di
 # Compiles the packaged model (dynamo's eager backend: the same tracing as inductor, in seconds) and
 # segments a small array; argv[1] == "unfiltered" drops every warning filter first (the control).
 COMPILE_PACKAGED = """
-import sys, warnings
 import numpy as np
 from sdseg_monai.model import SDSeg, default_model_path
 from sdseg_monai.inference import VolumeSegmenter
 
-if sys.argv[1] == "unfiltered":
-    warnings.resetwarnings()
 compile_for_inference = SDSeg.compile_for_inference
 SDSeg.compile_for_inference = lambda self, backend="inductor": compile_for_inference(self, "eager")
-segmenter = VolumeSegmenter(default_model_path(), device="cpu", organs=["liver"], compile=True)
+# bf16 on any CPU: the upsamplers' version check is only reached for bf16 maps.
+segmenter = VolumeSegmenter(default_model_path(), device="cpu", organs=["liver"], compile=True, precision="bf16", batch_size=2)
 segmenter.segment_array(np.zeros((40, 40, 2), np.float32))
+print(segmenter.precision)
+"""
+
+# The control traces one bf16 upsampler alone (seconds, not the packaged model's minute).
+COMPILE_UPSAMPLER = """
+import sys, warnings
+import torch
+import sdseg_monai.model  # the package's filters
+from diffusers.models.upsampling import Upsample2D
+
+if sys.argv[1] == "unfiltered":
+    warnings.resetwarnings()
+upsampler = Upsample2D(4, use_conv=True).to(torch.bfloat16)
+upsampler.compile(backend="eager")
+upsampler(torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16))
 print("done")
 """
 
@@ -204,8 +217,10 @@ print("done")
 def test_compiling_the_packaged_model_says_nothing(tmp_path):
     """Dynamo warned, several lines each time, about the cached version check in diffusers'
     upsamplers (a constant): nothing for a user of --compile."""
-    run = _run("-c", COMPILE_PACKAGED, "filtered", cwd=tmp_path)
-    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]
-    assert "Dynamo" not in run.stderr and "lru_cache" not in run.stderr, run.stderr[-2000:]
-    control = _run("-c", COMPILE_PACKAGED, "unfiltered", cwd=tmp_path)
-    assert control.returncode == 0 and "Dynamo detected a call to a `functools.lru_cache`-wrapped function" in control.stderr
+    run = _run("-c", COMPILE_PACKAGED, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "bf16", run.stderr[-2000:]
+    assert run.stderr == "", run.stderr[-2000:]
+    for mode, warned in (("filtered", False), ("unfiltered", True)):
+        control = _run("-c", COMPILE_UPSAMPLER, mode, cwd=tmp_path)
+        assert control.returncode == 0 and control.stdout.strip() == "done", control.stderr[-2000:]
+        assert ("Dynamo detected a call to a `functools.lru_cache`-wrapped function" in control.stderr) is warned
