@@ -136,6 +136,23 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def check_tree_paths(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Refuse a batch run's input that is missing, an output that is a file, or one folder inside
+    the other (checked by :meth:`BatchRunner.run`, and by the command line before the model loads).
+    Returns the input as a ``Path``."""
+    from sdseg_monai.data import check_spares_inputs
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.exists():
+        raise SDSegInputError("no such file or folder", input_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SDSegInputError("the output must be a folder", output_dir)
+    check_spares_inputs([output_dir / SUMMARY_CSV], [input_dir])
+    if input_dir.is_dir() and output_dir.resolve() in input_dir.resolve().parents:
+        raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
+    return input_dir
+
+
 def dicom_seg_available() -> bool:
     from monai.utils import optional_import
 
@@ -272,17 +289,9 @@ class BatchRunner:
 
     def _plan(self, input_dir) -> tuple[list[BatchCase], str, list[BatchCase]]:
         """(this shard's cases, the run's id: see :meth:`run_id`, every case of the tree)."""
-        from sdseg_monai.data import check_spares_inputs
         from sdseg_monai.dicom import index_tree
 
-        input_dir = Path(input_dir)
-        if not input_dir.exists():
-            raise SDSegInputError("no such file or folder", input_dir)
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise SDSegInputError("the output must be a folder", self.output_dir)
-        check_spares_inputs([self.output_dir / SUMMARY_CSV], [input_dir])
-        if input_dir.is_dir() and self.output_dir.resolve() in input_dir.resolve().parents:
-            raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
+        input_dir = check_tree_paths(input_dir, self.output_dir)
         index = index_tree(input_dir, include_derived=self.include_derived)
         cases = collect_cases(index, self.output_dir, self.dicom_seg)
         run = self.run_id(cases)

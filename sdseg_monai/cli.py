@@ -219,12 +219,13 @@ def segment(
     """Segment a CT volume into a label map on the input's exact grid."""
     from sdseg_monai.data import check_writable, read_volume
     from sdseg_monai.evaluation import read_case
-    from sdseg_monai.inference import VolumeSegmenter
-    from sdseg_monai.transforms import axial_depth
 
     model_dir = _resolve_model(model)
     check_writable(output, input_path, label, model_dir)  # never into the model folder: mask.json over its config.json
     volume, reference = read_case(input_path, label) if label is not None else (read_volume(input_path), None)
+    from sdseg_monai.inference import VolumeSegmenter  # after the input's checks: MONAI's import takes seconds
+    from sdseg_monai.transforms import axial_depth
+
     _announce_compiling(compile_, quiet)
     segmenter = VolumeSegmenter(
         model_dir,
@@ -276,7 +277,7 @@ def batch(
     """Segment every CT series (and NIfTI file) in a tree: labels, DICOM SEG and a summary, resumable."""
     from collections import Counter
 
-    from sdseg_monai.batch import BatchRunner, merge_summaries, parse_shard
+    from sdseg_monai.batch import BatchRunner, check_tree_paths, merge_summaries, parse_shard
 
     if merge is not None:
         written = merge_summaries(merge)
@@ -295,6 +296,7 @@ def batch(
 
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     model_dir = _resolve_model(model)
+    check_tree_paths(input_dir, output)  # before the model loads (and compiles): a typo is told at once
     _announce_compiling(compile_, quiet)
     runner = BatchRunner(model_dir, output, device=device, batch_size=batch_size, organs=_split_names(organs_),
                          seed=seed, precision=precision, dicom_seg=dicom_seg, seg_type=seg_type, save_image=save_image, overwrite=overwrite,

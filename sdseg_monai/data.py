@@ -125,8 +125,6 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
         a :class:`Volume` whose image is a (1, X, Y, Z) ``MetaTensor`` in the file's array order and
         memory layout (not necessarily C-contiguous).
     """
-    from monai.data import MetaTensor
-
     path = Path(path)
     if not path.exists():
         raise SDSegInputError("no such file or folder", path)
@@ -157,6 +155,8 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> Volume:
     else:
         array = _label_array(data, path, what)
         nonfinite = 0
+    from monai.data import MetaTensor  # here: a refused file is told without waiting for MONAI's import
+
     meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS"}
     image = MetaTensor(array[None], affine=affine, meta=meta)
     return Volume(image=image, source=str(path), header=nifti.header, shape=shape, nonfinite_voxels=nonfinite)

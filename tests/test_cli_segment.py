@@ -73,6 +73,33 @@ def test_missing_input(model_dir, tmp_path):
                     "nope.nii.gz", "no such file", leftover_dir=tmp_path)
 
 
+BEFORE_THE_MODEL = """
+import sys
+from sdseg_monai.cli import main
+code = main(sys.argv[1:])
+print(code, *(name in sys.modules for name in ("monai", "sdseg_monai.inference")))
+"""
+
+
+def test_a_bad_input_is_told_before_monai_and_the_model_load(model_dir, tmp_path, scan):
+    """A missing or malformed input is refused before MONAI is imported and before the model loads
+    (and compiles): at once, instead of after seconds (minutes with --compile). The control, a good
+    input, loads both."""
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20), dtype=np.int16), np.eye(4)), str(flat))
+    for args in (["segment", tmp_path / "nope.nii.gz", "-o", tmp_path / "out.nii.gz"],
+                 ["segment", flat, "-o", tmp_path / "out.nii.gz"],
+                 ["batch", tmp_path / "nope", "-o", tmp_path / "out", "--compile"]):
+        run = subprocess.run([sys.executable, "-c", BEFORE_THE_MODEL, *map(str, args), "-m", str(model_dir), "-q"],
+                             capture_output=True, text=True)
+        assert run.stdout.split() == ["2", "False", "False"], (args, run.stdout, run.stderr)
+        assert run.stderr.count("\n") == 1 and str(args[1].name) in run.stderr
+    assert not (tmp_path / "out").exists()
+    control = subprocess.run([sys.executable, "-c", BEFORE_THE_MODEL, "segment", str(scan), "-o", str(tmp_path / "out.nii.gz"),
+                              "-m", str(model_dir), "-q", "--organs", "liver"], capture_output=True, text=True)
+    assert control.stdout.split() == ["0", "True", "True"], control.stderr
+
+
 def test_corrupt_gzip(model_dir, tmp_path, scan):
     broken = tmp_path / "broken.nii.gz"
     data = scan.read_bytes()
