@@ -10,7 +10,8 @@ One run, one machine, one volume (a 512x512x100 synthetic phantom, plus the real
   autoencoder's decoder;
 - **multi-step**: the same network run as multi-step, multi-sample diffusion segmenters run theirs
   (DDIM 10 and 50 steps, 1 and 5 samples averaged: the MedSegDiff / Diff-UNet protocols), as ratios to
-  one step, on a few central slices;
+  one step, on a few slices spread over the volume; the one-sample chains once more with the model's
+  calibrated skip, as its one step runs;
 - **peer**: MONAI ``SwinUNETR`` as the ``swin_unetr_btcv_segmentation`` bundle runs it (random weights:
   its speed only);
 - **against the limit**: achieved FLOP/s over the FLOP/s of a large matmul on the same device;
@@ -233,7 +234,7 @@ class BenchOptions:
         real_ct: the real CT's folder (default: ``../shared/data/ct`` when present; None skips it).
         organ_counts: organ sets per network: 1 (the liver) and the model's 13.
         batch_size: (slice, organ) pairs per forward (default: the pipeline's).
-        multistep_slices: central slices that the multi-step protocols run on (None: 2 on a CPU, 16 on
+        multistep_slices: slices, spread evenly over the volume's depth, that the multi-step protocols run on (None: 2 on a CPU, 16 on
             a GPU, where 2 slices' pairs are too few to fill it).
         protocols: (DDIM steps, samples averaged); must include (1, 1).
         multistep_networks: networks the multi-step protocols run on (default: tiny on a CPU, all
@@ -649,7 +650,9 @@ def _warm_up_array(path: str, slices: int):
 
 
 def _model_slices(model, path: str, count: int):
-    """The ``count`` central axial slices of a volume, as the model sees them (S, 3, S, S)."""
+    """``count`` axial slices of a volume, as the model sees them (S, 3, S, S): the middle slice of
+    each of ``count`` equal parts of its depth, so that they show organs as often as the volume does
+    (central slices show more, and the calibrated skip would decode more of their pairs)."""
     from sdseg_monai.data import read_volume
     from sdseg_monai.transforms import IMAGE_KEY, SliceGeometry, axial_slices, canonical_transforms
 
@@ -657,15 +660,19 @@ def _model_slices(model, path: str, count: int):
     canonical = canonical_transforms(preprocessing)({IMAGE_KEY: read_volume(path).image})[IMAGE_KEY]
     depth = canonical.shape[-1]
     count = min(count, depth)
-    first = (depth - count) // 2
+    spread = [int((2 * i + 1) * depth // (2 * count)) for i in range(count)]
     geometry = SliceGeometry(tuple(canonical.shape[1:3]), preprocessing.slice_size)
-    return geometry.to_model(axial_slices(canonical, range(first, first + count), preprocessing.channels))
+    return geometry.to_model(axial_slices(canonical, spread, preprocessing.channels))
 
 
 def multistep_case(case: dict) -> dict:
     """SDSeg's one step against DDIM chains and averaged samples on the same slices and network
-    (``SDSeg.predict``, every organ, every pair decoded in all of them), plus one step with the
-    model's calibrated skip (as shipped)."""
+    (``SDSeg.predict``, every organ, every pair decoded in all of them), then the one-sample
+    protocols again with the model's calibrated skip (the shipped one step's, applied to any chain's
+    final latent): their decoded pairs, and the mask pixels (at the organ's threshold) that differ
+    from decoding every pair."""
+    import torch
+
     from sdseg_monai.inference import model_for_precision
     from sdseg_monai.model import resolve_precision
 
@@ -675,18 +682,31 @@ def multistep_case(case: dict) -> dict:
     model = model_for_precision(built, device, precision, owned=True)
     slices = _model_slices(model, case["volume"], case["slices"])
     options = dict(seed=0, batch_size=case["batch_size"], precision=case["precision"])
-    run = lambda steps, samples, radius: model.predict(slices, num_steps=steps, num_samples=samples, skip_decode_radius=radius, **options)  # noqa: E731
+    post = model.config.postprocessing
+    thresholds = torch.tensor([post.threshold(name) for name in model.config.organ_names]).view(1, -1, 1, 1)
+    last: dict = {}
+
+    def run(steps: int, samples: int, radius: float) -> None:
+        last["result"] = model.predict(slices, num_steps=steps, num_samples=samples, skip_decode_radius=radius,
+                                       return_distances=radius > 0, **options)
+
     # Warm-up at the measured batch shapes: on a GPU the first call of a shape picks its kernels and
     # grows the allocator (a one-pair warm-up left one step timed slower than DDIM 10).
     run(1, 1, 0.0)
-    rows = []
+    rows, masks = [], {}
     for steps, samples in case["protocols"]:
         seconds = timed(lambda: run(steps, samples, 0.0), device)
         rows.append({"steps": steps, "samples": samples, "decode": "all", "seconds": seconds, "seconds_per_slice": seconds / len(slices)})
-    radius = model.config.postprocessing.skip_decode_radius
-    if radius > 0:
-        seconds = timed(lambda: run(1, 1, radius), device)
-        rows.append({"steps": 1, "samples": 1, "decode": "calibrated skip", "seconds": seconds, "seconds_per_slice": seconds / len(slices)})
+        masks[steps, samples] = last["result"].cpu() >= thresholds
+    radius = post.skip_decode_radius
+    for steps, samples in case["protocols"] if radius > 0 else ():
+        if samples != 1:  # the skip keeps or drops a pair for all its samples: one-sample chains are the comparison
+            continue
+        seconds = timed(lambda: run(steps, samples, radius), device)
+        maps, distances = last["result"]
+        rows.append({"steps": steps, "samples": samples, "decode": "calibrated skip", "seconds": seconds,
+                     "seconds_per_slice": seconds / len(slices), "decoded_pairs": int((distances >= radius).sum()),
+                     "mask_pixels_changed": int(((maps.cpu() >= thresholds) != masks[steps, samples]).sum())})
     return {"slices": len(slices), "organs": model.config.num_classes, "precision": precision, "runs": rows}
 
 
@@ -1198,22 +1218,28 @@ def _pipeline_row(spec, volume: str, result, one_step) -> dict:
 def _multistep_row(spec, result, flops: dict) -> dict:
     """A network's multi-step runs with their ratios to one step: in measured seconds, and in FLOPs
     (``flops``: :func:`part_flops`), the ratio the split of work between the UNet, which a chain
-    repeats, and the encoder and decoder, which run once, allows at equal efficiency."""
+    repeats, and the encoder and decoder, which run once, allows at equal efficiency. Each run is
+    compared with one step decoding every pair (``ratio_to_one_step``) and with one step decoding
+    as it does (``..._same_decode``: the calibrated skip's runs against one step with the skip)."""
     row = {"network": spec["name"], "weights": spec["weights"]}
     if "error" in result:
         return {**row, "error": result["error"]}
     row.update(result)
     row["flops_per_item"] = flops
-    base = next(r for r in result["runs"] if (r["steps"], r["samples"], r["decode"]) == (1, 1, "all"))
+    runs = {(r["steps"], r["samples"], r["decode"]): r for r in result["runs"]}
     pairs = result["slices"] * result["organs"]
 
-    def run_flops(steps: int, samples: int) -> float:
-        return flops["encoder"] * result["slices"] + samples * (steps * flops["unet"] + flops["decoder"]) * pairs
+    def run_flops(run: dict) -> float:
+        decoded = run.get("decoded_pairs", pairs)
+        return flops["encoder"] * result["slices"] + run["samples"] * (run["steps"] * flops["unet"] * pairs + flops["decoder"] * decoded)
 
+    base = runs[1, 1, "all"]
     for run in result["runs"]:
+        same = runs.get((1, 1, run["decode"]), base)
         run["ratio_to_one_step"] = run["seconds"] / base["seconds"]
-        # A skipped decode's share is not known here: no FLOP ratio for it.
-        run["flop_ratio_to_one_step"] = run_flops(run["steps"], run["samples"]) / run_flops(1, 1) if run["decode"] == "all" else None
+        run["ratio_to_one_step_same_decode"] = run["seconds"] / same["seconds"]
+        run["flop_ratio_to_one_step"] = run_flops(run) / run_flops(base)
+        run["flop_ratio_to_one_step_same_decode"] = run_flops(run) / run_flops(same)
     return row
 
 
@@ -1277,6 +1303,14 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
             add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, every pair decoded in both)", ">= 10",
                 ddim["ratio_to_one_step"], ddim["ratio_to_one_step"] >= 10, f"measured on {multistep['slices']} slice(s)"
                 + (f"; {_fmt(flop_ratio)}x in FLOPs" if flop_ratio is not None else ""))
+        ddim, one = runs.get((50, 1, "calibrated skip")), runs.get((1, 1, "calibrated skip"))
+        if ddim is not None and one is not None:
+            pairs = multistep["slices"] * multistep["organs"]
+            ratio = ddim["ratio_to_one_step_same_decode"]
+            add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, the calibrated skip in both)", ">= 10", ratio, ratio >= 10,
+                f"measured on {multistep['slices']} slice(s); {_fmt(ddim['flop_ratio_to_one_step_same_decode'])}x in FLOPs; decoded "
+                f"{one['decoded_pairs']} and {ddim['decoded_pairs']} of {pairs} pairs, {one['mask_pixels_changed']} and "
+                f"{ddim['mask_pixels_changed']} mask pixels changed by the skip")
     peer = next((p for p in report.peer if not p.get("error") and p["volume"] == main_volume), None)
     if default is not None and peer is not None and peer.get("seconds_per_volume"):
         ratio = peer["seconds_per_volume"] / default["seconds_per_volume"]
@@ -1328,9 +1362,10 @@ def _notes(report: BenchReport, options: BenchOptions, device, large_slab) -> li
         notes.append("a slab's central slices show more organs than the volume's average slice: with the calibrated skip they "
                      "decode more pairs, so seconds per volume extrapolated from them overstate a whole volume's")
     if report.multistep:
-        notes.append("multi-step: SDSeg.predict on the central slice(s), every organ, every pair decoded in all protocols "
-                     "(the ratios measure the reverse process alone); seconds per slice, not per volume; the FLOP ratio is what the "
-                     "split of work allows at equal efficiency: a chain repeats the UNet, the encoder and decoder run once")
+        notes.append("multi-step: SDSeg.predict on slices spread evenly over the volume's depth, every organ, every pair decoded, "
+                     "then the one-sample protocols with the model's calibrated skip (the ratios measure the reverse process alone); "
+                     "seconds per slice, not per volume; the FLOP ratio is what the split of work allows at equal efficiency: a chain "
+                     "repeats the UNet, the encoder and decoder run once (a skipped pair's decode is not counted)")
     if report.peer:
         notes.append("SwinUNETR: random weights (speed only), read with the same reader and written with the same writer as SDSeg")
     notes.append("peak RSS: each configuration ran in a fresh Python process and read its own high-water mark right after "
@@ -1438,7 +1473,9 @@ def _markdown(report: BenchReport) -> str:
                    f"{_fmt(r['speed_up'])}x", _fmt(r.get("peak_rss_gb"))],
     )
     if report.multistep:
-        lines += ["", "## Multi-step, multi-sample (the same network)", "", "| network | slices x organs | protocol | decodes | s/slice | x one step | x one step (FLOPs) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Multi-step, multi-sample (the same network)", "",
+                  "Ratios are to one step decoding as the row does (every pair, or the calibrated skip).", "",
+                  "| network | slices x organs | protocol | decodes | s/slice | x one step | x one step (FLOPs) |", "|---|---|---|---|---|---|---|"]
         for row in report.multistep:
             if row.get("error"):
                 lines.append(f"| {row['network']} | failed: {row['error']} ||||||")
@@ -1446,8 +1483,12 @@ def _markdown(report: BenchReport) -> str:
             for run in row["runs"]:
                 protocol = "one step" if run["steps"] == 1 else f"DDIM {run['steps']}"
                 protocol += f", {run['samples']} sample{'s' if run['samples'] > 1 else ''}"
-                lines.append(f"| {row['network']} | {row['slices']} x {row['organs']} | {protocol} | {run['decode']} | "
-                             f"{_fmt(run['seconds_per_slice'])} | {_fmt(run['ratio_to_one_step'])} | {_fmt(run.get('flop_ratio_to_one_step'))} |")
+                decodes = run["decode"]
+                if "decoded_pairs" in run:
+                    decodes += (f" ({run['decoded_pairs']} of {row['slices'] * row['organs']} pairs, "
+                                f"{run['mask_pixels_changed']} mask px changed)")
+                lines.append(f"| {row['network']} | {row['slices']} x {row['organs']} | {protocol} | {decodes} | {_fmt(run['seconds_per_slice'])} | "
+                             f"{_fmt(run['ratio_to_one_step_same_decode'])} | {_fmt(run['flop_ratio_to_one_step_same_decode'])} |")
     if report.peer:
         lines += ["", "## Conventional 3D peer: SwinUNETR (bundle settings, random weights)", "",
                   "| volume | mode | windows | s/window | s/volume | basis | peak RSS GB | TFLOP/s (of matmul) |", "|---|---|---|---|---|---|---|---|"]

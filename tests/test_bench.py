@@ -94,13 +94,19 @@ def test_skip_decode_and_multistep_ratios_come_from_the_measured_seconds(report)
 
     (multistep,) = report.multistep
     runs = {(r["steps"], r["samples"], r["decode"]): r for r in multistep["runs"]}
-    assert set(runs) == {(1, 1, "all"), (50, 1, "all"), (2, 2, "all"), (1, 1, "calibrated skip")}
-    one = runs[(1, 1, "all")]["seconds"]
+    # The skip runs: the one-sample protocols only (a skip keeps or drops a pair for all its samples).
+    assert set(runs) == {(1, 1, "all"), (50, 1, "all"), (2, 2, "all"), (1, 1, "calibrated skip"), (50, 1, "calibrated skip")}
+    one, one_skip = runs[(1, 1, "all")]["seconds"], runs[(1, 1, "calibrated skip")]["seconds"]
     for run in runs.values():
         assert run["seconds"] > 0 and run["seconds_per_slice"] == run["seconds"] / multistep["slices"]
         assert run["ratio_to_one_step"] == pytest.approx(run["seconds"] / one)
-    ddim = next(t for t in report.targets if "DDIM-50" in t["target"])
+        same = one_skip if run["decode"] == "calibrated skip" else one
+        assert run["ratio_to_one_step_same_decode"] == pytest.approx(run["seconds"] / same)
+    ddim, ddim_skip = (t for t in report.targets if "DDIM-50" in t["target"])
+    assert ddim["target"].endswith("every pair decoded in both)") and ddim_skip["target"].endswith("the calibrated skip in both)")
     assert ddim["value"] == runs[(50, 1, "all")]["ratio_to_one_step"] and ddim["passed"] == (ddim["value"] >= 10)
+    assert ddim_skip["value"] == runs[(50, 1, "calibrated skip")]["ratio_to_one_step_same_decode"]
+    assert ddim_skip["passed"] == (ddim_skip["value"] >= 10)
     # FLOP ratios from the counted parts: S slices through the encoder once, S x K pairs through the UNet
     # steps x samples times and the decoder samples times.
     flops = multistep["flops_per_item"]
@@ -110,9 +116,43 @@ def test_skip_decode_and_multistep_ratios_come_from_the_measured_seconds(report)
     assert runs[(1, 1, "all")]["flop_ratio_to_one_step"] == 1.0
     assert runs[(50, 1, "all")]["flop_ratio_to_one_step"] == pytest.approx(work(50, 1) / work(1, 1))
     assert runs[(2, 2, "all")]["flop_ratio_to_one_step"] == pytest.approx(work(2, 2) / work(1, 1))
-    assert runs[(1, 1, "calibrated skip")]["flop_ratio_to_one_step"] is None
     assert 1 < runs[(2, 2, "all")]["flop_ratio_to_one_step"] < 4 < runs[(50, 1, "all")]["flop_ratio_to_one_step"] < 50
     assert "in FLOPs" in ddim["basis"]
+    # With the skip, only the decoded pairs count the decoder: what the skip saves, counted, not assumed.
+    pairs_range = range(pairs + 1)
+    for steps in (1, 50):
+        run = runs[(steps, 1, "calibrated skip")]
+        assert run["decoded_pairs"] in pairs_range and run["mask_pixels_changed"] >= 0
+        skipped = flops["decoder"] * (pairs - run["decoded_pairs"])
+        assert run["flop_ratio_to_one_step"] == pytest.approx((work(steps, 1) - skipped) / work(1, 1))
+    skipped_one = flops["decoder"] * (pairs - runs[(1, 1, "calibrated skip")]["decoded_pairs"])
+    skipped_ddim = flops["decoder"] * (pairs - runs[(50, 1, "calibrated skip")]["decoded_pairs"])
+    assert runs[(50, 1, "calibrated skip")]["flop_ratio_to_one_step_same_decode"] == pytest.approx(
+        (work(50, 1) - skipped_ddim) / (work(1, 1) - skipped_one))
+    assert f"of {pairs} pairs" in ddim_skip["basis"] and "mask pixels changed by the skip" in ddim_skip["basis"]
+
+
+def test_the_skip_in_a_chain_counts_its_decodes_and_the_mask_pixels_it_changes(calibrated_micro, monkeypatch):
+    """Multi-step with the calibrated skip, on a radius that skips half the pairs: the decoded pairs
+    are those at or beyond it, and the mask pixels changed are the skipped pairs' own (a skipped
+    map is zero; a decoded one is as when every pair is decoded)."""
+    from sdseg_monai.model import SDSeg
+
+    model = SDSeg.from_pretrained(calibrated_micro).eval()
+    slices = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    maps, distances = model.predict(slices, num_steps=3, seed=0, precision="fp32", return_distances=True)
+    radius = float(distances.flatten().sort().values[3:5].mean())  # between the 4th and 5th of 8 pairs
+    model.config.postprocessing.skip_decode_radius = radius
+    thresholds = torch.tensor([model.config.postprocessing.threshold(n) for n in model.config.organ_names]).view(1, -1, 1, 1)
+    skipped = distances < radius
+    monkeypatch.setattr(bench, "build_network", lambda spec, device: model)
+    monkeypatch.setattr(bench, "_model_slices", lambda model, path, count: slices)
+    case = {"device": "cpu", "network": {}, "volume": None, "slices": 4, "precision": "fp32", "batch_size": None, "protocols": [[1, 1], [3, 1], [2, 2]]}
+    runs = {(r["steps"], r["samples"], r["decode"]): r for r in bench.multistep_case(case)["runs"]}
+    assert set(runs) == {(1, 1, "all"), (3, 1, "all"), (2, 2, "all"), (1, 1, "calibrated skip"), (3, 1, "calibrated skip")}
+    chain = runs[(3, 1, "calibrated skip")]
+    assert chain["decoded_pairs"] == 4 and chain["mask_pixels_changed"] == int((maps >= thresholds)[skipped].sum())
+    assert chain["mask_pixels_changed"] > 0  # the control: the skip does change masks here
 
 
 def test_peer_and_targets(report):
