@@ -234,8 +234,8 @@ class BenchOptions:
         real_ct: the real CT's folder (default: ``../shared/data/ct`` when present; None skips it).
         organ_counts: organ sets per network: 1 (the liver) and the model's 13.
         batch_size: (slice, organ) pairs per forward (default: the pipeline's).
-        multistep_slices: slices, spread evenly over the volume's depth, that the multi-step protocols run on (None: 2 on a CPU, 16 on
-            a GPU, where 2 slices' pairs are too few to fill it).
+        multistep_slices: slices, spread evenly over the volume's depth, that the multi-step
+            protocols run on (None: 2 on a CPU, 16 on a GPU, where 2 slices' pairs are too few to fill it).
         protocols: (DDIM steps, samples averaged); must include (1, 1).
         multistep_networks: networks the multi-step protocols run on (default: tiny on a CPU, all
             on a GPU).
