@@ -693,15 +693,16 @@ def multistep_case(case: dict) -> dict:
     # Warm-up at the measured batch shapes: on a GPU the first call of a shape picks its kernels and
     # grows the allocator (a one-pair warm-up left one step timed slower than DDIM 10).
     run(1, 1, 0.0)
+    radius = post.skip_decode_radius
+    # The skip keeps or drops a pair for all its samples: one-sample chains are the comparison.
+    skipping = [tuple(p) for p in case["protocols"] if p[1] == 1] if radius > 0 else []
     rows, masks = [], {}
     for steps, samples in case["protocols"]:
         seconds = timed(lambda: run(steps, samples, 0.0), device)
         rows.append({"steps": steps, "samples": samples, "decode": "all", "seconds": seconds, "seconds_per_slice": seconds / len(slices)})
-        masks[steps, samples] = last["result"].cpu() >= thresholds
-    radius = post.skip_decode_radius
-    for steps, samples in case["protocols"] if radius > 0 else ():
-        if samples != 1:  # the skip keeps or drops a pair for all its samples: one-sample chains are the comparison
-            continue
+        if (steps, samples) in skipping:
+            masks[steps, samples] = last["result"].cpu() >= thresholds
+    for steps, samples in skipping:
         seconds = timed(lambda: run(steps, samples, radius), device)
         maps, distances = last["result"]
         rows.append({"steps": steps, "samples": samples, "decode": "calibrated skip", "seconds": seconds,
@@ -1303,14 +1304,14 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
             add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, every pair decoded in both)", ">= 10",
                 ddim["ratio_to_one_step"], ddim["ratio_to_one_step"] >= 10, f"measured on {multistep['slices']} slice(s)"
                 + (f"; {_fmt(flop_ratio)}x in FLOPs" if flop_ratio is not None else ""))
-        ddim, one = runs.get((50, 1, "calibrated skip")), runs.get((1, 1, "calibrated skip"))
-        if ddim is not None and one is not None:
+        ddim_skip, one_skip = runs.get((50, 1, "calibrated skip")), runs.get((1, 1, "calibrated skip"))
+        if ddim_skip is not None and one_skip is not None:
             pairs = multistep["slices"] * multistep["organs"]
-            ratio = ddim["ratio_to_one_step_same_decode"]
+            ratio = ddim_skip["ratio_to_one_step_same_decode"]
             add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, the calibrated skip in both)", ">= 10", ratio, ratio >= 10,
-                f"measured on {multistep['slices']} slice(s); {_fmt(ddim['flop_ratio_to_one_step_same_decode'])}x in FLOPs; decoded "
-                f"{one['decoded_pairs']} and {ddim['decoded_pairs']} of {pairs} pairs, {one['mask_pixels_changed']} and "
-                f"{ddim['mask_pixels_changed']} mask pixels changed by the skip")
+                f"measured on {multistep['slices']} slice(s); {_fmt(ddim_skip['flop_ratio_to_one_step_same_decode'])}x in FLOPs; decoded "
+                f"{one_skip['decoded_pairs']} and {ddim_skip['decoded_pairs']} of {pairs} pairs, {one_skip['mask_pixels_changed']} and "
+                f"{ddim_skip['mask_pixels_changed']} mask pixels changed by the skip")
     peer = next((p for p in report.peer if not p.get("error") and p["volume"] == main_volume), None)
     if default is not None and peer is not None and peer.get("seconds_per_volume"):
         ratio = peer["seconds_per_volume"] / default["seconds_per_volume"]

@@ -184,7 +184,7 @@ def test_an_image_nibabel_fixes_gives_only_the_one_line_error(tmp_path, model_di
 
 # -- torch.compile ------------------------------------------------------------------------------------
 # Compiles the packaged model (dynamo's eager backend: the same tracing as inductor, in seconds) and
-# segments a small array; argv[1] == "unfiltered" drops every warning filter first (the control).
+# segments a small array, with the package's warning filters in place.
 COMPILE_PACKAGED = """
 import numpy as np
 from sdseg_monai.model import SDSeg, default_model_path
