@@ -1292,8 +1292,17 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
         return max((r for r in rows if r["organs"] == most), key=lambda r: r["slices_per_s"], default=None)
 
     def basis(row):
-        return ("extrapolated from a slab" if row["extrapolated"] else "measured") + (f", {row['precision']}" if gpu else "")
+        return ("extrapolated from a central slab" if row["extrapolated"] else "measured") + (f", {row['precision']}" if gpu else "")
 
+    def on_slab(met: bool, slab: bool, provable: bool) -> bool | None:
+        """``met``, unless measured on a central slab of the phantom (``slab``) and not ``provable`` there:
+        a slab's slices show more organs than the volume's average one (with the calibrated skip, more
+        pairs decoded) and a volume's fixed costs fall on few slices, so it overstates seconds and
+        understates speed-ups and peak memory. On a slab only a pass on speed (``provable`` True) or a
+        miss on memory (False) holds; the other outcome is inconclusive."""
+        return met if not slab or met == provable else None
+
+    main_on_slab = any(v["name"] == main_volume and v.get("reference_slices") not in (None, v["shape"][2]) for v in report.volumes)
     default = headline(default_network)
     multistep = next((m for m in report.multistep if not m.get("error")), None)
     if multistep is not None:
@@ -1308,28 +1317,31 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
         if ddim_skip is not None and one_skip is not None:
             pairs = multistep["slices"] * multistep["organs"]
             ratio = ddim_skip["ratio_to_one_step_same_decode"]
-            add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, the calibrated skip in both)", ">= 10", ratio, ratio >= 10,
-                f"measured on {multistep['slices']} slice(s); {_fmt(ddim_skip['flop_ratio_to_one_step_same_decode'])}x in FLOPs; decoded "
+            add(f"one step >= 10x faster than DDIM-50 ({multistep['network']}, the calibrated skip in both)", ">= 10", ratio,
+                on_slab(ratio >= 10, main_on_slab, provable=True), f"measured on {multistep['slices']} slice(s)"
+                + (" of a central slab" if main_on_slab else "") + f"; {_fmt(ddim_skip['flop_ratio_to_one_step_same_decode'])}x in FLOPs; decoded "
                 f"{one_skip['decoded_pairs']} and {ddim_skip['decoded_pairs']} of {pairs} pairs, {one_skip['mask_pixels_changed']} and "
                 f"{ddim_skip['mask_pixels_changed']} mask pixels changed by the skip")
     peer = next((p for p in report.peer if not p.get("error") and p["volume"] == main_volume), None)
     if default is not None and peer is not None and peer.get("seconds_per_volume"):
         ratio = peer["seconds_per_volume"] / default["seconds_per_volume"]
-        # From SwinUNETR's lower bound, the true ratio is at least this: a pass holds, a miss proves nothing.
-        passed = True if ratio >= 6 else (False if peer["basis"] == "measured" else None)
+        # A peer's lower bound or the default's slab understates the ratio: a pass holds, a miss proves nothing.
+        passed = True if ratio >= 6 else (False if peer["basis"] == "measured" and not default["extrapolated"] else None)
         add(f"default >= 6x faster than SwinUNETR on the {ct} CT", ">= 6", ratio, passed,
             f"SwinUNETR {peer['basis']}; default {basis(default)}")
     if default is not None:
         if default.get("peak_rss_gb") is not None:
             rss = default["peak_rss_gb"]
-            add("peak RSS <= 3 GB (default, all organs)", "<= 3", rss, rss <= 3.0, "measured" + (" on a slab" if default["extrapolated"] else ""))
+            add("peak RSS <= 3 GB (default, all organs)", "<= 3", rss, on_slab(rss <= 3.0, default["extrapolated"], provable=False),
+                "measured" + (" on a central slab" if default["extrapolated"] else ""))
         if not gpu:
             seconds = default["seconds_per_volume"]
             fp32 = headline(default_network, ("fp32",)) if resolved != "fp32" else None
             fp32 = fp32 if fp32 is not None and fp32["organs"] == default["organs"] else None
             speed_up = _ratio(fp32["seconds_per_volume"], seconds) if fp32 else None
             against = f"; {resolved} {speed_up:.2f}x as fast as fp32 ({fp32['seconds_per_volume']:.1f} s)" if speed_up else ""
-            add(f"{ct} CT, {default['organs']} organs, <= 60 s on CPU", "<= 60", seconds, seconds <= 60, basis(default) + against,
+            add(f"{ct} CT, {default['organs']} organs, <= 60 s on CPU", "<= 60", seconds,
+                on_slab(seconds <= 60, default["extrapolated"], provable=True), basis(default) + against,
                 speed_up_over_fp32=speed_up)
         else:
             # End to end, read to written: the batch runner (plain or compiled) or one volume, whichever was faster.
@@ -1339,10 +1351,12 @@ def _targets(report: BenchReport, device, resolved: str, shape, default_network:
                      for p in report.pipeline if not p.get("error") and p["organs"] == default["organs"]]
             rates.append((default["slices_per_s"], f"one volume, {default['precision']}{slab}"))
             rate, how = max(rates, key=lambda r: r[0])
-            add(f"default, {default['organs']} organs, >= 500 slices/s end to end on a GPU", ">= 500", rate, rate >= 500, how + ", read to written")
+            add(f"default, {default['organs']} organs, >= 500 slices/s end to end on a GPU", ">= 500", rate,
+                on_slab(rate >= 500, default["extrapolated"], provable=True), how + ", read to written")
     sd = headline("sd-v1") if gpu else None
     if sd is not None:
-        add(f"sd-v1, {sd['organs']} organs, >= 50 slices/s end to end on a GPU", ">= 50", sd["slices_per_s"], sd["slices_per_s"] >= 50,
+        add(f"sd-v1, {sd['organs']} organs, >= 50 slices/s end to end on a GPU", ">= 50", sd["slices_per_s"],
+            on_slab(sd["slices_per_s"] >= 50, sd["extrapolated"], provable=True),
             f"one volume, {sd['precision']}" + (", on a slab" if sd["extrapolated"] else "")
             + (", every pair decoded (random weights)" if not sd["skip_decode_radius"] else ""))
     return targets

@@ -443,6 +443,26 @@ def test_targets_on_a_cpu_judge_the_shipped_precision_with_its_ratio_to_fp32():
     targets = bench._targets(made_up_report([row(seconds=70.0)], peer=[measured]), cpu, "bf16", (512, 512, 100), "tiny", "phantom")
     assert [t["passed"] for t in targets] == [False, True, False] and targets[-1]["speed_up_over_fp32"] is None
     assert bench._targets(made_up_report(), cpu, "fp32", (512, 512, 100), "tiny", "phantom") == []
+    # On a central slab (--quick): seconds overstated and memory understated, so only a pass on speed or
+    # a miss on memory holds; the rest is inconclusive, not a FAIL or a pass the whole volume may not earn.
+    def on_slab(seconds, rss):
+        slab = row(seconds=seconds, extrapolated=True, peak_rss_gb=rss)
+        return [t["passed"] for t in bench._targets(made_up_report([slab], peer=[measured]), cpu, "bf16", (512, 512, 100), "tiny", "phantom")]
+    assert on_slab(seconds=70.0, rss=2.1) == [None, None, None]  # vs SwinUNETR, peak RSS, <= 60 s
+    assert on_slab(seconds=20.0, rss=3.5) == [True, False, True]
+    # Multi-step on a central slab's slices: more pairs decoded than on the volume's average slice, so
+    # the skip's ratio is understated there; the every-pair ratio does not depend on the slices.
+    skip_run = {"decode": "calibrated skip", "samples": 1, "flop_ratio_to_one_step_same_decode": 10.0, "decoded_pairs": 10, "mask_pixels_changed": 0}
+    chains = {"network": "tiny", "slices": 1, "organs": 13, "runs": [
+        {"steps": 50, "samples": 1, "decode": "all", "ratio_to_one_step": 8.5},
+        {**skip_run, "steps": 1, "ratio_to_one_step_same_decode": 1.0}, {**skip_run, "steps": 50, "ratio_to_one_step_same_decode": 9.3}]}
+
+    def ddim_passed(volume):
+        report = made_up_report(multistep=[chains])
+        report.volumes = [volume]
+        return [t["passed"] for t in bench._targets(report, cpu, "bf16", (512, 512, 100), "tiny", "phantom")]
+    assert ddim_passed({"name": "phantom", "shape": [512, 512, 100], "reference_slices": 100}) == [False, False]
+    assert ddim_passed({"name": "phantom", "shape": [512, 512, 4], "reference_slices": 100}) == [False, None]
 
 
 def test_targets_on_a_gpu_judge_the_faster_precision_and_the_sd_sized_network():
@@ -464,6 +484,10 @@ def test_targets_on_a_gpu_judge_the_faster_precision_and_the_sd_sized_network():
     tiny, sd = by["default, 13 organs, >= 500 slices/s end to end on a GPU"], by["sd-v1, 13 organs, >= 50 slices/s end to end on a GPU"]
     assert (tiny["value"], tiny["passed"]) == (480.0, False) and tiny["basis"].startswith("8 volumes through the batch runner, bf16, compiled")
     assert (sd["value"], sd["passed"]) == (pytest.approx(40.0), False)
+    # Extrapolated from a slab, a miss proves nothing; a pass holds.
+    rows = [row(precision="fp32", seconds=100 / 300, extrapolated=True), row("sd-v1", "fp32", seconds=100 / 60, extrapolated=True)]
+    by = {t["target"]: t["passed"] for t in bench._targets(made_up_report(rows), cuda, "bf16", (512, 512, 100), "tiny", "phantom")}
+    assert (by["default, 13 organs, >= 500 slices/s end to end on a GPU"], by["sd-v1, 13 organs, >= 50 slices/s end to end on a GPU"]) == (None, True)
 
 
 def test_warm_up_on_a_gpu_runs_a_full_chunk_of_every_organ_on_the_volumes_grid(tmp_path, monkeypatch):
