@@ -140,7 +140,7 @@ def check_tree_paths(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     """Refuse a batch run's input that is missing, an output that is a file, or one folder inside
     the other (checked by :meth:`BatchRunner.run`, and by the command line before the model loads).
     Returns the input as a ``Path``."""
-    from sdseg_monai.data import check_spares_inputs
+    from sdseg_monai.data import check_folder_writable, check_spares_inputs
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.exists():
@@ -150,6 +150,7 @@ def check_tree_paths(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     check_spares_inputs([output_dir / SUMMARY_CSV], [input_dir])
     if input_dir.is_dir() and output_dir.resolve() in input_dir.resolve().parents:
         raise SDSegInputError("the input lies inside the output folder; choose another output folder", input_dir)
+    check_folder_writable(output_dir, "the output")
     return input_dir
 
 

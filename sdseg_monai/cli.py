@@ -614,6 +614,8 @@ def phantom(
     OUTPUT/manifest.json lists them by split, for `sdseg3d train` and `sdseg3d evaluate`."""
     import math
 
+    from sdseg_monai.data import check_folder_writable
+
     if n < 1:
         raise SDSegInputError(f"--n must be at least 1, got {n}")
     if seed < 0:
@@ -628,8 +630,7 @@ def phantom(
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SDSegInputError(f"cannot create the output folder: {e.strerror or e}", output) from None
-    if not os.access(output, os.W_OK):
-        raise SDSegInputError("cannot write to the output folder: permission denied", output)
+    check_folder_writable(output, "to the output folder")
     from sdseg_monai.phantoms import update_phantom_manifest, write_phantoms
 
     for image_path, label_path in write_phantoms(output, n=n, seed=seed, shape=shape, spacing=spacing):

@@ -226,7 +226,7 @@ def check_writable(output: str | os.PathLike, *inputs: str | os.PathLike | None)
     side = sidecar_path(output)
     if side.is_dir():  # the rename would fail only after all the compute
         raise SDSegInputError(f"the label names of {output.name} go to this path, and it is a folder; give another output name", side)
-    _check_folder_writable(output, "output")
+    check_parent_writable(output, "output")
     check_spares_inputs([output, side], inputs)
     return output
 
@@ -242,17 +242,52 @@ def check_report_path(
     path = Path(path)
     if path.is_dir():
         raise SDSegInputError(f"{what} must name a file, and this is a folder", path)
-    _check_folder_writable(path, what)
+    check_parent_writable(path, what)
     check_spares_inputs([path], inputs)
     return path
 
 
-def _check_folder_writable(path: Path, what: str) -> None:
+def check_parent_writable(path: Path, what: str) -> None:
+    """Refuse a file path whose folder is missing, or where nothing can be written (:func:`check_folder_writable`)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise SDSegInputError(f"cannot write {what}: its folder does not exist", path)
-    if not os.access(folder, os.W_OK):
-        raise SDSegInputError(f"cannot write {what}: permission denied on its folder", path)
+    check_folder_writable(folder, what, path)
+
+
+def check_folder_writable(folder: str | os.PathLike, what: str, named: str | os.PathLike | None = None) -> None:
+    """Refuse, before any compute, a folder (or, when it does not exist yet, the nearest folder above
+    it, where it will be made) in which ``what`` cannot be written: tried by creating and removing a
+    hidden file there, since ``os.access`` answers yes to root and cannot see a read-only or pseudo
+    file system (``/proc``) nor a share that maps users. The message names ``named`` (default: ``folder``).
+
+    Raises:
+        SDSegInputError: a file lies in the way, or no file can be created there (the system's reason).
+    """
+    folder = Path(folder) if str(folder) else Path(".")
+    named = folder if named is None else named
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SDSegInputError(f"cannot write {what}: {existing} is not a folder", named)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sdseg3d-write-check.", dir=existing)
+    except OSError as e:
+        raise SDSegInputError(f"cannot write {what} in {existing} ({e.strerror or type(e).__name__})", named) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextmanager
+def told_write_errors(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """An ``OSError`` while writing ``path`` (a full disk, a quota, a share gone mid-run) as a one-line
+    input error naming it, not a traceback: what the system said, never half a file (the writers
+    write through :func:`atomic_paths`)."""
+    try:
+        yield
+    except OSError as e:
+        raise SDSegInputError(f"cannot write {what} ({e.strerror or type(e).__name__})", path) from None
 
 
 def check_spares_inputs(
@@ -518,7 +553,7 @@ def write_label_volume(
     output = check_writable(output, volume.source, *inputs)  # the Python API is guarded as the CLI is
     side = sidecar_path(output)
     image = label_nifti(labels, volume)
-    with atomic_paths(output, side) as (tmp_image, tmp_side):
+    with told_write_errors(output), atomic_paths(output, side) as (tmp_image, tmp_side):
         nib.save(image, str(tmp_image))
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return output, side

@@ -20,7 +20,7 @@ import numpy as np
 
 from sdseg_monai._quiet import quiet_dicom
 from sdseg_monai._version import __version__
-from sdseg_monai.data import atomic_paths
+from sdseg_monai.data import atomic_paths, check_parent_writable, told_write_errors
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.labels import organ_code
 
@@ -265,8 +265,7 @@ def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike
         raise SDSegInputError(f"unknown DICOM SEG type {seg_type!r}; choose binary or labelmap", output)
     if output.is_dir():
         raise SDSegInputError("output path is a folder; give a file name such as seg.dcm", output)
-    if not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise SDSegInputError("cannot write output: its folder does not exist", output)
+    check_parent_writable(output, "output")
     model_hash = model_hash or ""
     if not re.fullmatch(r"[0-9A-Za-z._:-]{0,128}", model_hash):
         raise SDSegInputError("model hash must be at most 128 letters, digits or . _ : -", output)
@@ -336,6 +335,6 @@ def write_dicom_seg(labels: np.ndarray, sources: list, output: str | os.PathLike
         # highdicom refuses sources it cannot place (no geometry, mixed series): one line, no header text.
         raise SDSegInputError(f"cannot build a DICOM SEG of these source images ({type(e).__name__}: "
                               f"{_scrubbed(str(e), sources)})", output) from None
-    with atomic_paths(output) as (tmp,):
+    with told_write_errors(output), atomic_paths(output) as (tmp,):
         seg.save_as(tmp, enforce_file_format=True)
     return output

@@ -28,7 +28,8 @@ import numpy as np
 
 from sdseg_monai import __version__
 from sdseg_monai.data import (
-    Manifest, Volume, atomic_paths, check_data_root, check_label_grid, check_spares_inputs, load_manifest, match_organs, read_volume,
+    Manifest, Volume, atomic_paths, check_data_root, check_folder_writable, check_label_grid, check_spares_inputs, load_manifest, match_organs,
+    read_volume,
 )
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
@@ -223,8 +224,7 @@ def prepare_output_dir(
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SDSegInputError(f"cannot create the report folder ({type(e).__name__}: {e.strerror or e})", output_dir) from None
-    if not os.access(output_dir, os.W_OK):
-        raise SDSegInputError("cannot write the report: permission denied on the folder", output_dir)
+    check_folder_writable(output_dir, "the report")
     return output_dir
 
 

@@ -125,7 +125,7 @@ def test_unwritable_output(model_dir, scan, tmp_path):
     try:
         if os.access(locked, os.W_OK):  # root ignores permission bits
             pytest.skip("running as root: permission bits are not enforced")
-        _assert_refused(cli("segment", scan, "-o", locked / "out.nii.gz", "-m", model_dir), "permission denied")
+        _assert_refused(cli("segment", scan, "-o", locked / "out.nii.gz", "-m", model_dir), "cannot write output in", "Permission denied")
     finally:
         locked.chmod(0o700)
 

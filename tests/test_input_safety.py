@@ -815,3 +815,67 @@ def test_a_sidecar_path_that_is_a_folder_is_refused_up_front(tmp_path):
     with pytest.raises(SDSegInputError, match=r"mask\.json: the label names of mask\.nii\.gz go to this path, and it is a folder"):
         check_writable(tmp_path / "mask.nii.gz")
     assert check_writable(tmp_path / "other.nii.gz") == tmp_path / "other.nii.gz"  # control
+
+
+def test_a_folder_nothing_can_be_written_in_is_refused_up_front_and_nothing_is_left(tmp_path, monkeypatch):
+    """os.access answers yes to root and cannot see a read-only mount or a pseudo file system: the
+    check creates (and removes) a file, in the folder or the nearest one above it that exists."""
+    import errno
+    import tempfile as tempfile_module
+
+    from sdseg_monai.batch import check_tree_paths
+    from sdseg_monai.data import check_folder_writable, check_writable
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    # Writable: nothing made, nothing left (the folder to be made is not made by the check).
+    check_folder_writable(tmp_path / "new" / "deeper", "the output")
+    assert check_writable(tmp_path / "mask.nii.gz") == tmp_path / "mask.nii.gz"
+    assert check_tree_paths(tmp_path / "in", tmp_path / "out") == tmp_path / "in"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in"]
+    with pytest.raises(SDSegInputError, match=r"/out: cannot write the output: .*a_file is not a folder"):
+        check_tree_paths(tmp_path / "in", tmp_path / "a_file" / "out")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile_module, "mkstemp", read_only)
+    with pytest.raises(SDSegInputError, match=r"mask\.nii\.gz: cannot write output in .* \(Read-only file system\)"):
+        check_writable(tmp_path / "mask.nii.gz")
+    with pytest.raises(SDSegInputError, match=r"/out/run: cannot write the output in .* \(Read-only file system\)"):
+        check_tree_paths(tmp_path / "in", tmp_path / "out" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_an_output_in_a_folder_that_takes_no_files_is_refused_before_the_model_loads(model_dir, tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), str(scan))
+    for argv in (["segment", scan, "-o", "/proc/mask.nii.gz"], ["batch", tmp_path, "-o", "/proc/run"]):
+        result = subprocess.run([sys.executable, "-c", "import sys; from sdseg_monai.cli import main; code = main(sys.argv[1:]); "
+                                 "print(code, 'sdseg_monai.inference' in sys.modules)", *map(str, argv), "-m", str(model_dir)],
+                                capture_output=True, text=True)
+        assert result.stdout.split() == ["2", "False"], result.stderr  # refused, and no model loaded
+        assert result.stderr.strip().count("\n") == 0 and "cannot write" in result.stderr and "in /proc" in result.stderr
+
+
+def test_a_write_that_fails_midway_is_told_in_one_line_and_leaves_the_old_output(tmp_path, monkeypatch):
+    """A full disk or a quota while the labels are written: the system's reason, naming the output; no
+    temporary left, and the previous result as it was."""
+    import errno
+
+    from sdseg_monai.data import read_volume, write_label_volume
+
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), str(scan))
+    volume = read_volume(scan)
+    (tmp_path / "mask.nii.gz").write_bytes(b"previous labels")
+    before = _snapshot(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib, "save", disk_full)
+    with pytest.raises(SDSegInputError, match=r"mask\.nii\.gz: cannot write output \(No space left on device\)"):
+        write_label_volume(np.zeros((8, 8, 3), np.uint8), volume, tmp_path / "mask.nii.gz", {})
+    assert _snapshot(tmp_path) == before
