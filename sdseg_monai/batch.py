@@ -137,9 +137,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def check_tree_paths(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Refuse a batch run's input that is missing, an output that is a file, or one folder inside
-    the other (checked by :meth:`BatchRunner.run`, and by the command line before the model loads).
-    Returns the input as a ``Path``."""
+    """Refuse a batch run's input that is missing, an output that is a file, one folder inside the
+    other, or an output where nothing can be written (checked by :meth:`BatchRunner.run`, and by the
+    command line before the model loads). Returns the input as a ``Path``."""
     from sdseg_monai.data import check_folder_writable, check_spares_inputs
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)

@@ -630,7 +630,7 @@ def phantom(
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SDSegInputError(f"cannot create the output folder: {e.strerror or e}", output) from None
-    check_folder_writable(output, "to the output folder")
+    check_folder_writable(output, "phantoms")
     from sdseg_monai.phantoms import update_phantom_manifest, write_phantoms
 
     for image_path, label_path in write_phantoms(output, n=n, seed=seed, shape=shape, spacing=spacing):
