@@ -614,7 +614,7 @@ def phantom(
     OUTPUT/manifest.json lists them by split, for `sdseg3d train` and `sdseg3d evaluate`."""
     import math
 
-    from sdseg_monai.data import check_folder_writable
+    from sdseg_monai.data import make_writable_folder
 
     if n < 1:
         raise SDSegInputError(f"--n must be at least 1, got {n}")
@@ -626,11 +626,7 @@ def phantom(
         raise SDSegInputError(f"--spacing needs three positive sizes in mm, got {' '.join(f'{v:g}' for v in spacing)}")
     if output.exists() and not output.is_dir():
         raise SDSegInputError("output must be a folder, and this is a file", output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SDSegInputError(f"cannot create the output folder: {e.strerror or e}", output) from None
-    check_folder_writable(output, "phantoms")
+    make_writable_folder(output, "phantoms")
     from sdseg_monai.phantoms import update_phantom_manifest, write_phantoms
 
     for image_path, label_path in write_phantoms(output, n=n, seed=seed, shape=shape, spacing=spacing):

@@ -279,6 +279,18 @@ def check_folder_writable(folder: str | os.PathLike, what: str, named: str | os.
     os.unlink(probe)
 
 
+def make_writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """``folder``, made with its parents where missing, once :func:`check_folder_writable` finds that
+    ``what`` can be written there; refused in one line otherwise."""
+    folder = Path(folder)
+    check_folder_writable(folder, what)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDSegInputError(f"cannot create the folder for {what} ({e.strerror or type(e).__name__})", folder) from None
+    return folder
+
+
 @contextmanager
 def told_write_errors(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
     """An ``OSError`` while writing ``path`` (a full disk, a quota, a share gone mid-run) as a one-line

@@ -28,8 +28,8 @@ import numpy as np
 
 from sdseg_monai import __version__
 from sdseg_monai.data import (
-    Manifest, Volume, atomic_paths, check_data_root, check_folder_writable, check_label_grid, check_spares_inputs, load_manifest, match_organs,
-    read_volume,
+    Manifest, Volume, atomic_paths, check_data_root, check_label_grid, check_spares_inputs, load_manifest, make_writable_folder,
+    match_organs, read_volume,
 )
 from sdseg_monai.errors import SDSegInputError
 from sdseg_monai.metrics import OrganScore, finite_or_none, mean_or_none, organ_scores
@@ -220,12 +220,7 @@ def prepare_output_dir(
         raise SDSegInputError("report output must be a folder, but a file of that name exists", output_dir)
     # Its two files, not the folder: they are written into it, the folder is never replaced.
     check_spares_inputs([output_dir / CSV_NAME, output_dir / REPORT_NAME], inputs, roots)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SDSegInputError(f"cannot create the report folder ({type(e).__name__}: {e.strerror or e})", output_dir) from None
-    check_folder_writable(output_dir, "the report")
-    return output_dir
+    return make_writable_folder(output_dir, "the report")
 
 
 def evaluation_sources(manifest: str | os.PathLike, files, model: str | os.PathLike | None = None) -> list:
